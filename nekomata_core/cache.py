@@ -1,0 +1,99 @@
+"""The static KV cache: preallocated key/value buffers plus the per-sequence state decoding needs.
+
+One `KVCache` belongs to one batch of sequences being generated, not to the model, so a single
+model can serve several independent generations. Buffers are allocated once, at their final size
+(`[B, N, T_max, D]` per layer); each forward call writes its new keys/values into the next free
+positions. Nothing grows with `torch.cat`, so decode steps have fixed memory and no reallocation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import QwenConfig
+
+
+class CacheError(ValueError):
+    """A forward call does not fit the cache it was given (batch size, capacity)."""
+
+
+class KVCache:
+    """Keys/values of every layer for `batch_size` sequences of up to `max_length` positions.
+
+    Besides the tensors it remembers what the sequences have fixed so far:
+    - `length`: positions 0 … length-1 are filled (the same for every row: rows are left-padded);
+    - `key_mask` [B, T_max]: True where the position holds a real token (False for padding);
+    - `ntk_alpha` [B]: the dynamic-NTK alpha chosen at prefill, reused by every later step.
+    """
+
+    def __init__(
+        self,
+        config: QwenConfig,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if batch_size <= 0 or max_length <= 0:
+            raise CacheError(
+                f"a KV cache needs batch_size > 0 and max_length > 0, got {batch_size} and {max_length}"
+            )
+        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
+        self.config = config
+        # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.ntk_alpha: torch.Tensor | None = None
+        self.inv_freq: torch.Tensor | None = None  # [Bα, R/2] rotary frequencies for that alpha
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def reset(self) -> None:
+        """Forget every sequence so the buffers can serve a new batch (no reallocation)."""
+        self.length = 0
+        self.ntk_alpha = None
+        self.inv_freq = None
+        self.key_mask.zero_()
+
+    def check_fits(self, batch_size: int, new_tokens: int) -> None:
+        if batch_size != self.batch_size:
+            raise CacheError(
+                f"the input has batch size {batch_size} but the KV cache was allocated for "
+                f"{self.batch_size}; allocate a cache per batch (model.allocate_cache(batch_size, ...))."
+            )
+        if self.length + new_tokens > self.max_length:
+            raise CacheError(
+                f"the KV cache holds {self.max_length} positions; {self.length} are used and "
+                f"{new_tokens} more were given. Allocate a larger cache (max_length ≥ "
+                f"{self.length + new_tokens})."
+            )
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Store new keys/values [B, N, T_new, D] at positions start … start+T_new-1."""
+        end = start + keys.shape[2]
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+
+    def layer_view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions 0 … length-1 of one layer.   # 2 × [B, N, length, D]"""
+        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]

@@ -1,0 +1,232 @@
+"""The `nekomata` command.
+
+Each subcommand is a pair of functions, `add_<name>_parser(subparsers)` and `run_<name>(args) -> int`,
+listed once in `COMMANDS`; adding a command touches nothing else. Exit codes: 0 success, 1 the
+command ran but found a problem (e.g. a corrupt checkpoint), 2 usage errors and unresolvable paths.
+Expected errors print one line on stderr and no traceback (set NEKOMATA_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cli_generate import add_chat_parser, add_generate_parser
+from .config import ConfigError, QwenConfig
+from .hub import CheckpointNotFoundError, resolve_model_dir
+
+if TYPE_CHECKING:
+    from .loader import CheckpointReport
+
+# Modules that import torch (loader, model, ...) are imported inside the commands that need them, so
+# that `nekomata --help` and usage errors answer at once instead of after torch's ~2 s import.
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    """An expected failure of a command: printed as one line, exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ====================================================================== inspect
+def add_inspect_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise a checkpoint and check its files (headers only, no weights are loaded)",
+        description=(
+            "Print a checkpoint's shape, parameter count, file dtypes, memory needs and KV-cache size, "
+            "and check every weight file: present, valid header, consistent sizes, every expected "
+            "tensor with the right shape. Exit 0 when the check passes, 1 when it fails."
+        ),
+    )
+    parser.add_argument("path_or_id", help="local checkpoint directory or Hub repo id (owner/name)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        folder = resolve_model_dir(args.path_or_id, revision=args.revision)
+    except (CheckpointNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    try:
+        config = QwenConfig.from_json_file(folder / "config.json")
+    except (FileNotFoundError, ConfigError) as exc:
+        raise CLIError(f"{exc}", EXIT_FAILED) from None
+    from .loader import verify_checkpoint  # after the cheap checks: it imports torch
+
+    report = verify_checkpoint(folder, config)
+    summary = inspect_summary(folder, config, report)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(_format_inspect(summary, config, report))
+    if not report.ok:
+        first = (report.problems + report.missing + report.unexpected + report.mismatched)[0]
+        print(f"nekomata inspect: checkpoint check failed: {first.splitlines()[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def inspect_summary(folder: Path, config: QwenConfig, report: CheckpointReport) -> dict[str, Any]:
+    """Everything `nekomata inspect` reports, as plain JSON-able data."""
+    shapes = config.parameter_shapes()
+    params = config.num_parameters()
+    # int8 weight-only: 1 byte per matrix element + one bf16 scale per output row; 1-D tensors
+    # (norms, biases) stay bf16. An estimate of what the quantized loader will hold.
+    int8 = sum(
+        math.prod(s) + 2 * s[0] if len(s) == 2 else 2 * math.prod(s) for s in shapes.values()
+    )  # fmt: skip
+    # K and V, every layer, N heads × D dims, 2 bytes each (bf16), for 1024 tokens of one sequence.
+    kv_per_1k = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * 2 * 1024
+    return {
+        "checkpoint": str(folder),
+        "architecture": "QWenLMHeadModel",
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "head_dim": config.head_dim,
+        "mlp_width": config.mlp_width,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "seq_length": config.seq_length,
+        "max_position_embeddings": config.max_position_embeddings,
+        "use_dynamic_ntk": config.use_dynamic_ntk,
+        "use_logn_attn": config.use_logn_attn,
+        "dtype_flag": config.torch_dtype_name,
+        "parameters_config": params,
+        "parameters_files": report.num_parameters,
+        "file_dtypes": report.dtypes,
+        "weight_bytes": {
+            "float32": 4 * params,
+            "bfloat16": 2 * params,
+            "float16": 2 * params,
+            "int8_weight_only": int8,
+        },
+        "kv_cache_bytes_per_1k_tokens_bf16": kv_per_1k,
+        "check": report.to_dict(),
+    }
+
+
+def _format_inspect(summary: dict[str, Any], config: QwenConfig, report: CheckpointReport) -> str:
+    s = summary
+    memory = s["weight_bytes"]
+    rows = [
+        ("checkpoint", s["checkpoint"]),
+        ("architecture", "QWenLMHeadModel (Qwen v1)"),
+        ("layers", s["layers"]),
+        ("hidden size", s["hidden_size"]),
+        ("heads", f"{s['heads']} × head dim {s['head_dim']}"),
+        (
+            "MLP width",
+            f"{s['mlp_width']} (= intermediate_size {s['intermediate_size']} // 2: Qwen stores twice it)",
+        ),
+        ("vocab", s["vocab_size"]),
+        ("seq_length", f"{s['seq_length']} (trained context; NTK and logn act only beyond it)"),
+        ("max_position_embeddings", s["max_position_embeddings"]),
+        ("dynamic NTK / logn", f"{_on(s['use_dynamic_ntk'])} / {_on(s['use_logn_attn'])}"),
+        ("dtype flag", s["dtype_flag"] or "none (auto: bf16/fp16 on GPU, fp32 on CPU)"),
+        ("parameters", f"{s['parameters_config']:,} (config), {s['parameters_files']:,} (in the files)"),
+        ("file dtypes", ", ".join(s["file_dtypes"]) or "-"),
+        (
+            "weight memory",
+            f"fp32 {_size(memory['float32'])}, bf16/fp16 {_size(memory['bfloat16'])}, "
+            f"int8 weight-only ≈ {_size(memory['int8_weight_only'])}",
+        ),
+        ("KV cache", f"{_size(s['kv_cache_bytes_per_1k_tokens_bf16'])} per 1k tokens per sequence (bf16)"),
+        ("files", f"{len(report.files)}, {_size(sum(size for _, size in report.files))}"),
+    ]
+    width = max(len(key) for key, _ in rows)
+    lines = [f"{key:<{width}}  {value}" for key, value in rows]
+    lines += [f"{'':<{width}}  {name}  {_size(size)}" for name, size in report.files]
+    if report.ok:
+        ignored = f"; ignored {len(report.ignored)} known buffer(s)" if report.ignored else ""
+        lines.append(
+            f"{'check':<{width}}  OK: {len(report.files)} file(s) present, headers valid, sizes consistent, "
+            f"all {len(config.parameter_shapes())} expected tensors present with the right shape{ignored}"
+        )
+        return "\n".join(lines)
+    lines.append(f"{'check':<{width}}  FAILED")
+    for label, items in (
+        ("problem", report.problems),
+        ("missing", report.missing),
+        ("unexpected", report.unexpected),
+        ("mismatch", report.mismatched),
+    ):
+        shown = items[:20]
+        lines += [f"  {label}: {item}" for item in shown]
+        if len(items) > len(shown):
+            lines.append(f"  {label}: … and {len(items) - len(shown)} more")
+    return "\n".join(lines)
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+# ====================================================================== the command registry
+# Later commands (generate, chat, bench, parity, byte2token, perplexity) add their `add_*_parser` here.
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_generate_parser,
+    add_chat_parser,
+    add_inspect_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nekomata",
+        description="Run and inspect Qwen (v1) checkpoints such as rinna/nekomata-7b.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_parser in COMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `nekomata` console script and `python -m nekomata_core`."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2); argparse has printed the message
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Expected errors (bad paths, broken checkpoints) are one line; anything else is a bug and
+        # keeps its traceback. NEKOMATA_DEBUG=1 shows the traceback of expected errors too.
+        if not isinstance(exc, _expected_errors()) or os.environ.get("NEKOMATA_DEBUG"):
+            raise
+        print(f"nekomata {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, CLIError) else EXIT_FAILED
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    expected: tuple[type[Exception], ...] = (CLIError, ConfigError, CheckpointNotFoundError)
+    # A CheckpointError can only have been raised if the loader is imported; don't import torch to check.
+    loader = sys.modules.get(f"{__package__}.loader")
+    return expected + (loader.CheckpointError,) if loader is not None else expected

@@ -1,0 +1,216 @@
+"""`nekomata generate` and `nekomata chat`: streaming text generation from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+DEFAULT_MODEL = "rinna/nekomata-7b"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
+    group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    group.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
+    group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "sdpa", "eager"])
+    group.add_argument(
+        "--decode",
+        default="static",
+        choices=["eager", "static", "compiled"],
+        help="decode step: plain forward, fixed-shape step, or fixed-shape step under torch.compile",
+    )
+    group.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (unset values come from generation_config.json)")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None, help="sample")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the argmax")
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None, help="0 disables")
+    group.add_argument("--top-p", type=float, default=None, help="1.0 disables")
+    group.add_argument("--repetition-penalty", type=float, default=None, help="1.0 disables")
+    group.add_argument("--max-new-tokens", type=int, default=None)
+    group.add_argument("--min-new-tokens", type=int, default=None)
+    group.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    group.add_argument("--seed", type=int, default=None, help="seed the torch RNG (HF-identical samples)")
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text as it is generated",
+        description=(
+            "Continue PROMPT with MODEL (default rinna/nekomata-7b), printing text as it is generated, "
+            "then prefill and decode speed on stderr."
+        ),
+    )
+    parser.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="optional model path or id, then the prompt")
+    _add_model_options(parser)
+    _add_sampling_options(parser)
+    parser.set_defaults(run=run_generate)
+
+
+def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="interactive chat with an instruction-tuned model",
+        description=(
+            "Chat on stdin/stdout. ChatML for Qwen-*-Chat, rinna's instruction template for "
+            "nekomata-*-instruction (chosen from the checkpoint, or --format). /reset clears the "
+            "history, /exit (or end of input) quits."
+        ),
+    )
+    parser.add_argument("model", help="local checkpoint directory or Hub repo id")
+    parser.add_argument("--format", default="auto", choices=["auto", "chatml", "instruction", "raw"])
+    parser.add_argument("--system", default=None, help="ChatML system message")
+    _add_model_options(parser)
+    _add_sampling_options(parser)
+    parser.set_defaults(run=run_chat)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _load(args: argparse.Namespace, model_name: str):
+    """Model, tokenizer and generation defaults, or a CLIError with one clear line."""
+    from .cli import EXIT_USAGE, CLIError
+    from .hub import CheckpointNotFoundError, resolve_model_dir
+
+    try:
+        folder = resolve_model_dir(model_name, revision=args.revision)
+    except (CheckpointNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    from .model import QwenForCausalLM
+    from .sampling import load_generation_config
+    from .tokenizer import QwenTokenizer
+
+    try:
+        tokenizer = QwenTokenizer.from_pretrained(folder)
+        kwargs: dict[str, Any] = {}
+        if args.quantize:
+            kwargs["quantize"] = args.quantize
+        model = QwenForCausalLM.from_pretrained(
+            folder, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+            progress=sys.stderr.isatty(), **kwargs,
+        )
+        defaults = load_generation_config(folder / "generation_config.json")
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    return folder, model, tokenizer, defaults
+
+
+def _params(args: argparse.Namespace, defaults, **extra: Any):
+    from .cli import EXIT_USAGE, CLIError
+
+    try:
+        return defaults.updated(
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            max_new_tokens=args.max_new_tokens,
+            min_new_tokens=args.min_new_tokens,
+            stop_strings=tuple(args.stop) if args.stop else None,
+            **extra,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def _stream_to(out: TextIO, pieces: Iterator[str]) -> str:
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def _report_speed(result, err: TextIO) -> None:
+    err.write(
+        f"\n[prefill {result.prompt_tokens} tokens: {result.prefill_tokens_per_second:.1f} tok/s | "
+        f"decode {len(result.new_tokens[0])} tokens: {result.decode_tokens_per_second:.1f} tok/s | "
+        f"stopped: {result.finish_reasons[0]}]\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .cli import EXIT_USAGE, CLIError
+    from .decode import make_decoder
+    from .generation import GenerationOutput, stream
+
+    if len(args.words) > 2:
+        raise CLIError("give at most two positional arguments: [MODEL] PROMPT (quote the prompt)", EXIT_USAGE)
+    model_name, prompt = (DEFAULT_MODEL, args.words[0]) if len(args.words) == 1 else args.words
+    if not prompt:
+        raise CLIError("the prompt is empty; give some text to continue", EXIT_USAGE)
+    _, model, tokenizer, defaults = _load(args, model_name)
+    params = _params(args, defaults)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    result = GenerationOutput(torch.empty(0), [], [])
+    sys.stdout.write(prompt)
+    _stream_to(sys.stdout, stream(model, tokenizer, prompt, params, output=result,
+                                  decode_fn=make_decoder(model, args.decode)))
+    sys.stdout.write("\n")
+    _report_speed(result, sys.stderr)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import chat
+    from .decode import make_decoder
+    from .generation import GenerationOutput, stream
+
+    folder, model, tokenizer, defaults = _load(args, args.model)
+    fmt = args.format
+    if fmt == "auto":
+        import json
+
+        hint = None
+        gen_file = folder / "generation_config.json"
+        if gen_file.is_file():
+            hint = json.loads(gen_file.read_text(encoding="utf-8")).get("chat_format")
+        fmt = chat.detect_format(str(args.model), hint)
+    params = _params(args, defaults, eos_token_id=chat.stop_ids(tokenizer, fmt))
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    decode_fn = make_decoder(model, args.decode)
+    history: list[chat.Turn] = []
+    system = args.system or chat.DEFAULT_SYSTEM
+    print(f"[{folder.name}: {fmt} format; /reset clears the history, /exit quits]", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            history.clear()
+            continue
+        if not message.strip():
+            continue
+        if fmt == "chatml":
+            ids = chat.chatml_prompt(tokenizer, history, message, system)
+        elif fmt == "instruction":
+            ids = chat.instruction_prompt(tokenizer, message)
+        else:
+            ids = chat.plain(tokenizer, message)
+        result = GenerationOutput(torch.empty(0), [], [])
+        reply = _stream_to(sys.stdout, stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if fmt == "chatml":
+            history += [chat.Turn("user", message), chat.Turn("assistant", reply)]
+        _report_speed(result, sys.stderr)

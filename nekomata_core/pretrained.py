@@ -1,0 +1,97 @@
+"""From a path or Hub id to a ready model: resolve files, read the config, pick dtype and device,
+build the model on the meta device (no random init), then stream the weights in."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import QwenConfig
+from .hub import resolve_model_dir
+
+if TYPE_CHECKING:
+    from .model import QwenForCausalLM
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" → the first CUDA GPU if there is one, else the CPU; anything else is checked."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for, but this PyTorch build sees no CUDA GPU; use 'cpu'")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: nekomata_core runs on 'cpu' or 'cuda'")
+    return resolved
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype, config: QwenConfig, device: torch.device
+) -> torch.dtype:
+    """"auto" → the dtype config.json asks for (bf16/fp16/fp32 flag) if any; otherwise bf16 on GPUs
+    that support it, fp16 on older GPUs, fp32 on the CPU (where fp16 is slow and poorly supported)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES.values():
+            raise ValueError(f"dtype={dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype={dtype!r}; choose 'auto' or one of {sorted(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
+    if config.torch_dtype_name is not None:
+        return DTYPE_NAMES[config.torch_dtype_name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_pretrained(
+    cls: type[QwenForCausalLM],
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    attention_backend: str = "auto",
+    ops_backend: str = "auto",
+    progress: bool = True,
+    quantize: str | None = None,
+) -> QwenForCausalLM:
+    from .loader import load_weights
+    from .quantize import QUANTIZE_CHOICES, convert_to_int8_structure, quantization_of, quantize_int8
+
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
+    folder = resolve_model_dir(path_or_repo_id, revision=revision)
+    config = QwenConfig.from_json_file(folder / "config.json")
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype, config, target_device)
+    saved_quantization = quantization_of(config.extra)
+    # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,
+    # and the loader replaces every parameter with the checkpoint's tensor in the target dtype.
+    with torch.device("meta"):
+        model = cls(config, attention_backend=attention_backend, ops_backend=ops_backend)
+    if saved_quantization is not None:  # int8 weights on disk: load them as they are
+        convert_to_int8_structure(model, target_dtype)
+    load_weights(model, folder, dtype=target_dtype, device=target_device, progress=progress)
+    if quantize == "int8" and saved_quantization is None:
+        quantize_int8(model)
+    model.set_backends()
+    model.checkpoint_dir = folder
+    return model.eval().requires_grad_(False)
