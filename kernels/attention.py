@@ -237,11 +237,13 @@ def prefill_config(
         return min(32 if head_dim <= 128 else 16, small_m), 32, 8, 2
     block_m = min(128 if head_dim <= 128 else 64, small_m)
     block_n = 64 if head_dim <= 128 else 32
-    num_warps = 8 if head_dim >= 128 and block_m >= 128 else 4
-    # Each stage buffers one K and one V tile in shared memory: 3 stages fit Hopper (228 KB) and A100
-    # (164 KB) at D = 128; consumer Ampere/Ada (100 KB) gets 2; so do short query blocks (few loads to hide).
-    big_smem = capability[0] >= 9 or capability in ((8, 0), (8, 7))
-    num_stages = 3 if (big_smem or head_dim <= 64) and block_m >= 64 else 2
+    # Checked with ptxas (tools/bench_kernels.py --compile-only): no register spills, shared memory fits.
+    if capability[0] >= 9:  # Hopper: wgmma; one K and one V tile per stage out of 228 KB
+        num_warps = 8 if head_dim >= 128 and block_m >= 128 else 4
+        num_stages = 3 if block_m >= 64 else 2
+    else:  # Ampere/Ada: 8 warps keep a 128-row tile in registers; 100-164 KB of shared memory
+        num_warps = 8 if block_m >= 128 else 4
+        num_stages = 3 if head_dim <= 64 and block_m >= 64 else 2
     return block_m, block_n, num_warps, num_stages
 
 

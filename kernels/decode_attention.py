@@ -113,9 +113,12 @@ def _build() -> SimpleNamespace:
 
         k_base = k_ptr + b * stride_kb + h * stride_kn
         v_base = v_ptr + b * stride_vb + h * stride_vn
-        m_i = float("-inf")
-        l_i = 0.0
-        acc = tl.zeros([D], tl.float32)
+        # Each of the BLOCK_N key slots keeps its own online softmax (max, sum, weighted values) over the
+        # keys start + slot, start + slot + BLOCK_N, ...: the loop needs no reduction across warps (no
+        # barrier between loads); the slots are merged once after it.
+        m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, D], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             valid = offs_n < hi
@@ -123,21 +126,26 @@ def _build() -> SimpleNamespace:
             k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=valid[:, None], other=0.)
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=valid[:, None], other=0.)
             scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 0))  # finite: every block holds a valid key
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(scores - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+            m_new = tl.maximum(m_i, scores)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a slot without keys yet: avoid NaN
+            alpha = tl.math.exp2(m_i - m_sub)
+            p = tl.math.exp2(scores - m_sub)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)
             m_i = m_new
 
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)  # no key: zeros
+        # Merge the slots: weights 2^(m_slot - m) put them on the common max m.
+        m = tl.max(m_i, 0)
+        slot_weight = tl.math.exp2(m_i - tl.where(m == float("-inf"), 0.0, m))
+        total = tl.sum(l_i * slot_weight, 0)
+        out = tl.sum(acc * slot_weight[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # no key: zeros
         if DIRECT:
             out_ptrs = out_ptr + b * stride_ob + h * stride_on + offs_d
             tl.store(out_ptrs, to_dtype(out, out_ptr.dtype.element_ty))
         else:
             part = bh.to(tl.int64) * num_splits + split
             tl.store(part_o_ptr + part * D + offs_d, out)
-            lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+            lse = tl.where(total > 0.0, m + tl.math.log2(tl.where(total > 0.0, total, 1.0)), float("-inf"))
             tl.store(part_lse_ptr + part, lse)
 
     @triton.jit
@@ -182,8 +190,11 @@ def decode_config(
     """(BLOCK_N, num_warps, num_stages) of the split kernel on a GPU of `capability` (None: interpreter)."""
     if capability is None:
         return 32, 4, 1
-    block_n = max(16, min(64, 16384 // (head_dim * dtype.itemsize)))  # K tiles of <= 16 KB
-    return block_n, 4, 3
+    # 16 KB K and V tiles per iteration (64 keys at D = 128 in bf16) spread over 8 warps: ~80 registers
+    # per thread on sm_90 (see --compile-only), so many programs per SM keep loads in flight. The loads
+    # do not feed a tl.dot, so triton does not software-pipeline them: num_stages does not matter.
+    block_n = max(16, min(128, 16384 // (head_dim * dtype.itemsize)))
+    return block_n, 8 if block_n * head_dim >= 4096 else 4, 2
 
 
 def decode_attention(

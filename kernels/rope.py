@@ -56,7 +56,7 @@ def _build() -> SimpleNamespace:
 
     @triton.jit
     def _rotate_heads(x_ptr, out_ptr, x_base, out_base, x_head_stride, out_head_stride, heads, dims,
-                     partner, sign, cos, sin, n_heads, D: tl.constexpr, R: tl.constexpr):
+                      partner, sign, cos, sin, n_heads, D: tl.constexpr, R: tl.constexpr):
         """Rotate a [BLOCK_N heads, BLOCK_D] tile of one token; features >= R are copied."""
         head_mask = (heads < n_heads)[:, None]
         in_rot = (dims < R)[None, :]
@@ -90,10 +90,11 @@ def _build() -> SimpleNamespace:
         cos = tl.load(cos_ptr + b * cos_stride_b + t * cos_stride_t + dims, mask=dims < R, other=1.0)
         sin = tl.load(sin_ptr + b * sin_stride_b + t * sin_stride_t + dims, mask=dims < R, other=0.0)
         _rotate_heads(q_ptr, q_out_ptr, b * q_stride_b + t * q_stride_t, b * qo_stride_b + t * qo_stride_t,
-                     q_stride_n, qo_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
+                      q_stride_n, qo_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
+        # k goes to k_out [B, T, N, D], or into the cache [B, N, T_max, D] at time offset ko_t_offset.
         _rotate_heads(k_ptr, k_out_ptr, b * k_stride_b + t * k_stride_t,
-                     b * ko_stride_b + (t + ko_t_offset) * ko_stride_t,
-                     k_stride_n, ko_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
+                      b * ko_stride_b + (t + ko_t_offset) * ko_stride_t,
+                      k_stride_n, ko_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
 
     return SimpleNamespace(rope_kernel=rope_kernel)
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bench import add_bench_parser
 from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, QwenConfig
 from .hub import CheckpointNotFoundError, resolve_model_dir
@@ -188,6 +189,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_generate_parser,
     add_chat_parser,
     add_inspect_parser,
+    add_bench_parser,
 )
 
 

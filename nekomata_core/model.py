@@ -193,7 +193,7 @@ class Attention(nn.Module):
             ctx.cache.write(self.layer_index, k, v, ctx.start)
             k, v = ctx.cache.layer_view(self.layer_index, ctx.start + length)  # [B, N, T_keys, D]
 
-        if self.backend == "triton":
+        if self.backend == "triton" and (ctx.allowed is None or ctx.key_start is not None):
             out = self._triton_attention(q, k, v, ctx)
         else:
             if ctx.logn is not None:
@@ -592,6 +592,11 @@ class QwenForCausalLM(nn.Module):
             allowed = allowed | torch.eye(total, device=device, dtype=torch.bool)[None, start:total]
             allowed = allowed[:, None]  # [B, 1, T, total]
             key_start = (~key_mask).int().argmin(dim=-1).to(torch.int32)  # first real token per row
+            # The Triton kernels describe padding by `key_start` alone (left padding). Any other mask
+            # (right padding, holes) is handled by the PyTorch attention for this call.
+            slots = torch.arange(total, device=device)
+            if not bool((key_mask == (slots[None, :] >= key_start[:, None])).all()):
+                key_start = None
         return AttentionInputs(start, cos, sin, logn, allowed, key_start, cache)
 
 

@@ -22,7 +22,7 @@ Verdict (exit code 0 pass, 1 divergence, 2 usage error or a reference that canno
 * bf16/fp16 only: a state beyond `rel` still passes when it is within the reference's own rounding noise.
   The reference is run once more in float32 (the "exact" answer) and the state passes if
   max |ours − ref_fp32| ≤ 2 × max |ref − ref_fp32|: our rounding error is no more than twice
-  transformers' rounding error in the same dtype (measured ratios are 0.7–1.3). A fixed bound alone
+  transformers' rounding error in the same dtype (ratios measured on random models: 0.7–1.3). A fixed bound alone
   would wrongly fail deep or badly conditioned models, where honest bf16 rounding grows past any
   fixed share of the largest value. `--no-fp32-baseline` skips this (and the memory for a float32 copy).
 * top-1 agreement ≥ `min_top1`, and every greedy continuation identical. A disagreement is excused
@@ -65,17 +65,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from .model import QwenForCausalLM
 
+# torch is imported inside the functions that use it, so that registering this command in the CLI
+# does not slow down `nekomata --help`.
+
 REFERENCES = ("qwen2", "remote-code")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEFAULT_PROMPTS = (
     "西田幾多郎は、",  # the example prompt of rinna's nekomata model card
     "The capital of Japan is Tokyo, and the capital of France is",
@@ -101,10 +100,10 @@ class Thresholds:
     noise_factor: float | None = None
 
 
-DEFAULT_THRESHOLDS: dict[torch.dtype, Thresholds] = {
-    torch.float32: Thresholds(rel=1e-5, min_top1=1.0),
-    torch.bfloat16: Thresholds(rel=2e-2, min_top1=0.98, noise_factor=2.0),
-    torch.float16: Thresholds(rel=5e-3, min_top1=0.98, noise_factor=2.0),
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "float32": Thresholds(rel=1e-5, min_top1=1.0),
+    "bfloat16": Thresholds(rel=2e-2, min_top1=0.98, noise_factor=2.0),
+    "float16": Thresholds(rel=5e-3, min_top1=0.98, noise_factor=2.0),
 }
 
 
@@ -434,6 +433,7 @@ def _state_dict_from_files(folder: Path) -> dict[str, torch.Tensor]:
 
     Only the file list comes from our loader; the bytes are decoded by independent code.
     """
+    import torch
     from safetensors.torch import load_file
 
     from .loader import checkpoint_weight_files
@@ -448,6 +448,7 @@ def _state_dict_from_files(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.device) -> _Reference:
+    import torch
     import transformers
     from transformers import Qwen2ForCausalLM
 
@@ -479,6 +480,7 @@ def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.devic
 
 
 def _build_remote_code_reference(folder: Path, dtype: torch.dtype, device: torch.device) -> _Reference:
+    import torch
     import transformers
 
     code = folder / "modeling_qwen.py"
@@ -567,6 +569,8 @@ def _logits_tolerance(thresholds: Thresholds, ref_logits: torch.Tensor) -> float
 
 def _ref_greedy(reference: _Reference, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy tokens by one full forward per step (no KV cache), and each step's fp32 logits [V]."""
+    import torch
+
     tokens: list[int] = []
     step_logits: list[torch.Tensor] = []
     seq = ids
@@ -581,6 +585,8 @@ def _ref_greedy(reference: _Reference, ids: torch.Tensor, steps: int) -> tuple[l
 
 def _run(fn: Callable[[], Any], dtype: torch.dtype, device: torch.device, what: str) -> Any:
     """Turn "this dtype is not implemented on this device" into one ParityError naming the way out."""
+    import torch
+
     try:
         return fn()
     except (RuntimeError, NotImplementedError) as exc:
@@ -627,6 +633,8 @@ def parity_report(
     `fp32_baseline=False` skips the float32 reference of bf16/fp16 runs (fixed bounds only).
     Raises ParityError when the comparison cannot be run as asked.
     """
+    import torch
+
     from .hub import CHECKPOINT_PATTERNS, resolve_model_dir
     from .model import QwenForCausalLM
     from .pretrained import resolve_device, resolve_dtype
@@ -647,32 +655,38 @@ def parity_report(
         from .config import QwenConfig
 
         config = QwenConfig.from_json_file(folder / "config.json")
+    else:
+        config = model.config
+    # Inputs and their length are checked before any model is loaded (a 7B load takes minutes).
+    sequences, used_prompts = _make_inputs(folder, config.vocab_size, input_ids, prompts, random_tokens, seed)
+    longest = max(len(s) for s in sequences)
+    if reference == "qwen2" and longest > config.seq_length:
+        # Qwen2 has neither dynamic NTK nor logn attention: it matches Qwen v1 only up to seq_length.
+        raise ParityError(
+            f"an input has {longest} tokens but the qwen2 reference equals Qwen v1 only up to "
+            f"seq_length {config.seq_length} (beyond it Qwen v1 applies dynamic NTK and logn "
+            "attention); use shorter inputs or --reference remote-code"
+        )
+
+    if model is None:
         target_device = resolve_device(device)
-        target_dtype = resolve_dtype(dtype, config, target_device)
         model = QwenForCausalLM.from_pretrained(
             folder,
-            dtype=target_dtype,
+            dtype=resolve_dtype(dtype, config, target_device),
             device=target_device,
             attention_backend=attention_backend,
             ops_backend=ops_backend,
             progress=False,
         )
-    target_dtype, target_device, config = model.dtype, model.device, model.config
+    target_dtype, target_device = model.dtype, model.device
+    dtype_name = str(target_dtype).removeprefix("torch.")
+    if dtype_name not in DTYPE_NAMES:
+        raise ParityError(f"the model is in {dtype_name}; parity runs in one of {list(DTYPE_NAMES)}")
     if thresholds is None:
-        thresholds = DEFAULT_THRESHOLDS[target_dtype]
+        thresholds = DEFAULT_THRESHOLDS[dtype_name]
     if atol_logits is not None:
         thresholds = dataclasses.replace(thresholds, atol_logits=atol_logits)
 
-    sequences, used_prompts = _make_inputs(folder, config.vocab_size, input_ids, prompts, random_tokens, seed)
-    longest = max(len(s) for s in sequences)
-    if reference == "qwen2":
-        # Qwen2 has neither dynamic NTK nor logn attention: it matches Qwen v1 only up to seq_length.
-        if longest > config.seq_length:
-            raise ParityError(
-                f"an input has {longest} tokens but the qwen2 reference equals Qwen v1 only up to "
-                f"seq_length {config.seq_length} (beyond it Qwen v1 applies dynamic NTK and logn "
-                "attention); use shorter inputs or --reference remote-code"
-            )
     room = config.seq_length - longest
     if max_new_tokens > room:
         # Our decode keeps the prefill's NTK alpha while a cache-less reference would re-pick it per step,
@@ -768,7 +782,6 @@ def parity_report(
         rows.append(logits_acc.row("logits", thresholds.atol_logits, "abs", factor))
     else:
         rows.append(logits_acc.row("logits", thresholds.rel, "rel", factor))
-    dtype_name = next(name for name, d in DTYPES.items() if d == target_dtype)
     return ParityReport(
         model_dir=str(folder),
         reference=reference,
@@ -804,6 +817,8 @@ def _to_cpu(result: tuple[list[torch.Tensor], torch.Tensor]) -> tuple[list[torch
 def _free_memory(device: torch.device) -> None:
     import gc
 
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -817,6 +832,8 @@ def _make_inputs(
     random_tokens: int | None,
     seed: int,
 ) -> tuple[list[list[int]], list[str] | None]:
+    import torch
+
     if input_ids is not None:
         rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(r) for r in input_ids]
         if rows and isinstance(rows[0], int):  # a single 1-D sequence
@@ -891,9 +908,12 @@ def add_parity_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--reference-dir",
         default=None,
+        metavar="DIR",
         help="load the reference's weights from this checkpoint instead of MODEL",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="both sides' dtype")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, default="float32", help="both sides' dtype (default float32)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument(
         "--prompt",
@@ -944,7 +964,7 @@ def add_parity_parser(subparsers: argparse._SubParsersAction) -> None:
         "--no-fp32-baseline",
         dest="fp32_baseline",
         action="store_false",
-        help="bf16/fp16: skip the float32 reference (less memory; the verdict then uses the fixed bounds only)",
+        help="bf16/fp16: skip the float32 reference (less memory; the verdict uses the fixed bounds only)",
     )
     parser.add_argument("--attention-backend", default="auto", help="ours: auto, triton, sdpa or eager")
     parser.add_argument("--ops-backend", default="auto", help="ours: auto, triton or eager")
@@ -971,7 +991,7 @@ def run_parity(args: argparse.Namespace) -> int:
         raise CLIError("give either --prompt or --random-tokens, not both")
     thresholds = None
     if args.rtol is not None or args.min_top1 is not None:
-        base = DEFAULT_THRESHOLDS[DTYPES[args.dtype]]
+        base = DEFAULT_THRESHOLDS[args.dtype]
         thresholds = dataclasses.replace(
             base,
             rel=args.rtol if args.rtol is not None else base.rel,

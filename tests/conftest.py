@@ -28,9 +28,7 @@ def checkpoint_factory(tmp_path_factory):
         key = (preset, dtype, seed, shards, init_std, with_tokenizer, tuple(sorted(overrides.items())))
         if key not in made:
             folder = tmp_path_factory.mktemp(f"ckpt-{preset}")
-            tokenizer_file = None
-            if with_tokenizer:
-                tokenizer_file = qwen_tiktoken_path()
+            tokenizer_file = qwen_tiktoken_path() if with_tokenizer else False
             make_checkpoint(
                 folder,
                 preset,
@@ -41,8 +39,6 @@ def checkpoint_factory(tmp_path_factory):
                 overrides=overrides,
                 tokenizer_file=tokenizer_file,
             )
-            if not with_tokenizer:
-                (folder / "qwen.tiktoken").unlink(missing_ok=True)
             made[key] = folder
         return made[key]
 

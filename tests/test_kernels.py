@@ -4,9 +4,11 @@ On CPU (CI) the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set f
 which is exact but slow, so shapes are small. With NEKOMATA_TEST_DEVICE=cuda the same tests run compiled
 on the GPU, plus a few at realistic sizes.
 
-Tolerances: fp32 within 1e-5 (abs and rel); rmsnorm, swiglu and rope in bf16/fp16 within 1 ulp of the
-reference (they are bit-exact in the interpreter); attention in bf16 within 2e-2 and fp16 within 4e-3
-(abs and rel: the kernels round the softmax weights to the dtype before the PV product, as SDPA does).
+Tolerances: fp32 within 1e-5 (abs and rel). rmsnorm, swiglu and rope in bf16/fp16: within 1 ulp of the
+reference (bit-exact so far in the interpreter), except fp16 swiglu (2 ulp, see its test); on the GPU,
+where torch's reductions sum in another order, rmsnorm/swiglu may differ by <= 2 ulp on < 0.1% of the
+elements (rounding-tie flips). Attention: bf16 within 2e-2 and fp16 within 4e-3 (abs and rel: the
+kernels round the softmax weights to the dtype before the PV product, as SDPA does).
 """
 
 from __future__ import annotations
@@ -92,6 +94,26 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, max_ulp: int = 
         assert worst <= max_ulp, f"{worst} ulp apart (allowed {max_ulp})"
 
 
+def assert_nearly_bit_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Millions of elements: at most 1 in 1000 differ, by at most 2 ulp.
+
+    A different fp32 summation order (the mean square) or exp can move an fp32 intermediate across a
+    rounding tie, changing the rounded intermediate by 1 ulp; multiplying by a second operand and
+    rounding again can turn that into 2 ulp of the result.
+    """
+    assert_matches(actual, expected, max_ulp=2)
+    assert (actual != expected).float().mean().item() < 1e-3
+
+
+def assert_reduced_op_matches(actual: torch.Tensor, expected: torch.Tensor, cpu_max_ulp: int = 1) -> None:
+    """rmsnorm/swiglu: `assert_matches` in the interpreter; on the GPU torch's own kernels sum in another
+    order, so allow the rare tie flips of `assert_nearly_bit_exact`."""
+    if ON_GPU and actual.dtype != torch.float32:
+        assert_nearly_bit_exact(actual, expected)
+    else:
+        assert_matches(actual, expected, max_ulp=cpu_max_ulp)
+
+
 def assert_attention_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape and actual.dtype == expected.dtype
     assert torch.isfinite(actual).all()
@@ -108,7 +130,7 @@ def assert_attention_close(actual: torch.Tensor, expected: torch.Tensor) -> None
 def test_rms_norm_matches_reference_within_one_ulp(dtype, shape):
     torch.manual_seed(0)
     x, weight = randn(*shape, dtype=dtype, scale=3.0), randn(shape[-1], dtype=dtype)
-    assert_matches(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    assert_reduced_op_matches(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
 
 
 @needs_kernels
@@ -117,7 +139,7 @@ def test_rms_norm_reads_strided_rows():
     wide = randn(5, 7, 96, dtype=torch.bfloat16)
     x = wide[:, :, :64]  # rows 96 apart
     weight = randn(64, dtype=torch.bfloat16)
-    assert_matches(rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5))
+    assert_reduced_op_matches(rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5))
 
 
 @needs_kernels
@@ -131,7 +153,7 @@ def test_rms_norm_casts_before_the_weight_like_qwen():
                        * weight.float()).to(torch.bfloat16)
     ours = rms_norm(x, weight, 1e-6)
     assert not torch.equal(single_rounding, rms_norm_reference(x, weight, 1e-6))
-    assert_matches(ours, rms_norm_reference(x, weight, 1e-6))
+    assert_reduced_op_matches(ours, rms_norm_reference(x, weight, 1e-6))
 
 
 def test_rms_norm_rejects_bad_inputs():
@@ -156,7 +178,7 @@ def test_swiglu_matches_reference_within_one_ulp(dtype, shape):
     # up to 2 ulp of the product). bf16 stays within 1 ulp; on CUDA both use the same expf.
     torch.manual_seed(0)
     a, b = randn(*shape, dtype=dtype, scale=4.0), randn(*shape, dtype=dtype, scale=4.0)
-    assert_matches(swiglu(a, b), swiglu_reference(a, b), max_ulp=2 if dtype == torch.float16 else 1)
+    assert_reduced_op_matches(swiglu(a, b), swiglu_reference(a, b), 2 if dtype == torch.float16 else 1)
 
 
 @needs_kernels
@@ -165,7 +187,7 @@ def test_swiglu_gates_b_and_handles_extremes():
     # b is the gate (Qwen's w2): swiglu(a, b) = a * silu(b), not b * silu(a); exp(-b) may overflow.
     b = torch.tensor([[-100.0, -20.0, -1.0, 0.0, 1.0, 20.0, 100.0, 3.0]], device=DEVICE)
     a = torch.full_like(b, 2.0)
-    assert_matches(swiglu(a, b), a * torch.nn.functional.silu(b))
+    assert_reduced_op_matches(swiglu(a, b), a * torch.nn.functional.silu(b))
     assert torch.isfinite(swiglu(a, b)).all()
 
 
@@ -174,7 +196,7 @@ def test_swiglu_reads_the_halves_of_a_fused_projection():
     torch.manual_seed(0)
     fused = randn(3, 9, 2 * 80, dtype=torch.bfloat16, scale=3.0)  # [B, T, 2F]: w1 | w2 outputs
     a, b = fused[..., :80], fused[..., 80:]
-    assert_matches(swiglu(a, b), swiglu_reference(a, b))
+    assert_reduced_op_matches(swiglu(a, b), swiglu_reference(a, b))
 
 
 def test_swiglu_rejects_mismatched_inputs():
@@ -420,14 +442,14 @@ def test_large_prefill_and_decode_on_gpu(head_dim):
 def test_large_elementwise_ops_on_gpu():
     torch.manual_seed(0)
     x, weight = randn(4096, 4096, dtype=torch.bfloat16), randn(4096, dtype=torch.bfloat16)
-    assert_matches(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
+    assert_nearly_bit_exact(rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6))
     a, b = (randn(512, 11008, dtype=torch.bfloat16, scale=3.0) for _ in range(2))
-    assert_matches(swiglu(a, b), swiglu_reference(a, b))
+    assert_nearly_bit_exact(swiglu(a, b), swiglu_reference(a, b))
     qkv = randn(2, 512, 3, 32, 128, dtype=torch.bfloat16)
     cos, sin = rope_tables(2, 512, 128)
     for ours, ref in zip(apply_rope(qkv[:, :, 0], qkv[:, :, 1], cos, sin),
                          apply_rope_reference(qkv[:, :, 0], qkv[:, :, 1], cos, sin), strict=True):
-        assert_matches(ours, ref)
+        assert_matches(ours, ref)  # no reduction, no transcendental: 1 ulp at most
 
 
 # --- Dispatch -------------------------------------------------------------------------------------------
@@ -440,6 +462,7 @@ def test_auto_backend_is_sdpa_on_cpu_even_with_the_interpreter():
 
 
 @needs_kernels
+@pytest.mark.skipif(ON_GPU, reason="the GPU run does not use the interpreter")
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve_backend("triton", "cpu") == "triton"  # TRITON_INTERPRET=1 (fixture) on CPU
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

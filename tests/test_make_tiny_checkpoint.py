@@ -21,7 +21,7 @@ from tests.hf_reference import (
     qwen_to_qwen2_state_dict,
     read_checkpoint_state_dict,
 )
-from tools.make_tiny_checkpoint import GENERATION_CONFIG, _split_evenly, make_checkpoint
+from nekomata_core.checkpoint_builder import GENERATION_CONFIG, _split_evenly, make_checkpoint
 from tools.make_tiny_checkpoint import main as script_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -218,7 +218,7 @@ def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
         splits = default_num_splits(batch, heads, cache, device)
         default = (*decode_config(head_dim, dtype, capability), splits)
         configs = [(32, 4, 1, 2)] if smoke else [
-            (b, w, s, n) for b in (32, 64, 128) for w in (4, 8) for s in (2, 3) for n in (default[3],)
+            (b, w, 2, default[3]) for b in (32, 64, 128) for w in (2, 4, 8)
         ] + [(default[0], default[1], default[2], n) for n in (4, 8, 16, 32, 64)]
         gbytes = 2 * k_cache.numel() * k_cache.element_size() / 1e9
         print(f"\ndecode sweep, B={batch} N={heads} cache={cache} D={head_dim}; default "

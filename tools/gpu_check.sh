@@ -3,12 +3,12 @@
 #   1. environment report (nvidia-smi, versions); needs torch + triton already installed, installs nothing
 #   2. tests/test_kernels.py compiled on the GPU (NEKOMATA_TEST_DEVICE=cuda, larger bf16 shapes too)
 #   3. tools/bench_kernels.py: ours vs torch at nekomata-7b shapes, then a launch-config sweep if time allows
-# Logs, bench_kernels.json and sweep.json go to $OUT (the device runner's output folder) or ./gpu_check_out.
+# Logs, bench_kernels.json and sweep.json go to $OUT (the device runner's output folder) or /tmp/nekomata_gpu_check.
 # Exit status: 0 only when the tests and the benchmark both succeeded (the sweep is informational).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-out_dir="${OUT:-$PWD/gpu_check_out}"
+out_dir="${OUT:-/tmp/nekomata_gpu_check}"
 mkdir -p "$out_dir"
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -1,0 +1,349 @@
+"""Benchmark: load time, peak RSS, prefill and decode speed — ours and transformers', in one run.
+
+    nekomata bench bench-620m --dtype bfloat16          (a preset: random weights, built on the fly)
+    nekomata bench /path/to/checkpoint --quantize int8
+
+Each system runs in its own subprocess (a fresh interpreter, so peak RSS and caches are its own) on the
+same checkpoint, prompt and thread count. Decode speed is the median over `--runs` generations after
+`--warmup`; a decode step reads every weight once, so the roofline is
+
+    tokens/s ≤ measured read bandwidth / bytes read per token
+
+with the bandwidth measured in the same run (the faster of an fp32 sum and an fp32 GEMV over 1 GiB).
+Nothing here asserts a timing: the numbers are printed (and written as JSON) for people to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, QwenConfig
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
+    """Read bandwidth in GB/s as torch sees it: fp32 sum and fp32 GEMV over `gib` GiB."""
+    import torch
+
+    n = int(gib * 2**30 // 4)
+    data = torch.rand(n)
+    rows = 8192
+    matrix = data[: (n // rows) * rows].view(rows, -1)
+    vector = torch.rand(matrix.shape[1])
+
+    def best_rate(fn, nbytes: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return nbytes / statistics.median(times) / 1e9
+
+    return {
+        "sum_gbps": best_rate(lambda: data.sum(), data.numel() * 4),
+        "gemv_gbps": best_rate(lambda: torch.mv(matrix, vector), matrix.numel() * 4),
+    }
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------- workers
+def _prompt(config: QwenConfig, length: int):
+    import torch
+
+    return torch.randint(0, min(config.vocab_size, 151643), (1, length), generator=torch.Generator().manual_seed(0))
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .decode import make_decoder
+    from .generation import generate
+    from .model import QwenForCausalLM
+
+    torch.set_num_threads(args.threads)
+    # The first meta-device module imports torch's meta kernels (seconds, once per process):
+    # a start-up cost like transformers' own import, kept out of the load time.
+    with torch.device("meta"):
+        torch.nn.Linear(1, 1)
+    rss_before = _peak_rss_bytes()
+    start = time.perf_counter()
+    model = QwenForCausalLM.from_pretrained(
+        args.checkpoint, dtype=args.dtype, device=args.device, progress=False, quantize=args.quantize
+    )
+    load_seconds = time.perf_counter() - start
+    peak_after_load = _peak_rss_bytes()
+    ids = _prompt(model.config, args.prompt_tokens)
+    decoder = make_decoder(model, args.decode)
+    prefill, decode = [], []
+    for i in range(args.warmup + args.runs):
+        out = generate(model, ids, max_new_tokens=args.new_tokens, eos_token_id=(), decode_fn=decoder)
+        if i >= args.warmup:
+            prefill.append(out.prefill_tokens_per_second)
+            decode.append(out.decode_tokens_per_second)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "system": f"nekomata_core ({args.decode}{', int8' if args.quantize else ''})",
+        "load_seconds": load_seconds,
+        "peak_rss_bytes": peak_after_load,
+        "baseline_rss_bytes": rss_before,
+        "weight_bytes": weight_bytes,
+        "decode_bytes_per_token": weight_bytes - _embedding_bytes(model),
+        "prefill_tokens_per_second": statistics.median(prefill),
+        "decode_tokens_per_second": statistics.median(decode),
+        "decode_runs": decode,
+    }
+
+
+def _embedding_bytes(model) -> int:
+    # A decode step reads one row of the embedding table, not all of it.
+    weight = model.transformer.wte.weight
+    return weight.numel() * weight.element_size()
+
+
+def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.set_num_threads(args.threads)
+    dtype = _torch_dtype(args.dtype)
+    config = QwenConfig.from_json_file(Path(args.checkpoint) / "config.json")
+    with tempfile.TemporaryDirectory(prefix="nekomata-bench-hf-") as hf_dir:
+        _write_qwen2_checkpoint(Path(args.checkpoint), config, Path(hf_dir))  # preparation, not timed
+        rss_before = _peak_rss_bytes()
+        start = time.perf_counter()
+        model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        load_seconds = time.perf_counter() - start
+    peak_after_load = _peak_rss_bytes()
+    ids = _prompt(config, args.prompt_tokens)
+    n = args.new_tokens
+
+    def timed(max_new: int) -> float:
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                           min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - begin
+
+    prefill, decode = [], []
+    for i in range(args.warmup + args.runs):
+        with torch.inference_mode():
+            begin = time.perf_counter()
+            model(ids)
+            prefill_seconds = time.perf_counter() - begin
+        one, full = timed(1), timed(n)
+        if i >= args.warmup:
+            prefill.append(ids.shape[1] / prefill_seconds)
+            decode.append((n - 1) / max(full - one, 1e-9))  # generate(n) − generate(1): n − 1 decode steps
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    return {
+        "system": f"transformers {__import__('transformers').__version__} Qwen2 (sdpa)",
+        "load_seconds": load_seconds,
+        "peak_rss_bytes": peak_after_load,
+        "baseline_rss_bytes": rss_before,
+        "weight_bytes": weight_bytes,
+        "decode_bytes_per_token": weight_bytes - embed.numel() * embed.element_size(),
+        "prefill_tokens_per_second": statistics.median(prefill),
+        "decode_tokens_per_second": statistics.median(decode),
+        "decode_runs": decode,
+    }
+
+
+def _write_qwen2_checkpoint(source: Path, config: QwenConfig, out: Path) -> None:
+    """The same weights as a transformers Qwen2 checkpoint, so transformers loads them its own way."""
+    from .loader import checkpoint_weight_files, iter_safetensors, save_safetensors
+    from .reference import qwen2_config_from_qwen, qwen_to_qwen2_state_dict
+
+    qwen2_config_from_qwen(config, attn_implementation="sdpa").save_pretrained(out)
+    state = {}
+    for path in checkpoint_weight_files(source):
+        state.update(dict(iter_safetensors(path)))
+    mapped = {k: v.contiguous() for k, v in qwen_to_qwen2_state_dict(state, config).items()}
+    save_safetensors(mapped, out / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure load, prefill and decode speed (and transformers' on the same checkpoint)",
+        description=__doc__.split("\n\n")[0],
+    )
+    _add_arguments(parser)
+    parser.set_defaults(run=run_bench)
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default="bench-620m",
+                        help=f"checkpoint directory, Hub id, or a preset ({', '.join(sorted(PRESETS))})")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode", default="static", choices=["eager", "static", "compiled"])
+    parser.add_argument("--quantize", default=None, choices=["int8"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--also", action="append", default=[], metavar="DECODE[:int8]",
+                        help="measure another configuration of ours in the same run, e.g. compiled or static:int8")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
+    # Internal: a worker subprocess measures one system and writes its JSON result.
+    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def _spawn(args: argparse.Namespace, worker: str, checkpoint: Path, decode: str, quantize: str | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = handle.name
+    command = [
+        sys.executable, "-m", "nekomata_core.bench", "--worker", worker, "--checkpoint", str(checkpoint),
+        "--result", result_path, "--dtype", args.dtype, "--device", args.device,
+        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+        "--runs", str(args.runs), "--warmup", str(args.warmup), "--decode", decode,
+        "--threads", str(args.threads),
+    ] + (["--quantize", quantize] if quantize else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {"system": worker, "error": tail[0]}
+    result = json.loads(Path(result_path).read_text())
+    os.unlink(result_path)
+    return result
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.worker:
+        result = run_ours(args) if args.worker == "ours" else run_transformers(args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+    from .cli import EXIT_USAGE, CLIError
+
+    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
+        raise CLIError("--runs must be ≥ 1, --new-tokens ≥ 2 and --prompt-tokens ≥ 1", EXIT_USAGE)
+    workdir = None
+    if args.model in PRESETS and not Path(args.model).exists():
+        from .checkpoint_builder import make_checkpoint
+
+        workdir = tempfile.TemporaryDirectory(prefix="nekomata-bench-")
+        checkpoint = make_checkpoint(Path(workdir.name), args.model, dtype=_torch_dtype(args.dtype), seed=0,
+                                     tokenizer_file=False)
+        source = f"preset {args.model} (random weights)"
+    else:
+        from .hub import CheckpointNotFoundError, resolve_model_dir
+
+        try:
+            checkpoint = resolve_model_dir(args.model)
+        except (CheckpointNotFoundError, ValueError) as exc:
+            raise CLIError(str(exc), EXIT_USAGE) from None
+        source = str(checkpoint)
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        bandwidth = measure_bandwidth()
+        configs = [(args.decode, args.quantize)]
+        for extra in args.also:
+            decode, _, quant = extra.partition(":")
+            configs.append((decode, quant or None))
+        results = [_spawn(args, "ours", checkpoint, d, q) for d, q in configs]
+        if not args.no_transformers:
+            results.append(_spawn(args, "transformers", checkpoint, "eager", None))
+    finally:
+        if workdir is not None:
+            workdir.cleanup()
+    report = _report(args, source, bandwidth, results)
+    print(format_report(report))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _report(args, source: str, bandwidth: dict[str, float], results: list[dict]) -> dict[str, Any]:
+    best_bw = max(bandwidth.values())
+    baseline = next((r for r in results if r["system"].startswith("transformers") and "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            continue
+        roofline = best_bw * 1e9 / r["decode_bytes_per_token"]
+        r["roofline_tokens_per_second"] = roofline
+        r["percent_of_roofline"] = 100 * r["decode_tokens_per_second"] / roofline
+        r["rss_over_weights"] = r["peak_rss_bytes"] / r["weight_bytes"]
+        if baseline is not None:
+            r["decode_vs_transformers"] = r["decode_tokens_per_second"] / baseline["decode_tokens_per_second"]
+            r["prefill_vs_transformers"] = r["prefill_tokens_per_second"] / baseline["prefill_tokens_per_second"]
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, {platform.processor() or ''}".strip(", "),
+        "model": source,
+        "dtype": args.dtype,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "runs": args.runs,
+        "bandwidth_gbps": bandwidth,
+        "results": results,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    bw = report["bandwidth_gbps"]
+    lines = [
+        f"model: {report['model']}   dtype: {report['dtype']}   prompt {report['prompt_tokens']} → "
+        f"{report['new_tokens']} new tokens, batch 1, median of {report['runs']} runs",
+        f"machine: {report['machine']}   read bandwidth: sum {bw['sum_gbps']:.1f} GB/s, GEMV {bw['gemv_gbps']:.1f} GB/s",
+        "",
+        f"{'system':<52} {'load s':>7} {'RSS/weights':>11} {'prefill tok/s':>13} {'decode tok/s':>12} "
+        f"{'vs HF':>6} {'% roofline':>10}",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"{r['system']:<52} failed: {r['error']}")
+            continue
+        ratio = f"{r['decode_vs_transformers']:.2f}×" if "decode_vs_transformers" in r else "-"
+        lines.append(
+            f"{r['system']:<52} {r['load_seconds']:>7.2f} {r['rss_over_weights']:>11.2f} "
+            f"{r['prefill_tokens_per_second']:>13.1f} {r['decode_tokens_per_second']:>12.2f} {ratio:>6} "
+            f"{r['percent_of_roofline']:>9.0f}%"
+        )
+    lines.append("(roofline = best read bandwidth / weight bytes read per decoded token; RSS includes the "
+                 "interpreter and torch)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nekomata bench", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    from .cli import CLIError
+
+    try:
+        return run_bench(args)
+    except CLIError as exc:
+        print(f"nekomata bench: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

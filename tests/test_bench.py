@@ -1,0 +1,27 @@
+"""bench.py runs end to end on a tiny preset and prints its table (it measures; it asserts no timing)."""
+
+from __future__ import annotations
+
+import json
+
+from nekomata_core.bench import main
+
+
+def test_bench_prints_a_table_with_transformers_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["tiny", "--dtype", "float32", "--runs", "1", "--warmup", "0", "--prompt-tokens", "8",
+                 "--new-tokens", "4", "--also", "static:int8", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "nekomata_core (static)" in printed and "transformers" in printed and "% roofline" in printed
+    report = json.loads(out.read_text())
+    systems = [r["system"] for r in report["results"]]
+    assert len(systems) == 3 and not any("error" in r for r in report["results"]), report["results"]
+    for result in report["results"]:
+        assert result["decode_tokens_per_second"] > 0 and result["percent_of_roofline"] > 0
+    assert report["bandwidth_gbps"]["sum_gbps"] > 0
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["tiny", "--runs", "0"]) == 2
+    assert "--runs" in capsys.readouterr().err
