@@ -28,7 +28,19 @@ _EXPORTS = {
     "generate": ".generation",
     "stream": ".generation",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "PRESETS",
+    "AutoModelForCausalLM",
+    "AutoTokenizer",
+    "GenerationOutput",
+    "KVCache",
+    "QwenConfig",
+    "QwenForCausalLM",
+    "QwenTokenizer",
+    "SamplingParams",
+    "generate",
+    "stream",
+]
 
 
 def __getattr__(name: str) -> Any:

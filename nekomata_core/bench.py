@@ -58,14 +58,25 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
 
 
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS of this process image. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork + exec,
+    so a worker would report its (large) parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB elsewhere on Linux
 
 
 # ---------------------------------------------------------------------------------------------- workers
 def _prompt(config: QwenConfig, length: int):
     import torch
 
-    return torch.randint(0, min(config.vocab_size, 151643), (1, length), generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, min(config.vocab_size, 151643), (1, length), generator=torch.Generator().manual_seed(0)
+    )
 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,8 +146,14 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
     def timed(max_new: int) -> float:
         begin = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                           min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=0,
+            )
         return time.perf_counter() - begin
 
     prefill, decode = [], []
@@ -189,8 +206,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default="bench-620m",
-                        help=f"checkpoint directory, Hub id, or a preset ({', '.join(sorted(PRESETS))})")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="bench-620m",
+        help=f"checkpoint directory, Hub id, or a preset ({', '.join(sorted(PRESETS))})",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -201,8 +222,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, choices=["int8"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    parser.add_argument("--also", action="append", default=[], metavar="DECODE[:int8]",
-                        help="measure another configuration of ours in the same run, e.g. compiled or static:int8")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="DECODE[:int8]",
+        help="measure another configuration of ours in the same run, e.g. compiled or static:int8",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     # Internal: a worker subprocess measures one system and writes its JSON result.
     parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
@@ -210,15 +236,37 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
-def _spawn(args: argparse.Namespace, worker: str, checkpoint: Path, decode: str, quantize: str | None) -> dict:
+def _spawn(
+    args: argparse.Namespace, worker: str, checkpoint: Path, decode: str, quantize: str | None
+) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         result_path = handle.name
     command = [
-        sys.executable, "-m", "nekomata_core.bench", "--worker", worker, "--checkpoint", str(checkpoint),
-        "--result", result_path, "--dtype", args.dtype, "--device", args.device,
-        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-        "--runs", str(args.runs), "--warmup", str(args.warmup), "--decode", decode,
-        "--threads", str(args.threads),
+        sys.executable,
+        "-m",
+        "nekomata_core.bench",
+        "--worker",
+        worker,
+        "--checkpoint",
+        str(checkpoint),
+        "--result",
+        result_path,
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--runs",
+        str(args.runs),
+        "--warmup",
+        str(args.warmup),
+        "--decode",
+        decode,
+        "--threads",
+        str(args.threads),
     ] + (["--quantize", quantize] if quantize else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -243,8 +291,9 @@ def run_bench(args: argparse.Namespace) -> int:
         from .checkpoint_builder import make_checkpoint
 
         workdir = tempfile.TemporaryDirectory(prefix="nekomata-bench-")
-        checkpoint = make_checkpoint(Path(workdir.name), args.model, dtype=_torch_dtype(args.dtype), seed=0,
-                                     tokenizer_file=False)
+        checkpoint = make_checkpoint(
+            Path(workdir.name), args.model, dtype=_torch_dtype(args.dtype), seed=0, tokenizer_file=False
+        )
         source = f"preset {args.model} (random weights)"
     else:
         from .hub import CheckpointNotFoundError, resolve_model_dir
@@ -294,9 +343,13 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
         r["rss_over_weights"] = r["peak_rss_bytes"] / r["weight_bytes"]
         if baseline is not None:
             r["decode_vs_transformers"] = r["decode_tokens_per_second"] / baseline["decode_tokens_per_second"]
-            r["prefill_vs_transformers"] = r["prefill_tokens_per_second"] / baseline["prefill_tokens_per_second"]
+            r["prefill_vs_transformers"] = (
+                r["prefill_tokens_per_second"] / baseline["prefill_tokens_per_second"]
+            )
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, {platform.processor() or ''}".strip(", "),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, {platform.processor() or ''}".strip(
+            ", "
+        ),
         "model": source,
         "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,
@@ -327,8 +380,10 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['prefill_tokens_per_second']:>13.1f} {r['decode_tokens_per_second']:>12.2f} {ratio:>6} "
             f"{r['percent_of_roofline']:>9.0f}%"
         )
-    lines.append("(roofline = best read bandwidth / weight bytes read per decoded token; RSS includes the "
-                 "interpreter and torch)")
+    lines.append(
+        "(roofline = best read bandwidth / weight bytes read per decoded token; RSS includes the "
+        "interpreter and torch)"
+    )
     return "\n".join(lines)
 
 

@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        return 130
     except _expected_errors() as exc:
         if os.environ.get("NEKOMATA_DEBUG"):
             raise

@@ -39,7 +39,13 @@ class KVCache:
             raise CacheError(
                 f"a KV cache needs batch_size > 0 and max_length > 0, got {batch_size} and {max_length}"
             )
-        shape = (config.num_hidden_layers, batch_size, config.num_attention_heads, max_length, config.head_dim)
+        shape = (
+            config.num_hidden_layers,
+            batch_size,
+            config.num_attention_heads,
+            max_length,
+            config.head_dim,
+        )
         self.config = config
         # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
         self.keys = torch.zeros(shape, dtype=dtype, device=device)

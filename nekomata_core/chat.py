@@ -54,7 +54,9 @@ def chatml_prompt(
     return ids + [start, *plain(tokenizer, "assistant"), *newline]
 
 
-def instruction_prompt(tokenizer: QwenTokenizer, instruction: str, input_text: str | None = None) -> list[int]:
+def instruction_prompt(
+    tokenizer: QwenTokenizer, instruction: str, input_text: str | None = None
+) -> list[int]:
     """rinna's nekomata-instruction template (the `### 入力:` section only when there is an input)."""
     if input_text:
         text = f"{INSTRUCTION_PREAMBLE}\n\n### 指示:\n{instruction}\n\n### 入力:\n{input_text}\n\n### 応答:\n"

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bench import add_bench_parser
+from .byte2token import add_byte2token_parser
 from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, QwenConfig
 from .hub import CheckpointNotFoundError, resolve_model_dir
+from .parity import add_parity_parser
+from .perplexity import add_perplexity_parser
 
 if TYPE_CHECKING:
     from .loader import CheckpointReport
@@ -190,6 +193,9 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_chat_parser,
     add_inspect_parser,
     add_bench_parser,
+    add_parity_parser,
+    add_perplexity_parser,
+    add_byte2token_parser,
 )
 
 

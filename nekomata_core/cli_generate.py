@@ -36,7 +36,9 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=None, help="1.0 disables")
     group.add_argument("--max-new-tokens", type=int, default=None)
     group.add_argument("--min-new-tokens", type=int, default=None)
-    group.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    group.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)"
+    )
     group.add_argument("--seed", type=int, default=None, help="seed the torch RNG (HF-identical samples)")
 
 
@@ -49,7 +51,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
             "then prefill and decode speed on stderr."
         ),
     )
-    parser.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="optional model path or id, then the prompt")
+    parser.add_argument(
+        "words", nargs="+", metavar="[MODEL] PROMPT", help="optional model path or id, then the prompt"
+    )
     _add_model_options(parser)
     _add_sampling_options(parser)
     parser.set_defaults(run=run_generate)
@@ -93,8 +97,12 @@ def _load(args: argparse.Namespace, model_name: str):
         if args.quantize:
             kwargs["quantize"] = args.quantize
         model = QwenForCausalLM.from_pretrained(
-            folder, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-            progress=sys.stderr.isatty(), **kwargs,
+            folder,
+            dtype=args.dtype,
+            device=args.device,
+            attention_backend=args.attention_backend,
+            progress=sys.stderr.isatty(),
+            **kwargs,
         )
         defaults = load_generation_config(folder / "generation_config.json")
     except (ValueError, FileNotFoundError) as exc:
@@ -157,8 +165,10 @@ def run_generate(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     result = GenerationOutput(torch.empty(0), [], [])
     sys.stdout.write(prompt)
-    _stream_to(sys.stdout, stream(model, tokenizer, prompt, params, output=result,
-                                  decode_fn=make_decoder(model, args.decode)))
+    _stream_to(
+        sys.stdout,
+        stream(model, tokenizer, prompt, params, output=result, decode_fn=make_decoder(model, args.decode)),
+    )
     sys.stdout.write("\n")
     _report_speed(result, sys.stderr)
     return 0
@@ -208,7 +218,9 @@ def run_chat(args: argparse.Namespace) -> int:
         else:
             ids = chat.plain(tokenizer, message)
         result = GenerationOutput(torch.empty(0), [], [])
-        reply = _stream_to(sys.stdout, stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn))
+        reply = _stream_to(
+            sys.stdout, stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn)
+        )
         sys.stdout.write("\n")
         sys.stdout.flush()
         if fmt == "chatml":

@@ -113,7 +113,9 @@ class CompatCausalLM(nn.Module):
         **unused: Any,
     ) -> torch.Tensor:
         """Like transformers' `generate`: returns [B, T + new] (prompt included, pad after eos)."""
-        _reject_unknown(unused, {"use_cache", "num_beams", "num_return_sequences", "stop_strings", "tokenizer"})
+        _reject_unknown(
+            unused, {"use_cache", "num_beams", "num_return_sequences", "stop_strings", "tokenizer"}
+        )
         if unused.get("num_beams", 1) != 1 or unused.get("num_return_sequences", 1) != 1:
             raise ValueError("beam search and num_return_sequences > 1 are not supported; use num_beams=1")
         if input_ids is None:
@@ -164,7 +166,9 @@ class CompatCausalLM(nn.Module):
 def _reject_unknown(unused: dict[str, Any], tolerated: set[str]) -> None:
     unknown = sorted(set(unused) - tolerated)
     if unknown:
-        raise TypeError(f"unsupported argument(s) {unknown}; nekomata_core supports the arguments listed in its README")
+        raise TypeError(
+            f"unsupported argument(s) {unknown}; nekomata_core supports the arguments listed in its README"
+        )
 
 
 class AutoModelForCausalLM:
@@ -239,7 +243,9 @@ class CompatTokenizer:
     def eod_id(self) -> int:
         return self.tokenizer.eod_id
 
-    def encode(self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None, **kw: Any):
+    def encode(
+        self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None, **kw: Any
+    ):
         del add_special_tokens  # Qwen adds no special tokens either way
         ids = self.tokenizer.encode(text, **kw)
         if return_tensors is None:

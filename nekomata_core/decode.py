@@ -39,7 +39,9 @@ class StaticDecoder:
         if self._positions is None or self._positions.shape[0] < cache.max_length:
             self._positions = torch.arange(cache.max_length, device=cache.device)
         if cache.inv_freq is None:
-            raise RuntimeError("StaticDecoder needs a prefilled cache: run the prompt through the model first")
+            raise RuntimeError(
+                "StaticDecoder needs a prefilled cache: run the prompt through the model first"
+            )
         cache.check_fits(tokens.shape[0], 1)
         cache.key_mask[:, position] = True
         logits = self._step(tokens, cache, self._positions[position : position + 1])

@@ -50,7 +50,11 @@ class GenerationOutput:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens * self.sequences.shape[0] / self.prefill_seconds if self.prefill_seconds else 0.0
+        return (
+            self.prompt_tokens * self.sequences.shape[0] / self.prefill_seconds
+            if self.prefill_seconds
+            else 0.0
+        )
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -264,7 +268,7 @@ class _StopStringWatcher:
 
     def update(self, tokens: list[int], active: list[bool]) -> list[int]:
         hit = []
-        for row, (token, alive) in enumerate(zip(tokens, active)):
+        for row, (token, alive) in enumerate(zip(tokens, active, strict=False)):
             if not alive:
                 continue
             piece = self.decoders[row].push(token)

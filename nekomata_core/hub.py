@@ -79,8 +79,8 @@ def _download(repo_id: str, *, revision: str | None, allow_patterns) -> Path:
 
     offline_hint = (
         "If the Hub is unreachable from this machine, download the checkpoint elsewhere "
-        "(e.g. `huggingface-cli download {repo}`) and pass its local directory instead."
-    ).format(repo=repo_id)
+        f"(e.g. `huggingface-cli download {repo_id}`) and pass its local directory instead."
+    )
     try:
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=list(allow_patterns) if allow_patterns else None

@@ -34,11 +34,42 @@ from .cache import KVCache
 from .config import QwenConfig
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "eager")
+PREFILL_UPCAST_ROWS = 8  # rows from which a half-precision CPU matmul is done in fp32 (see Linear)
 OPS_BACKENDS = ("auto", "triton", "eager")
 
 
 class InputError(ValueError):
     """The inputs of a forward call are malformed (shape, dtype, token ids, attention mask)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear layers (plain nn.Linear, with one CPU speed path)
+# --------------------------------------------------------------------------------------------------
+def cpu_has_native_half_matmul() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) with a faster route for one case.
+
+    On CPUs without bf16/fp16 arithmetic (no AVX512-BF16, no AMX), PyTorch's half-precision matmul is
+    emulated and gets slower with every row: a 128-token prefill runs ~10× slower than in fp32. When
+    `upcast_rows` is set and a call has at least that many rows, we multiply in fp32 and round once to
+    the model dtype, which is what the native bf16 kernels do too (fp32 accumulation, one rounding),
+    in another summation order. Decode (one row) keeps the half-precision GEMV: it is memory-bound and
+    reads half the bytes.
+    """
+
+    upcast_rows = 0  # 0: never (set by QwenForCausalLM.set_backends)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upcast_rows and x.dtype != torch.float32 and x.numel() >= self.upcast_rows * x.shape[-1]:
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,9 +115,7 @@ def rotary_inv_freq(base: float, rotary_dim: int, alpha: float, device=None) -> 
     return 1.0 / (ntk_base**exponents)
 
 
-def rotary_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given absolute positions [T] and per-row inv_freq [Bα, R/2].
 
     Returns two float32 tensors [Bα, T, R] laid out as cat(freqs, freqs) for rotate-half.
@@ -162,8 +191,8 @@ class Attention(nn.Module):
         hidden = config.hidden_size
         # Qwen quirk 5: q, k and v come from ONE projection, with a bias, even though `no_bias` is
         # true (that flag governs the other linears). Rows are [q; k; v], each hidden_size tall.
-        self.c_attn = nn.Linear(hidden, 3 * hidden, bias=True)
-        self.c_proj = nn.Linear(hidden, hidden, bias=not config.no_bias)
+        self.c_attn = Linear(hidden, 3 * hidden, bias=True)
+        self.c_proj = Linear(hidden, hidden, bias=not config.no_bias)
         self.backend = "sdpa"  # "eager" | "sdpa" | "triton", set by QwenForCausalLM.set_backends
         self.rope_backend = "eager"
         self.layer_index = 0
@@ -237,9 +266,7 @@ class Attention(nn.Module):
             )
         from kernels.attention import flash_attention
 
-        return flash_attention(
-            q, k, v, q_start=ctx.start, key_start=ctx.key_start, logn_seq_length=logn_s
-        )
+        return flash_attention(q, k, v, q_start=ctx.start, key_start=ctx.key_start, logn_seq_length=logn_s)
 
 
 def _causal_mask(new: int, total: int, device) -> torch.Tensor:
@@ -257,9 +284,9 @@ class MLP(nn.Module):
         # Qwen quirk 2: config.intermediate_size is twice the real width (22016 → 11008 for 7B).
         width = config.mlp_width
         bias = not config.no_bias
-        self.w1 = nn.Linear(config.hidden_size, width, bias=bias)  # linear ("up") branch
-        self.w2 = nn.Linear(config.hidden_size, width, bias=bias)  # gated branch: silu goes HERE
-        self.c_proj = nn.Linear(width, config.hidden_size, bias=bias)
+        self.w1 = Linear(config.hidden_size, width, bias=bias)  # linear ("up") branch
+        self.w2 = Linear(config.hidden_size, width, bias=bias)  # gated branch: silu goes HERE
+        self.c_proj = Linear(width, config.hidden_size, bias=bias)
         self.use_triton = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,7 +343,7 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # untied
         self._requested_backends = (attention_backend, ops_backend)
         self.attention_backend = "sdpa"
         self.ops_backend = "eager"
@@ -371,7 +398,14 @@ class QwenForCausalLM(nn.Module):
         self.ops_backend = "triton" if resolved_ops == "triton" else "eager"
         self._requested_backends = (attention, ops)
         use_triton_ops = self.ops_backend == "triton"
+        upcast = (
+            PREFILL_UPCAST_ROWS
+            if device.type == "cpu" and self.dtype != torch.float32 and not cpu_has_native_half_matmul()
+            else 0
+        )
         for module in self.modules():
+            if isinstance(module, Linear):
+                module.upcast_rows = upcast
             if isinstance(module, (RMSNorm, MLP)):
                 module.use_triton = use_triton_ops
             if isinstance(module, Attention):

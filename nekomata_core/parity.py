@@ -22,9 +22,10 @@ Verdict (exit code 0 pass, 1 divergence, 2 usage error or a reference that canno
 * bf16/fp16 only: a state beyond `rel` still passes when it is within the reference's own rounding noise.
   The reference is run once more in float32 (the "exact" answer) and the state passes if
   max |ours − ref_fp32| ≤ 2 × max |ref − ref_fp32|: our rounding error is no more than twice
-  transformers' rounding error in the same dtype (ratios measured on random models: 0.7–1.3). A fixed bound alone
-  would wrongly fail deep or badly conditioned models, where honest bf16 rounding grows past any
-  fixed share of the largest value. `--no-fp32-baseline` skips this (and the memory for a float32 copy).
+  transformers' rounding error in the same dtype (ratios measured on random models: 0.7–1.3). A
+  fixed bound alone would wrongly fail deep or badly conditioned models, where honest bf16 rounding
+  grows past any fixed share of the largest value. `--no-fp32-baseline` skips this (and the memory
+  for a float32 copy).
 * top-1 agreement ≥ `min_top1`, and every greedy continuation identical. A disagreement is excused
   as a *near-tie* when the reference itself ranks the two tokens within twice the logits tolerance
   (rel × max |ref logit|, or --atol-logits; each side may be off by the tolerance): it shows
@@ -232,8 +233,9 @@ class ParityReport:
         logits = self.rows[-1]
         greedy_agree = sum(g.agree for g in self.greedy)
         greedy_total = sum(len(g.reference) for g in self.greedy)
+        ties = f" (+{self.top1_near_ties} near-tie)" if self.top1_near_ties else ""
         summary = (
-            f"logits rel err {logits.rel:.1e}, top-1 {self.top1_agree}/{self.top1_total}, "
+            f"logits rel err {logits.rel:.1e}, top-1 {self.top1_agree}/{self.top1_total}{ties}, "
             f"greedy {greedy_agree}/{greedy_total} identical"
         )
         first = self.first_divergence
@@ -296,7 +298,7 @@ class ParityReport:
         ties = f", {self.top1_near_ties} near-tie(s) excused" if self.top1_near_ties else ""
         lines.append(
             f"top-1 agreement  {self.top1_agree}/{self.top1_total} positions{ties}  "
-            f"(≥ {self.thresholds.min_top1:g} required)  {'ok' if self.top1_ok else 'FAILS'}"
+            f"(≥ {self.thresholds.min_top1:.2f} required)  {'ok' if self.top1_ok else 'FAILS'}"
         )
         for i, g in enumerate(self.greedy):
             label = "greedy" if i == 0 else ""
@@ -1060,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        return 130
     except _expected_errors() as exc:
         if os.environ.get("NEKOMATA_DEBUG"):
             raise

@@ -25,15 +25,19 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" → the first CUDA GPU if there is one, else the CPU; anything else is checked."""
+    """ "auto" → the first CUDA GPU if there is one, else the CPU; anything else is checked."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ValueError(
+            f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was asked for, but this PyTorch build sees no CUDA GPU; use 'cpu'")
+        raise ValueError(
+            f"device={device!r} was asked for, but this PyTorch build sees no CUDA GPU; use 'cpu'"
+        )
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     if resolved.type not in ("cpu", "cuda"):
@@ -41,10 +45,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def resolve_dtype(
-    dtype: str | torch.dtype, config: QwenConfig, device: torch.device
-) -> torch.dtype:
-    """"auto" → the dtype config.json asks for (bf16/fp16/fp32 flag) if any; otherwise bf16 on GPUs
+def resolve_dtype(dtype: str | torch.dtype, config: QwenConfig, device: torch.device) -> torch.dtype:
+    """ "auto" → the dtype config.json asks for (bf16/fp16/fp32 flag) if any; otherwise bf16 on GPUs
     that support it, fp16 on older GPUs, fp32 on the CPU (where fp16 is slow and poorly supported)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():

@@ -32,9 +32,13 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         # Parameters (frozen) rather than buffers, so the loader and state_dict treat them like weights.
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
         self.scales = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -88,7 +92,11 @@ def convert_to_int8_structure(model: nn.Module, dtype: torch.dtype) -> nn.Module
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, leaf)
         with torch.device("meta"):
-            setattr(parent, leaf, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype))
+            setattr(
+                parent,
+                leaf,
+                Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype),
+            )
     return model
 
 
@@ -105,7 +113,9 @@ def quantization_of(config_extra: dict) -> str | None:
     return "int8"
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None = None) -> Path:
+def save_quantized(
+    model: nn.Module, out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Write an int8 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
     generation_config.json copied from `source_dir` when given)."""
     from .loader import save_safetensors
@@ -119,7 +129,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike[str], source_dir
     scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, Int8Linear))
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         config[flag] = scale_dtype == dt
-    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
     save_safetensors(state, out / "model.safetensors")
     if source_dir is not None:

@@ -74,7 +74,9 @@ class SamplingParams:
         elif _is_int(eos):
             eos = (int(eos),)
         if not all(_is_int(e) and e >= 0 for e in eos):
-            raise ValueError(f"eos_token_id must be a non-negative id or a list of them, got {self.eos_token_id!r}")
+            raise ValueError(
+                f"eos_token_id must be a non-negative id or a list of them, got {self.eos_token_id!r}"
+            )
         object.__setattr__(self, "eos_token_id", tuple(int(e) for e in eos))
         if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
             raise ValueError(f"pad_token_id must be a non-negative id or None, got {self.pad_token_id!r}")
@@ -183,7 +185,9 @@ def process_logits(
     return scores
 
 
-def select_next(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def select_next(
+    scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token ids [B]: argmax when greedy, else one multinomial draw per row from softmax(scores)."""
     if not params.do_sample:
         return scores.argmax(dim=-1)

@@ -9,8 +9,25 @@ from nekomata_core.bench import main
 
 def test_bench_prints_a_table_with_transformers_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["tiny", "--dtype", "float32", "--runs", "1", "--warmup", "0", "--prompt-tokens", "8",
-                 "--new-tokens", "4", "--also", "static:int8", "--json", str(out)])
+    code = main(
+        [
+            "tiny",
+            "--dtype",
+            "float32",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--prompt-tokens",
+            "8",
+            "--new-tokens",
+            "4",
+            "--also",
+            "static:int8",
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "nekomata_core (static)" in printed and "transformers" in printed and "% roofline" in printed

@@ -42,7 +42,9 @@ def test_static_step_logits_equal_the_plain_forward(model):
 def test_static_decode_gives_the_plain_greedy_tokens(model):
     ids, mask = padded_batch()
     plain = generate(model, ids, mask, max_new_tokens=20, eos_token_id=())
-    fast = generate(model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_decoder(model, "static"))
+    fast = generate(
+        model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_decoder(model, "static")
+    )
     assert torch.equal(plain.sequences, fast.sequences)
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nekomata_core import AutoModelForCausalLM, AutoTokenizer, QwenForCausalLM, QwenTokenizer, generate, stream
+from nekomata_core import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    QwenForCausalLM,
+    QwenTokenizer,
+    generate,
+    stream,
+)
 from nekomata_core.generation import PromptTooLongError
 from nekomata_core.sampling import SamplingParams
 from tests.hf_reference import qwen2_reference_from_checkpoint
@@ -68,11 +75,13 @@ def test_some_runs_stop_at_eos_like_transformers(small):
     reasons = set()
     for seed in range(6):
         torch.manual_seed(seed)
-        mine = generate(ours, prompt(1, 4, seed), max_new_tokens=40, do_sample=True, eos_token_id=EOS,
-                        pad_token_id=PAD)
+        mine = generate(
+            ours, prompt(1, 4, seed), max_new_tokens=40, do_sample=True, eos_token_id=EOS, pad_token_id=PAD
+        )
         torch.manual_seed(seed)
-        theirs = ref.generate(prompt(1, 4, seed), max_new_tokens=40, do_sample=True, top_k=0,
-                              eos_token_id=EOS, pad_token_id=PAD)
+        theirs = ref.generate(
+            prompt(1, 4, seed), max_new_tokens=40, do_sample=True, top_k=0, eos_token_id=EOS, pad_token_id=PAD
+        )
         assert torch.equal(mine.sequences, theirs)
         reasons.add(mine.finish_reasons[0])
     assert reasons == {"eos", "length"}
@@ -87,10 +96,19 @@ def test_batched_sampling_with_left_padding_equals_transformers(small):
     ids[mask == 0] = PAD
     for seed in range(2):
         torch.manual_seed(seed)
-        mine = generate(ours, ids, mask, max_new_tokens=25, do_sample=True, eos_token_id=EOS, pad_token_id=PAD)
+        mine = generate(
+            ours, ids, mask, max_new_tokens=25, do_sample=True, eos_token_id=EOS, pad_token_id=PAD
+        )
         torch.manual_seed(seed)
-        theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=True, top_k=0,
-                              eos_token_id=EOS, pad_token_id=PAD)
+        theirs = ref.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=25,
+            do_sample=True,
+            top_k=0,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
         assert torch.equal(mine.sequences, theirs)
 
 
@@ -146,7 +164,9 @@ def test_stop_strings_end_a_row(real_vocab):
     free = generate(model, ids, max_new_tokens=30, eos_token_id=())
     text = tokenizer.decode(free.new_tokens[0])
     stop = text[len(text) // 2 : len(text) // 2 + 1] or text[:1]
-    stopped = generate(model, ids, max_new_tokens=30, eos_token_id=(), stop_strings=[stop], tokenizer=tokenizer)
+    stopped = generate(
+        model, ids, max_new_tokens=30, eos_token_id=(), stop_strings=[stop], tokenizer=tokenizer
+    )
     assert stopped.finish_reasons == ["stop_string"]
     assert stop in tokenizer.decode(stopped.new_tokens[0])
     assert stopped.new_tokens[0] == free.new_tokens[0][: len(stopped.new_tokens[0])]
@@ -191,8 +211,18 @@ def test_streaming_a_sampled_continuation_matches_decode(real_vocab):
     from nekomata_core.generation import GenerationOutput
 
     out = GenerationOutput(torch.empty(0), [], [])
-    pieces = list(stream(model, tokenizer, "吾輩は猫である。", max_new_tokens=40, do_sample=True,
-                         generator=torch.Generator().manual_seed(0), eos_token_id=(), output=out))
+    pieces = list(
+        stream(
+            model,
+            tokenizer,
+            "吾輩は猫である。",
+            max_new_tokens=40,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(0),
+            eos_token_id=(),
+            output=out,
+        )
+    )
     assert "".join(pieces) == tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
 
 
@@ -229,8 +259,13 @@ def test_compat_generate_falls_back_to_generation_config(real_vocab):
     torch.manual_seed(0)
     a = model.generate(ids, max_new_tokens=8)  # do_sample, top_p 0.8, top_k 0 from generation_config.json
     torch.manual_seed(0)
-    b = generate(model.model, ids, params=SamplingParams(do_sample=True, top_p=0.8, top_k=0, max_new_tokens=8,
-                                                   eos_token_id=151643, pad_token_id=151643))
+    b = generate(
+        model.model,
+        ids,
+        params=SamplingParams(
+            do_sample=True, top_p=0.8, top_k=0, max_new_tokens=8, eos_token_id=151643, pad_token_id=151643
+        ),
+    )
     assert torch.equal(a, b.sequences)
 
 

@@ -15,13 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from nekomata_core.checkpoint_builder import GENERATION_CONFIG, _split_evenly, make_checkpoint
 from nekomata_core.config import QwenConfig
 from tests.hf_reference import (
     qwen2_reference_from_checkpoint,
     qwen_to_qwen2_state_dict,
     read_checkpoint_state_dict,
 )
-from nekomata_core.checkpoint_builder import GENERATION_CONFIG, _split_evenly, make_checkpoint
 from tools.make_tiny_checkpoint import main as script_main
 
 REPO = Path(__file__).resolve().parents[1]

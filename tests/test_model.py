@@ -19,13 +19,23 @@ REL_TOL = 1e-5
 
 SHAPES = {
     # name: config overrides (all below seq_length in these tests)
-    "tiny-4x16": dict(vocab_size=512, hidden_size=64, num_attention_heads=4, kv_channels=16, intermediate_size=256),
+    "tiny-4x16": dict(
+        vocab_size=512, hidden_size=64, num_attention_heads=4, kv_channels=16, intermediate_size=256
+    ),
     "2x32-3layers": dict(
-        vocab_size=300, hidden_size=64, num_attention_heads=2, kv_channels=32, intermediate_size=160,
+        vocab_size=300,
+        hidden_size=64,
+        num_attention_heads=2,
+        kv_channels=32,
+        intermediate_size=160,
         num_hidden_layers=3,
     ),
     "8x8-odd-mlp": dict(
-        vocab_size=1000, hidden_size=64, num_attention_heads=8, kv_channels=8, intermediate_size=198,
+        vocab_size=1000,
+        hidden_size=64,
+        num_attention_heads=8,
+        kv_channels=8,
+        intermediate_size=198,
         num_hidden_layers=1,
     ),
     "base-500k": dict(vocab_size=257, rotary_emb_base=500000, layer_norm_epsilon=1e-5),
@@ -117,7 +127,7 @@ def test_last_logits_only_and_hidden_states_match_transformers(pair):
     assert len(hidden) == len(theirs.hidden_states) == ours.config.num_hidden_layers + 1
     # HF's last hidden state is after the final norm; ours are the raw block outputs, as the
     # docstring says — compare all but the last, then the last through ln_f.
-    for mine, their in zip(hidden[:-1], theirs.hidden_states[:-1]):
+    for mine, their in zip(hidden[:-1], theirs.hidden_states[:-1], strict=False):
         assert_close(mine, their)
     with torch.no_grad():
         assert_close(ours.transformer.ln_f(hidden[-1]), theirs.hidden_states[-1])

@@ -59,8 +59,14 @@ print(json.dumps(errors))
 def test_triton_backends_match_eager_prefill_and_decode(checkpoint_factory):
     folder = checkpoint_factory("tiny", seed=13, init_std=0.15, vocab_size=300, seq_length=16)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert errors["prefill_padded"] <= 1e-5, errors

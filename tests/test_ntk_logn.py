@@ -71,9 +71,11 @@ def reference_logits(
         x = x + out.reshape(T, H) @ sd[p + "attn.c_proj.weight"].T
         h = rmsnorm(x, sd[p + "ln_2.weight"])
         gated = h @ sd[p + "mlp.w2.weight"].T
-        x = x + ((h @ sd[p + "mlp.w1.weight"].T) * (gated * torch.sigmoid(gated))) @ sd[
-            p + "mlp.c_proj.weight"
-        ].T
+        x = (
+            x
+            + ((h @ sd[p + "mlp.w1.weight"].T) * (gated * torch.sigmoid(gated)))
+            @ sd[p + "mlp.c_proj.weight"].T
+        )
     return rmsnorm(x, sd["transformer.ln_f.weight"]) @ sd["lm_head.weight"].T
 
 
@@ -93,7 +95,9 @@ def tiny():
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     err = (ours - ref).abs().max().item()
-    assert err <= REL_TOL * ref.abs().max().item(), f"max abs error {err:.3e} vs max |logit| {ref.abs().max():.3e}"
+    assert err <= REL_TOL * ref.abs().max().item(), (
+        f"max abs error {err:.3e} vs max |logit| {ref.abs().max():.3e}"
+    )
 
 
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 31, 32, 33, 64, 65, 100])

@@ -35,7 +35,9 @@ def test_int8_linear_equals_its_definition():
 
 
 def test_quantize_save_load_gives_the_same_logits(folder, tmp_path):
-    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int8")
+    model = QwenForCausalLM.from_pretrained(
+        folder, dtype="float32", device="cpu", progress=False, quantize="int8"
+    )
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 5 + 1  # 5 per block + lm_head
     saved = save_quantized(model, tmp_path / "int8", source_dir=folder)
     assert json.loads((saved / "config.json").read_text())["quantization"]["method"] == "int8_weight_only"
@@ -45,7 +47,9 @@ def test_quantize_save_load_gives_the_same_logits(folder, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids), reloaded(ids))
     # Quantizing at load time equals quantizing a loaded model.
-    manual = quantize_int8(QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False))
+    manual = quantize_int8(
+        QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    )
     with torch.no_grad():
         assert torch.equal(manual(ids), model(ids))
 
@@ -54,7 +58,9 @@ def test_int8_tracks_the_bf16_model(folder):
     """Accuracy report: int8 vs bf16 (the dtype it is meant to replace), both against fp32."""
     fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     bf16 = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False)
-    int8 = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8")
+    int8 = QwenForCausalLM.from_pretrained(
+        folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8"
+    )
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = fp32(ids)
@@ -64,7 +70,7 @@ def test_int8_tracks_the_bf16_model(folder):
     assert err_int8 < 0.1
     greedy_bf16 = generate(bf16, ids[:1, :8], max_new_tokens=24, eos_token_id=()).new_tokens[0]
     greedy_int8 = generate(int8, ids[:1, :8], max_new_tokens=24, eos_token_id=()).new_tokens[0]
-    agree = next((i for i, (a, b) in enumerate(zip(greedy_bf16, greedy_int8)) if a != b), 24)
+    agree = next((i for i, (a, b) in enumerate(zip(greedy_bf16, greedy_int8, strict=False)) if a != b), 24)
     print(f"greedy agreement int8 vs bf16: first {agree} of 24 tokens identical")
     assert agree >= 4
 

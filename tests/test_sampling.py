@@ -45,7 +45,9 @@ def test_repetition_penalty_equals_hf(scores, seen, penalty):
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
 def test_temperature_equals_hf(scores, seen, temperature):
-    assert torch.equal(apply_temperature(scores, temperature), TemperatureLogitsWarper(temperature)(seen, scores))
+    assert torch.equal(
+        apply_temperature(scores, temperature), TemperatureLogitsWarper(temperature)(seen, scores)
+    )
 
 
 @pytest.mark.parametrize("top_k", [1, 5, 96, 97, 500])
@@ -127,8 +129,19 @@ def test_greedy_accepts_any_positive_temperature_setting():
 
 def test_generation_config_json_is_read(tmp_path):
     path = tmp_path / "generation_config.json"
-    path.write_text(json.dumps({"do_sample": True, "top_p": 0.8, "top_k": 0, "max_new_tokens": 512,
-                                "eos_token_id": 151643, "pad_token_id": 151643, "chat_format": "raw"}))
+    path.write_text(
+        json.dumps(
+            {
+                "do_sample": True,
+                "top_p": 0.8,
+                "top_k": 0,
+                "max_new_tokens": 512,
+                "eos_token_id": 151643,
+                "pad_token_id": 151643,
+                "chat_format": "raw",
+            }
+        )
+    )
     params = load_generation_config(path)
     assert (params.do_sample, params.top_p, params.top_k, params.eos_token_id) == (True, 0.8, 0, (151643,))
     path.write_text(json.dumps({"top_p": 3}))

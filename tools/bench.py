@@ -1,6 +1,6 @@
 """Benchmark nekomata_core against transformers on one checkpoint (same as `nekomata bench`).
 
-    python tools/bench.py bench-620m --dtype bfloat16 --also static:int8 --json bench.json
+python tools/bench.py bench-620m --dtype bfloat16 --also static:int8 --json bench.json
 """
 
 from nekomata_core.bench import main
