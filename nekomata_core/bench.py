@@ -388,16 +388,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nekomata bench", description=__doc__.split("\n\n")[0])
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from .cli import CLIError
+    """`python tools/bench.py ARGS` == `nekomata bench ARGS`."""
+    from .cli import main as cli_main
 
-    try:
-        return run_bench(args)
-    except CLIError as exc:
-        print(f"nekomata bench: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return cli_main(argv, command="bench")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ import fnmatch
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,20 +551,6 @@ def run_byte2token(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python tools/byte2token.py ARGS` == `nekomata byte2token ARGS` (same parser, same one-line errors)."""
-    from .cli import CLIError, _expected_errors
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="nekomata")
-    add_byte2token_parser(parser.add_subparsers(dest="command"))
-    try:
-        args = parser.parse_args(["byte2token", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except _expected_errors() as exc:
-        if os.environ.get("NEKOMATA_DEBUG"):
-            raise
-        print(f"nekomata byte2token: error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CLIError) else 1
+    return cli_main(argv, command="byte2token")

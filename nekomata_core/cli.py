@@ -210,9 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `nekomata` console script and `python -m nekomata_core`."""
+def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
+    """Entry point of the `nekomata` console script and `python -m nekomata_core`.
+
+    `command` runs one subcommand directly with `argv` as its arguments: the `tools/*.py` scripts are
+    `main(command="parity")` etc., so they share the parser and the one-line error handling.
+    """
     parser = build_parser()
+    if command is not None:
+        argv = [command, *(sys.argv[1:] if argv is None else argv)]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2); argparse has printed the message

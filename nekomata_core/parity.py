@@ -1052,20 +1052,6 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python tools/parity.py ARGS` == `nekomata parity ARGS` (same parser, same one-line errors)."""
-    from .cli import CLIError, _expected_errors
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="nekomata")
-    add_parity_parser(parser.add_subparsers(dest="command"))
-    try:
-        args = parser.parse_args(["parity", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except _expected_errors() as exc:
-        if os.environ.get("NEKOMATA_DEBUG"):
-            raise
-        print(f"nekomata parity: error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CLIError) else 1
+    return cli_main(argv, command="parity")

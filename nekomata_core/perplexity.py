@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -270,20 +269,6 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python tools/perplexity.py ARGS` == `nekomata perplexity ARGS` (same parser, same one-line errors)."""
-    from .cli import CLIError, _expected_errors
+    from .cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="nekomata")
-    add_perplexity_parser(parser.add_subparsers(dest="command"))
-    try:
-        args = parser.parse_args(["perplexity", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except _expected_errors() as exc:
-        if os.environ.get("NEKOMATA_DEBUG"):
-            raise
-        print(f"nekomata perplexity: error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CLIError) else 1
+    return cli_main(argv, command="perplexity")
