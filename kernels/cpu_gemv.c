@@ -9,23 +9,19 @@
  * Accumulation is in fp32 (fused multiply-add); the summation order differs from PyTorch's but every
  * product and partial sum is an ordinary IEEE fp32 operation, so NaN and inf propagate as usual.
  * Results are rounded once to the requested output dtype (round-to-nearest-even, like torch's casts)
- * after the bias (and, for int8, the row scale) has been applied in fp32.
+ * after the bias (and, for int8, the row scale) has been applied in fp32. Every row is summed in the
+ * same order whatever the thread count, so results do not depend on it.
  *
  * Plain C with C linkage: built at first use by kernels/cpu_gemv.py with
  * `cc -O3 -mavx2 -mfma -mf16c -fopenmp -fPIC -shared` and called through ctypes (which releases the GIL).
- * OpenMP parallelises over blocks of output rows with a static schedule: rows are long (K >= 1024 in the
- * models we care about), equally expensive and contiguous in memory, so a static split has no imbalance
- * and each thread streams one contiguous slab of W.
+ * OpenMP splits the output rows into one contiguous slab per thread (static schedule): rows are long
+ * (K >= 1024 in the models we care about) and equally expensive, so a static split has no imbalance.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Bumped whenever an exported signature or a semantic changes: the Python loader refuses a library whose
  * version differs from the one it was written for (a stale build picked up from an old cache). */
@@ -34,9 +30,17 @@
 /* Dtype codes shared with kernels/cpu_gemv.py (x, bias, scales and y may each be any of these). */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-/* Output rows handled together: the x vector is loaded once per R rows, which cuts the L1 load traffic
- * per weight. 4 rows x 2 accumulators = 8 independent FMA chains, enough to cover the FMA latency. */
+/* Output rows handled together: each x vector load serves ROWS rows, which cuts the L1 load traffic per
+ * weight, and 4 rows x 2 accumulators = 8 independent FMA chains, enough to cover the FMA latency.
+ * hsum8x4 assumes 4. */
 #define ROWS 4
+
+/* Software prefetch distance in bytes, per stream. Each thread reads ROWS streams; the hardware
+ * prefetchers alone leave too few misses in flight (measured: ~14 GB/s with 2 threads, ~20 GB/s with a
+ * prefetch 1 KB ahead, on a 2-core Zen 3 VM whose fp32 `torch.sum` streams ~17 GB/s). */
+#ifndef PF
+#define PF 1024
+#endif
 
 /* Below this many weights a GEMV takes a few microseconds on one core, about what waking the OpenMP
  * team costs, so small products run single-threaded. */
@@ -83,11 +87,20 @@ static inline void store_scalar(void* p, int dtype, int64_t i, float v) {
     }
 }
 
+/* Horizontal sum in the same order as hsum8x4 below, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), so that a
+ * row gives bit-identical results whichever kernel (4 rows or 1) handles it, hence whatever the
+ * thread count. */
 static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    __m256 t = _mm256_hadd_ps(v, v);
+    t = _mm256_hadd_ps(t, t);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+
+/* The four horizontal sums of a, b, c, d at once (3 hadds instead of 4 separate reductions): the row
+ * epilogue is not negligible next to a 1024-weight int8 row. */
+static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -99,13 +112,12 @@ static inline float hsum8(__m256 v) {
  * that x must be split the same way, once per call: block j of 16 stores x[16j+0,2,..,14] then
  * x[16j+1,3,..,15].
  *
- * int8: the same idea with 4 bytes per dword: a 32-byte load holds 32 weights; byte b of every dword is
- * isolated and sign-extended with two shifts (`(w << (24 - 8b)) >> 24`, arithmetic). Block j of 32
- * stores x[32j + 4l + b] at position 32j + 8b + l.
+ * int8 keeps the natural order (see I8_LANE). Either way x is converted to fp32 here, once per call.
  *
  * The elements after the last full block (the tail) stay in place and are handled by scalar code.
  * The buffer is thread-local and grows as needed, so steady-state calls allocate nothing; thread-local
- * because two Python threads may call in concurrently (ctypes releases the GIL).
+ * because two Python threads may call in concurrently (ctypes releases the GIL). It is never freed: at
+ * most 4 * K bytes per calling thread.
  */
 static __thread float* xbuf = NULL;
 static __thread int64_t xbuf_len = 0;
@@ -120,13 +132,45 @@ static float* xbuf_get(int64_t K) {
     return xbuf;
 }
 
-static void load_x(float* dst, const void* x, int x_dtype, int64_t K, int64_t block, int64_t lanes_per_dword) {
-    int64_t full = K - K % block;
-    int64_t per = block / lanes_per_dword; /* dwords per block = 8 */
-    for (int64_t j = 0; j < full; j += block)
-        for (int64_t d = 0; d < per; d++)
-            for (int64_t b = 0; b < lanes_per_dword; b++)
-                dst[j + b * per + d] = load_scalar(x, x_dtype, j + d * lanes_per_dword + b);
+/* 16 consecutive elements of x from index i, as fp32 (c0 = x[i..i+7], c1 = x[i+8..i+15]). */
+static inline void load16(const void* x, int x_dtype, int64_t i, __m256* c0, __m256* c1) {
+    switch (x_dtype) {
+        case DT_BF16: {
+            __m256i v = _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i));
+            *c0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+            *c1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+            break;
+        }
+        case DT_F16:
+            *c0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
+            *c1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + 8)));
+            break;
+        default:
+            *c0 = _mm256_loadu_ps((const float*)x + i);
+            *c1 = _mm256_loadu_ps((const float*)x + i + 8);
+            break;
+    }
+}
+
+/* x converted to fp32 into dst: in natural order (split = 0, int8), or split (split = 1, bf16: every
+ * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones); the tail after the last
+ * block of 16 stays in natural order. Vectorised, as it runs serially on every call. */
+static void load_x(float* dst, const void* x, int x_dtype, int64_t K, int split) {
+    int64_t full = K - K % 16;
+    for (int64_t j = 0; j < full; j += 16) {
+        __m256 c0, c1;
+        load16(x, x_dtype, j, &c0, &c1);
+        if (split) {
+            /* shuffle_ps picks elements 0,2 (or 1,3) of each 128-bit half of c0 and c1; the 64-bit
+             * permute (0, 2, 1, 3) then puts c0's picks before c1's. */
+            __m256 even = _mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(2, 0, 2, 0));
+            __m256 odd = _mm256_shuffle_ps(c0, c1, _MM_SHUFFLE(3, 1, 3, 1));
+            c0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+            c1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), _MM_SHUFFLE(3, 1, 2, 0)));
+        }
+        _mm256_store_ps(dst + j, c0);
+        _mm256_store_ps(dst + j + 8, c1);
+    }
     for (int64_t k = full; k < K; k++) dst[k] = load_scalar(x, x_dtype, k);
 }
 
@@ -140,30 +184,44 @@ static int team_size(int64_t N, int64_t K, int nthreads) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* bf16                                                                                                 */
+/* Dot products of ROWS rows with x. Each row pointer advances independently (see gemv_slab).            */
 
-/* Dot products of ROWS consecutive rows with x (xp in the split layout). */
-static inline void bf16_rows4(const uint16_t* w, int64_t K, const float* xp, float out[ROWS]) {
+enum { KIND_BF16 = 0, KIND_INT8 = 1 };
+
+static inline void bf16_rows(const uint16_t* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     __m256 ae[ROWS], ao[ROWS];
     for (int r = 0; r < ROWS; r++) ae[r] = ao[r] = _mm256_setzero_ps();
-    int64_t full = K - K % 16;
-    for (int64_t k = 0; k < full; k += 16) {
+    int64_t k = 0;
+    /* 32 weights = one 64-byte line per row and iteration, so one prefetch per line. */
+    for (; k + 32 <= K; k += 32) {
+        __m256 xe0 = _mm256_load_ps(xp + k), xo0 = _mm256_load_ps(xp + k + 8);
+        __m256 xe1 = _mm256_load_ps(xp + k + 16), xo1 = _mm256_load_ps(xp + k + 24);
+        for (int r = 0; r < ROWS; r++) {
+            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            __m256i v0 = _mm256_loadu_si256((const __m256i*)(w[r] + k));
+            __m256i v1 = _mm256_loadu_si256((const __m256i*)(w[r] + k + 16));
+            ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), xe0, ae[r]);
+            ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, hi)), xo0, ao[r]);
+            ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), xe1, ae[r]);
+            ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, hi)), xo1, ao[r]);
+        }
+    }
+    for (; k + 16 <= K; k += 16) {
         __m256 xe = _mm256_load_ps(xp + k), xo = _mm256_load_ps(xp + k + 8);
         for (int r = 0; r < ROWS; r++) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
+            __m256i v = _mm256_loadu_si256((const __m256i*)(w[r] + k));
             ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, ae[r]);
             ao[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, hi)), xo, ao[r]);
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        float s = hsum8(_mm256_add_ps(ae[r], ao[r]));
-        for (int64_t k = full; k < K; k++) s = fmaf(bf16_to_f32(w[r * K + k]), xp[k], s);
-        out[r] = s;
-    }
+    _mm_storeu_ps(out, hsum8x4(_mm256_add_ps(ae[0], ao[0]), _mm256_add_ps(ae[1], ao[1]),
+                               _mm256_add_ps(ae[2], ao[2]), _mm256_add_ps(ae[3], ao[3])));
+    for (; k < K; k++)
+        for (int r = 0; r < ROWS; r++) out[r] = fmaf(bf16_to_f32(w[r][k]), xp[k], out[r]);
 }
 
-static inline float bf16_row1(const uint16_t* w, int64_t K, const float* xp) {
+static inline float bf16_row(const uint16_t* w, int64_t K, const float* xp) {
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
     __m256 ae = _mm256_setzero_ps(), ao = _mm256_setzero_ps();
     int64_t full = K - K % 16;
@@ -177,106 +235,150 @@ static inline float bf16_row1(const uint16_t* w, int64_t K, const float* xp) {
     return s;
 }
 
-/* y[n] = sum_k W[n,k] x[k] + bias[n], rounded once to y_dtype. Returns 0, or -1 if out of memory. */
-int nekomata_gemv_bf16(const uint16_t* W, const void* x, int x_dtype, const void* bias, int bias_dtype,
-                       void* y, int y_dtype, int64_t N, int64_t K, int nthreads) {
-    if (N <= 0) return 0;
-    float* xp = xbuf_get(K > 0 ? K : 1);
-    if (!xp) return -1;
-    load_x(xp, x, x_dtype, K, 16, 2);
-    int64_t nblocks = (N + ROWS - 1) / ROWS;
-    int team = team_size(N, K, nthreads);
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
-    for (int64_t b = 0; b < nblocks; b++) {
-        int64_t n0 = b * ROWS;
-        float acc[ROWS];
-        int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
-        if (rows == ROWS) {
-            bf16_rows4(W + n0 * K, K, xp, acc);
-        } else {
-            for (int64_t r = 0; r < rows; r++) acc[r] = bf16_row1(W + (n0 + r) * K, K, xp);
-        }
-        for (int64_t r = 0; r < rows; r++) {
-            float v = acc[r];
-            if (bias) v += load_scalar(bias, bias_dtype, n0 + r);
-            store_scalar(y, y_dtype, n0 + r, v);
-        }
-    }
-    return 0;
-}
+/* 8 int8 weights at w + k + 8 * b, sign-extended (vpmovsxbd straight from memory) and converted to fp32.
+ * Isolating the bytes of a 32-byte load with shifts instead (as bf16 does) needs 7 shifts per 32
+ * weights against 4 extensions and measured slower, so x keeps its natural order for int8. */
+#define I8_LANE(w, k, b) \
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((w) + (k) + 8 * (b)))))
 
-/* ---------------------------------------------------------------------------------------------------- */
-/* int8 with per-row scales                                                                             */
-
-/* Byte b (0..3) of every dword of v, sign-extended and converted to fp32. */
-#define I8_LANE(v, b) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32((v), 24 - 8 * (b)), 24))
-
-static inline void int8_rows4(const int8_t* w, int64_t K, const float* xp, float out[ROWS]) {
+static inline void int8_rows(const int8_t* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     __m256 a0[ROWS], a1[ROWS];
     for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-    int64_t full = K - K % 32;
-    for (int64_t k = 0; k < full; k += 32) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
         __m256 x0 = _mm256_load_ps(xp + k), x1 = _mm256_load_ps(xp + k + 8);
         __m256 x2 = _mm256_load_ps(xp + k + 16), x3 = _mm256_load_ps(xp + k + 24);
         for (int r = 0; r < ROWS; r++) {
-            __m256i v = _mm256_loadu_si256((const __m256i*)(w + r * K + k));
-            a0[r] = _mm256_fmadd_ps(I8_LANE(v, 0), x0, a0[r]);
-            a1[r] = _mm256_fmadd_ps(I8_LANE(v, 1), x1, a1[r]);
-            a0[r] = _mm256_fmadd_ps(I8_LANE(v, 2), x2, a0[r]);
-            /* the top byte needs only the arithmetic shift */
-            a1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), x3, a1[r]);
+            /* one prefetch per 64-byte line: every other iteration (k is a multiple of 32) */
+            if (PF && (k & 32) == 0) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            a0[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 0), x0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 1), x1, a1[r]);
+            a0[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 2), x2, a0[r]);
+            a1[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 3), x3, a1[r]);
         }
     }
-    for (int r = 0; r < ROWS; r++) {
-        float s = hsum8(_mm256_add_ps(a0[r], a1[r]));
-        for (int64_t k = full; k < K; k++) s = fmaf((float)w[r * K + k], xp[k], s);
-        out[r] = s;
-    }
+    _mm_storeu_ps(out, hsum8x4(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]),
+                               _mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3])));
+    for (; k < K; k++)
+        for (int r = 0; r < ROWS; r++) out[r] = fmaf((float)w[r][k], xp[k], out[r]);
 }
 
-static inline float int8_row1(const int8_t* w, int64_t K, const float* xp) {
+static inline float int8_row(const int8_t* w, int64_t K, const float* xp) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t full = K - K % 32;
     for (int64_t k = 0; k < full; k += 32) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
-        a0 = _mm256_fmadd_ps(I8_LANE(v, 0), _mm256_load_ps(xp + k), a0);
-        a1 = _mm256_fmadd_ps(I8_LANE(v, 1), _mm256_load_ps(xp + k + 8), a1);
-        a0 = _mm256_fmadd_ps(I8_LANE(v, 2), _mm256_load_ps(xp + k + 16), a0);
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24)), _mm256_load_ps(xp + k + 24), a1);
+        a0 = _mm256_fmadd_ps(I8_LANE(w, k, 0), _mm256_load_ps(xp + k), a0);
+        a1 = _mm256_fmadd_ps(I8_LANE(w, k, 1), _mm256_load_ps(xp + k + 8), a1);
+        a0 = _mm256_fmadd_ps(I8_LANE(w, k, 2), _mm256_load_ps(xp + k + 16), a0);
+        a1 = _mm256_fmadd_ps(I8_LANE(w, k, 3), _mm256_load_ps(xp + k + 24), a1);
     }
     float s = hsum8(_mm256_add_ps(a0, a1));
     for (int64_t k = full; k < K; k++) s = fmaf((float)w[k], xp[k], s);
     return s;
 }
 
-/* y[n] = scales[n] * sum_k W[n,k] x[k] + bias[n], rounded once to y_dtype. Returns 0, or -1 if out of
- * memory. */
-int nekomata_gemv_int8(const int8_t* W, const void* scales, int scales_dtype, const void* x, int x_dtype,
-                       const void* bias, int bias_dtype, void* y, int y_dtype, int64_t N, int64_t K,
-                       int nthreads) {
-    if (N <= 0) return 0;
-    float* xp = xbuf_get(K > 0 ? K : 1);
-    if (!xp) return -1;
-    load_x(xp, x, x_dtype, K, 32, 4);
-    int64_t nblocks = (N + ROWS - 1) / ROWS;
-    int team = team_size(N, K, nthreads);
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
-    for (int64_t b = 0; b < nblocks; b++) {
-        int64_t n0 = b * ROWS;
-        float acc[ROWS];
-        int64_t rows = N - n0 < ROWS ? N - n0 : ROWS;
-        if (rows == ROWS) {
-            int8_rows4(W + n0 * K, K, xp, acc);
+/* ---------------------------------------------------------------------------------------------------- */
+/* Driver                                                                                               */
+
+typedef struct {
+    int kind;
+    const void* W;
+    const float* xp;
+    const void* scales; /* int8 only */
+    int scales_dtype;
+    const void* bias;
+    int bias_dtype;
+    void* y;
+    int y_dtype;
+    int64_t N, K;
+} gemv_args;
+
+/* Scale (int8), bias, one rounding to the output dtype. With both a scale and a bias, acc * scale + bias
+ * is one fused multiply-add (spelled out, so it does not depend on the compiler's contraction choice). */
+static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
+    float bias = a->bias ? load_scalar(a->bias, a->bias_dtype, n) : 0.0f;
+    if (a->kind == KIND_INT8)
+        acc = a->bias ? fmaf(acc, load_scalar(a->scales, a->scales_dtype, n), bias)
+                      : acc * load_scalar(a->scales, a->scales_dtype, n);
+    else if (a->bias)
+        acc += bias;
+    store_scalar(a->y, a->y_dtype, n, acc);
+}
+
+/* Rows [begin, end) of one thread. ROWS consecutive sub-ranges of q rows each are walked in
+ * lockstep (row i of every sub-range together), so the thread reads ROWS long sequential streams: each
+ * sub-range is contiguous in memory, across row ends. Taking ROWS adjacent rows instead puts several
+ * streams in one 4 KB page when rows are short (K=1024 bf16 is 2 KB), which the hardware prefetchers
+ * track poorly. q is made odd so that the streams are not a large power of two bytes apart (same DRAM
+ * bank and cache sets, which measurably slows e.g. N=2^k, K=1024); the rows left after the sub-ranges
+ * (at most 2 * ROWS - 1) are done one at a time. */
+static void gemv_slab(const gemv_args* a, int64_t begin, int64_t end) {
+    const int64_t K = a->K, len = end - begin;
+    int64_t q = len / ROWS;
+    if (q > 0 && q % 2 == 0) q -= 1;
+    float acc[ROWS];
+    for (int64_t i = 0; i < q; i++) {
+        int64_t n[ROWS];
+        for (int r = 0; r < ROWS; r++) n[r] = begin + r * q + i;
+        if (a->kind == KIND_BF16) {
+            const uint16_t* w[ROWS];
+            for (int r = 0; r < ROWS; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
+            bf16_rows(w, K, a->xp, acc);
         } else {
-            for (int64_t r = 0; r < rows; r++) acc[r] = int8_row1(W + (n0 + r) * K, K, xp);
+            const int8_t* w[ROWS];
+            for (int r = 0; r < ROWS; r++) w[r] = (const int8_t*)a->W + n[r] * K;
+            int8_rows(w, K, a->xp, acc);
         }
-        for (int64_t r = 0; r < rows; r++) {
-            float v = acc[r] * load_scalar(scales, scales_dtype, n0 + r);
-            if (bias) v += load_scalar(bias, bias_dtype, n0 + r);
-            store_scalar(y, y_dtype, n0 + r, v);
-        }
+        for (int r = 0; r < ROWS; r++) finish_row(a, n[r], acc[r]);
     }
+    for (int64_t n = begin + ROWS * q; n < end; n++) {
+        float s = a->kind == KIND_BF16 ? bf16_row((const uint16_t*)a->W + n * K, K, a->xp)
+                                       : int8_row((const int8_t*)a->W + n * K, K, a->xp);
+        finish_row(a, n, s);
+    }
+}
+
+static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads) {
+    if (a->N <= 0) return 0;
+    float* xp = xbuf_get(a->K > 0 ? a->K : 1);
+    if (!xp) return -1;
+    load_x(xp, x, x_dtype, a->K, a->kind == KIND_BF16);
+    a->xp = xp;
+    int team = team_size(a->N, a->K, nthreads);
+    if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
+        gemv_slab(a, 0, a->N);
+        return 0;
+    }
+    /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
+     * and threads share no cache line of W and only the boundary line of y. */
+#pragma omp parallel for schedule(static) num_threads(team)
+    for (int t = 0; t < team; t++) gemv_slab(a, a->N * t / team, a->N * (t + 1) / team);
     return 0;
+}
+
+/* The dtype codes and the thread count travel packed in one int, `flags`: every argument costs time in
+ * ctypes (a few hundred ns each), and these calls are short. Bits 0-3: x dtype, 4-7: bias dtype, 8-11:
+ * y dtype, 12-15: scales dtype (int8 only), 16-31: number of threads. */
+#define FLAG_X(f) ((f) & 15)
+#define FLAG_BIAS(f) (((f) >> 4) & 15)
+#define FLAG_Y(f) (((f) >> 8) & 15)
+#define FLAG_SCALES(f) (((f) >> 12) & 15)
+#define FLAG_THREADS(f) ((f) >> 16)
+
+/* y[n] = sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
+ * Returns 0, or -1 if the activation buffer cannot be allocated. */
+int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* bias, void* y, int64_t N, int64_t K,
+                       int flags) {
+    gemv_args a = {KIND_BF16, W, NULL, NULL, DT_F32, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
+}
+
+/* y[n] = scales[n] * sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
+ * Returns 0, or -1 if the activation buffer cannot be allocated. */
+int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
+                       int64_t N, int64_t K, int flags) {
+    gemv_args a = {KIND_INT8, W, NULL, scales, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -284,10 +386,10 @@ int nekomata_gemv_int8(const int8_t* W, const void* scales, int scales_dtype, co
 
 void gemv_bf16(const uint16_t* W, const float* x, const float* bias, float* y, int64_t N, int64_t K,
                int nthreads) {
-    nekomata_gemv_bf16(W, x, DT_F32, bias, DT_F32, y, DT_F32, N, K, nthreads);
+    nekomata_gemv_bf16(W, x, bias, y, N, K, nthreads << 16);
 }
 
 void gemv_int8(const int8_t* W, const float* scales, const float* x, const float* bias, float* y, int64_t N,
                int64_t K, int nthreads) {
-    nekomata_gemv_int8(W, scales, DT_F32, x, DT_F32, bias, DT_F32, y, DT_F32, N, K, nthreads);
+    nekomata_gemv_int8(W, scales, x, bias, y, N, K, nthreads << 16);
 }

@@ -64,8 +64,15 @@ class Linear(nn.Linear):
     """
 
     upcast_rows = 0  # 0: never (set by QwenForCausalLM.set_backends)
+    # Decode on CPU: a one-row bf16 call goes to kernels.cpu_gemv, a bandwidth-bound AVX2 GEMV
+    # (PyTorch's bf16 GEMV is compute-bound on CPUs without bf16 instructions). Set by set_backends.
+    native_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_gemv and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
+            from kernels.cpu_gemv import linear_bf16
+
+            return linear_bf16(x, self.weight, self.bias)
         if self.upcast_rows and x.dtype != torch.float32 and x.numel() >= self.upcast_rows * x.shape[-1]:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
@@ -403,9 +410,13 @@ class QwenForCausalLM(nn.Module):
             if device.type == "cpu" and self.dtype != torch.float32 and not cpu_has_native_half_matmul()
             else 0
         )
+        native_gemv = ops == "auto" and device.type == "cpu" and _cpu_gemv_available()
         for module in self.modules():
             if isinstance(module, Linear):
                 module.upcast_rows = upcast
+                module.native_gemv = native_gemv and self.dtype == torch.bfloat16
+            if hasattr(module, "native_gemv") and not isinstance(module, Linear):  # int8 layers
+                module.native_gemv = native_gemv
             if isinstance(module, (RMSNorm, MLP)):
                 module.use_triton = use_triton_ops
             if isinstance(module, Attention):
@@ -632,6 +643,13 @@ class QwenForCausalLM(nn.Module):
             if not bool((key_mask == (slots[None, :] >= key_start[:, None])).all()):
                 key_start = None
         return AttentionInputs(start, cos, sin, logn, allowed, key_start, cache)
+
+
+def _cpu_gemv_available() -> bool:
+    """Whether kernels.cpu_gemv can run here (x86-64 with AVX2/FMA and a C compiler; built once)."""
+    from kernels import cpu_gemv
+
+    return cpu_gemv.available()
 
 
 def _check_backend_names(attention: str, ops: str) -> None:

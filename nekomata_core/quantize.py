@@ -55,7 +55,13 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
+    native_gemv = False  # one-row calls on CPU go to kernels.cpu_gemv (set by set_backends)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_gemv and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
+            from kernels.cpu_gemv import linear_int8
+
+            return linear_int8(x, self.weight, self.scales, self.bias)
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x.device.type == "cpu":
