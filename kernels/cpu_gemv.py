@@ -346,3 +346,29 @@ def linear_int8(
     if fn(qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
         raise MemoryError(f"linear_int8: cannot allocate the {k}-element activation buffer")
     return y
+
+
+# torch.compile sees a ctypes call as an opaque Python call it cannot trace; registered as custom ops,
+# the GEMVs become graph nodes, so a compiled decode step keeps them and fuses everything around them.
+@torch.library.custom_op("nekomata::linear_bf16", mutates_args=())
+def linear_bf16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear_bf16` as a torch custom op (for compiled graphs)."""
+    return linear_bf16(x, weight, bias)
+
+
+@linear_bf16_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("nekomata::linear_int8", mutates_args=())
+def linear_int8_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`linear_int8` as a torch custom op (for compiled graphs)."""
+    return linear_int8(x, qweight, scales, bias)
+
+
+@linear_int8_op.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -69,10 +69,12 @@ class Linear(nn.Linear):
     native_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_gemv and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
-            from kernels.cpu_gemv import linear_bf16
+        if self.native_gemv and x.numel() == x.shape[-1]:
+            from kernels import cpu_gemv
 
-            return linear_bf16(x, self.weight, self.bias)
+            if torch.compiler.is_compiling():  # a graph node instead of an opaque ctypes call
+                return cpu_gemv.linear_bf16_op(x, self.weight, self.bias)
+            return cpu_gemv.linear_bf16(x, self.weight, self.bias)
         if self.upcast_rows and x.dtype != torch.float32 and x.numel() >= self.upcast_rows * x.shape[-1]:
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
@@ -95,7 +97,8 @@ class RMSNorm(nn.Module):
 
             return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 for accuracy, whatever the model dtype.
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         # Qwen quirk 1: cast back to the input dtype BEFORE the weight multiply (the product is then
         # rounded once more in bf16/fp16; doing it in fp32 would differ in the last bit).
         return normed.to(x.dtype) * self.weight
@@ -497,7 +500,9 @@ class QwenForCausalLM(nn.Module):
             logn = logn_scale(position, config.seq_length)
         slots = torch.arange(cache.max_length, device=device)
         allowed = cache.key_mask & (slots <= position)  # [B, T_max]
-        key_start = (~cache.key_mask).int().argmin(dim=-1).to(torch.int32)  # first real token per row
+        key_start = None
+        if self.attention_backend == "triton":  # the kernels take padding as the first real token per row
+            key_start = (~cache.key_mask).int().argmin(dim=-1).to(torch.int32)
         ctx = AttentionInputs(
             0, emb.cos(), emb.sin(), logn, allowed[:, None, None, :], key_start, cache, write_index=position
         )

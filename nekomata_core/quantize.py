@@ -58,10 +58,12 @@ class Int8Linear(nn.Module):
     native_gemv = False  # one-row calls on CPU go to kernels.cpu_gemv (set by set_backends)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_gemv and x.numel() == x.shape[-1] and not torch.compiler.is_compiling():
-            from kernels.cpu_gemv import linear_int8
+        if self.native_gemv and x.numel() == x.shape[-1]:
+            from kernels import cpu_gemv
 
-            return linear_int8(x, self.weight, self.scales, self.bias)
+            if torch.compiler.is_compiling():  # a graph node instead of an opaque ctypes call
+                return cpu_gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
+            return cpu_gemv.linear_int8(x, self.weight, self.scales, self.bias)
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x.device.type == "cpu":
