@@ -370,5 +370,7 @@ def linear_int8_op(
 
 
 @linear_int8_op.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -62,3 +62,31 @@ def test_unknown_decode_mode_and_unprefilled_cache_are_refused(model):
         make_decoder(model, "turbo")
     with pytest.raises(RuntimeError, match="prefilled"):
         StaticDecoder(model)(torch.tensor([[1]]), model.allocate_cache(1, 4))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, quantize):
+    """bf16 decode through kernels.cpu_gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
+
+    Both accumulate in fp32 and round once to bf16, in different orders: logits agree to bf16 noise.
+    """
+    from kernels import cpu_gemv
+
+    if not cpu_gemv.available():
+        pytest.skip(cpu_gemv.unavailable_reason())
+    folder = checkpoint_factory("tiny", seed=9, init_std=0.1, vocab_size=512, dtype=torch.bfloat16)
+    kwargs = dict(dtype="bfloat16", device="cpu", progress=False, quantize=quantize)
+    native = QwenForCausalLM.from_pretrained(folder, **kwargs)
+    plain = QwenForCausalLM.from_pretrained(folder, ops_backend="eager", **kwargs)
+    assert native.lm_head.native_gemv and not plain.lm_head.native_gemv
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        caches = [m.allocate_cache(1, 20) for m in (native, plain)]
+        for m, c in zip((native, plain), caches, strict=True):
+            m(ids, cache=c)
+        token = torch.tensor([[7]])
+        for _ in range(6):
+            a = StaticDecoder(native)(token, caches[0]).float()
+            b = StaticDecoder(plain)(token, caches[1]).float()
+            assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+            token = b.argmax(-1, keepdim=True)
