@@ -96,9 +96,8 @@ class RMSNorm(nn.Module):
             from kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32 for accuracy, whatever the model dtype.
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in fp32 for accuracy, whatever the model dtype: x · rsqrt(mean(x²) + eps).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         # Qwen quirk 1: cast back to the input dtype BEFORE the weight multiply (the product is then
         # rounded once more in bf16/fp16; doing it in fp32 would differ in the last bit).
         return normed.to(x.dtype) * self.weight
@@ -190,6 +189,13 @@ class AttentionInputs:
         # Static decode (see QwenForCausalLM.decode_step): the position to write, as a tensor, and
         # attention over the whole preallocated cache with a mask — no shape depends on the step.
         self.write_index = write_index
+        self._logn_cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def logn_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The logn factors rounded to `dtype`, shaped [1, 1, T, 1] for q [B, N, T, D]; made once per call."""
+        if dtype not in self._logn_cast:
+            self._logn_cast[dtype] = self.logn.to(dtype)[None, None, :, None]
+        return self._logn_cast[dtype]
 
 
 class Attention(nn.Module):
@@ -210,17 +216,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionInputs) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = self.c_attn(x)  # [B, T, 3H]
-        q, k, v = qkv.split(hidden, dim=-1)
-        q = q.view(batch, length, self.num_heads, self.head_dim)  # [B, T, N, D]
-        k = k.view(batch, length, self.num_heads, self.head_dim)
-        v = v.view(batch, length, self.num_heads, self.head_dim)
-
+        n, d = self.num_heads, self.head_dim
+        v = qkv[..., 2 * hidden :].view(batch, length, n, d)  # [B, T, N, D]
         if self.rope_backend == "triton":
             from kernels.rope import apply_rope
 
+            q = qkv[..., :hidden].view(batch, length, n, d)
+            k = qkv[..., hidden : 2 * hidden].view(batch, length, n, d)
             q, k = apply_rope(q, k, ctx.cos, ctx.sin)
         else:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            # q and k sit side by side in qkv: rotate them as 2N heads in one go.
+            qk = apply_rotary(qkv[..., : 2 * hidden].view(batch, length, 2 * n, d), ctx.cos, ctx.sin)
+            q, k = qk[:, :, :n], qk[:, :, n:]  # [B, T, N, D] each
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, T, D]
         if ctx.write_index is not None:
@@ -238,7 +245,7 @@ class Attention(nn.Module):
             if ctx.logn is not None:
                 # Qwen quirk 4: queries past S are sharpened; the factor is rounded to the model
                 # dtype first, exactly as the original's `logn_tensor.type_as(query)`.
-                q = q * ctx.logn.to(q.dtype)[None, None, :, None]
+                q = q * ctx.logn_in(q.dtype)
             out = self._torch_attention(q, k, v, ctx)
         out = out.transpose(1, 2).reshape(batch, length, hidden)  # [B, T, H]
         return self.c_proj(out)
