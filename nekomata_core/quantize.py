@@ -23,6 +23,7 @@ from torch import nn
 
 QUANT_METHOD = "int8_weight_only"
 QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHUNK_ROWS = 4096
 
 
 class Int8Linear(nn.Module):
@@ -43,8 +44,16 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         weight = linear.weight.detach()
-        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out] per output channel
-        q = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        # A few thousand rows at a time: an fp32 copy of a whole lm_head would cost 2.5 GB for 7B.
+        for rows in torch.arange(weight.shape[0], device=weight.device).split(QUANTIZE_CHUNK_ROWS):
+            block = weight[rows[0] : rows[-1] + 1].float()
+            block_scales = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [rows] per output channel
+            q[rows[0] : rows[-1] + 1] = (
+                torch.round(block / block_scales[:, None]).clamp(-127, 127).to(torch.int8)
+            )
+            scales[rows[0] : rows[-1] + 1] = block_scales
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
         module.weight = nn.Parameter(q, requires_grad=False)
         module.scales = nn.Parameter(scales.to(weight.dtype), requires_grad=False)

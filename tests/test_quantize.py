@@ -18,7 +18,9 @@ def folder(checkpoint_factory):
     return checkpoint_factory("tiny", seed=11, init_std=0.1, vocab_size=512)
 
 
-def test_int8_linear_equals_its_definition():
+@pytest.mark.parametrize("chunk_rows", [4096, 7])  # one block, and blocks that do not divide the rows
+def test_int8_linear_equals_its_definition(monkeypatch, chunk_rows):
+    monkeypatch.setattr("nekomata_core.quantize.QUANTIZE_CHUNK_ROWS", chunk_rows)
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 80, bias=True)
     q = Int8Linear.from_linear(linear)
