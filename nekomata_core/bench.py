@@ -326,9 +326,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _torch_dtype(name: str):
-    import torch
+    from .pretrained import DTYPE_NAMES
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPE_NAMES[name]
 
 
 def _report(args, source: str, bandwidth: dict[str, float], results: list[dict]) -> dict[str, Any]:

@@ -420,12 +420,20 @@ class QwenForCausalLM(nn.Module):
             if device.type == "cpu" and self.dtype != torch.float32 and not cpu_has_native_half_matmul()
             else 0
         )
-        native_gemv = ops == "auto" and device.type == "cpu" and _cpu_gemv_available()
+        from .quantize import Int8Linear
+
+        # The CPU GEMV serves bf16 and int8 weights only; probing it builds the C library, so ask only
+        # when this model has such layers.
+        bf16_gemv = self.dtype == torch.bfloat16
+        int8_layers = any(isinstance(m, Int8Linear) for m in self.modules())
+        native_gemv = (
+            ops == "auto" and device.type == "cpu" and (bf16_gemv or int8_layers) and _cpu_gemv_available()
+        )
         for module in self.modules():
             if isinstance(module, Linear):
                 module.upcast_rows = upcast
-                module.native_gemv = native_gemv and self.dtype == torch.bfloat16
-            if hasattr(module, "native_gemv") and not isinstance(module, Linear):  # int8 layers
+                module.native_gemv = native_gemv and bf16_gemv
+            if isinstance(module, Int8Linear):
                 module.native_gemv = native_gemv
             if isinstance(module, (RMSNorm, MLP)):
                 module.use_triton = use_triton_ops
@@ -648,12 +656,13 @@ class QwenForCausalLM(nn.Module):
             # (its output is never used, but a NaN would leak through 0·NaN in later layers).
             allowed = allowed | torch.eye(total, device=device, dtype=torch.bool)[None, start:total]
             allowed = allowed[:, None]  # [B, 1, T, total]
-            key_start = (~key_mask).int().argmin(dim=-1).to(torch.int32)  # first real token per row
-            # The Triton kernels describe padding by `key_start` alone (left padding). Any other mask
-            # (right padding, holes) is handled by the PyTorch attention for this call.
-            slots = torch.arange(total, device=device)
-            if not bool((key_mask == (slots[None, :] >= key_start[:, None])).all()):
-                key_start = None
+            if self.attention_backend == "triton":
+                key_start = (~key_mask).int().argmin(dim=-1).to(torch.int32)  # first real token per row
+                # The Triton kernels describe padding by `key_start` alone (left padding). Any other mask
+                # (right padding, holes) is handled by the PyTorch attention for this call.
+                slots = torch.arange(total, device=device)
+                if not bool((key_mask == (slots[None, :] >= key_start[:, None])).all()):
+                    key_start = None
         return AttentionInputs(start, cos, sin, logn, allowed, key_start, cache)
 
 
