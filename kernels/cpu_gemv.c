@@ -25,7 +25,7 @@
 
 /* Bumped whenever an exported signature or a semantic changes: the Python loader refuses a library whose
  * version differs from the one it was written for (a stale build picked up from an old cache). */
-#define NEKOMATA_GEMV_ABI_VERSION 1
+#define NEKOMATA_GEMV_ABI_VERSION 2
 
 /* Dtype codes shared with kernels/cpu_gemv.py (x, bias, scales and y may each be any of these). */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -186,7 +186,7 @@ static int team_size(int64_t N, int64_t K, int nthreads) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* Dot products of ROWS rows with x. Each row pointer advances independently (see gemv_slab).            */
 
-enum { KIND_BF16 = 0, KIND_INT8 = 1 };
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2 };
 
 static inline void bf16_rows(const uint16_t* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
@@ -277,6 +277,37 @@ static inline float int8_row(const int8_t* w, int64_t K, const float* xp) {
     return s;
 }
 
+/* fp32 weights (used by the fused decode step of cpu_decode.c for fp32 models): x in natural order. */
+static inline void f32_rows(const float* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
+    __m256 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) { /* 16 floats = one 64-byte line per row */
+        __m256 x0 = _mm256_load_ps(xp + k), x1 = _mm256_load_ps(xp + k + 8);
+        for (int r = 0; r < ROWS; r++) {
+            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), x0, a0[r]);
+            a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k + 8), x1, a1[r]);
+        }
+    }
+    _mm_storeu_ps(out, hsum8x4(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]),
+                               _mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3])));
+    for (; k < K; k++)
+        for (int r = 0; r < ROWS; r++) out[r] = fmaf(w[r][k], xp[k], out[r]);
+}
+
+static inline float f32_row(const float* w, int64_t K, const float* xp) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t full = K - K % 16;
+    for (int64_t k = 0; k < full; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_load_ps(xp + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_load_ps(xp + k + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (int64_t k = full; k < K; k++) s = fmaf(w[k], xp[k], s);
+    return s;
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Driver                                                                                               */
 
@@ -324,6 +355,10 @@ static void gemv_slab(const gemv_args* a, int64_t begin, int64_t end) {
             const uint16_t* w[ROWS];
             for (int r = 0; r < ROWS; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
             bf16_rows(w, K, a->xp, acc);
+        } else if (a->kind == KIND_F32) {
+            const float* w[ROWS];
+            for (int r = 0; r < ROWS; r++) w[r] = (const float*)a->W + n[r] * K;
+            f32_rows(w, K, a->xp, acc);
         } else {
             const int8_t* w[ROWS];
             for (int r = 0; r < ROWS; r++) w[r] = (const int8_t*)a->W + n[r] * K;
@@ -332,8 +367,9 @@ static void gemv_slab(const gemv_args* a, int64_t begin, int64_t end) {
         for (int r = 0; r < ROWS; r++) finish_row(a, n[r], acc[r]);
     }
     for (int64_t n = begin + ROWS * q; n < end; n++) {
-        float s = a->kind == KIND_BF16 ? bf16_row((const uint16_t*)a->W + n * K, K, a->xp)
-                                       : int8_row((const int8_t*)a->W + n * K, K, a->xp);
+        float s = a->kind == KIND_BF16  ? bf16_row((const uint16_t*)a->W + n * K, K, a->xp)
+                  : a->kind == KIND_F32 ? f32_row((const float*)a->W + n * K, K, a->xp)
+                                        : int8_row((const int8_t*)a->W + n * K, K, a->xp);
         finish_row(a, n, s);
     }
 }

@@ -40,12 +40,17 @@ import torch
 __all__ = ["available", "library_path", "linear_bf16", "linear_int8", "unavailable_reason"]
 
 #: Must equal NEKOMATA_GEMV_ABI_VERSION in cpu_gemv.c; a library reporting another version is not used.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
-_SOURCE = Path(__file__).with_name("cpu_gemv.c")
+# One library from two files, compiled as one translation unit (concatenated, each under a #line marker so
+# that compiler messages name the right file): the GEMVs, and the fused decode step (cpu_decode.c) that
+# reuses their row kernels.
+_SOURCES = (Path(__file__).with_name("cpu_gemv.c"), Path(__file__).with_name("cpu_decode.c"))
 # Explicit ISA flags, not -march=native: the cached library may be loaded on another machine sharing the
 # home directory, and the CPU flags are checked at run time instead.
-_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared")
+# -ffp-contract=off: `a * b + c` stays two roundings, as in PyTorch's elementwise ops (fused multiply-adds
+# are written out as intrinsics where they are wanted).
+_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _COMPILE_TIMEOUT_S = 120
 
@@ -109,6 +114,17 @@ def _library_name(source: bytes) -> str:
     return f"cpu_gemv-{key.hexdigest()[:16]}.so"
 
 
+def _source_names() -> str:
+    return " + ".join(path.name for path in _SOURCES)
+
+
+def _read_sources() -> bytes:
+    parts = []
+    for path in _SOURCES:
+        parts.append(f'#line 1 "{path.name}"\n'.encode() + path.read_bytes())
+    return b"\n".join(parts)
+
+
 def _compile(cc: str, source: bytes, target: Path) -> str | None:
     """Compile `source` into `target` atomically; return None, or the reason it failed."""
     global _build_count
@@ -125,14 +141,14 @@ def _compile(cc: str, source: bytes, target: Path) -> str | None:
         )
         if proc.returncode != 0:
             err = proc.stderr.decode(errors="replace").strip()
-            return f"compiling {_SOURCE.name} with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
+            return f"compiling {_source_names()} with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
         _build_count += 1
         # Other processes may be building the same library: whoever renames last wins, and a reader
         # sees either no file or a complete one, never a half-written one.
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"compiling {_SOURCE.name} with {cc} failed: {type(exc).__name__}: {exc}"
+        return f"compiling {_source_names()} with {cc} failed: {type(exc).__name__}: {exc}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -141,9 +157,9 @@ def _compile(cc: str, source: bytes, target: Path) -> str | None:
 def _build() -> tuple[Path | None, str | None]:
     """The path of an up-to-date library (building it if needed), or None and the reason."""
     try:
-        source = _SOURCE.read_bytes()
+        source = _read_sources()
     except OSError as exc:
-        return None, f"cannot read {_SOURCE}: {exc}"
+        return None, f"cannot read the kernel source: {exc}"
     name = _library_name(source)
     for folder in _cache_dirs():
         if (folder / name).is_file():

@@ -28,33 +28,66 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, QwenConfig
+from .config import DECODE_MODES, PRESETS, QwenConfig
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
-    """Read bandwidth in GB/s as torch sees it: fp32 sum and fp32 GEMV over `gib` GiB."""
-    import torch
+class ReadBandwidth:
+    """Read bandwidth in GB/s, best of the streaming reads we have, over a buffer of `gib` GiB.
 
-    n = int(gib * 2**30 // 4)
-    data = torch.rand(n)
-    rows = 8192
-    matrix = data[: (n // rows) * rows].view(rows, -1)
-    vector = torch.rand(matrix.shape[1])
+    Kernels: PyTorch's fp32 sum and fp32 GEMV, and (when kernels.cpu_gemv builds here) a plain C
+    streaming read with the GEMVs' access pattern. A decode step cannot read its weights faster than the
+    fastest of these, which is what makes it the roofline. The buffer is allocated once, so that
+    `measure` can be called between decode runs: this machine's bandwidth drifts by ±20 % over minutes,
+    and a roofline taken minutes earlier would be off by that much.
+    """
 
-    def best_rate(fn, nbytes: int) -> float:
+    def __init__(self, gib: float = 1.0) -> None:
+        import torch
+
+        n = int(gib * 2**30 // 4)
+        self.data = torch.rand(n)
+        rows = 8192
+        self.matrix = self.data[: (n // rows) * rows].view(rows, -1)
+        self.vector = torch.rand(self.matrix.shape[1])
+        self._stream = _c_stream_read()
+
+    def measure(self, repeats: int = 7) -> dict[str, float]:
+        import torch
+
+        data, nbytes = self.data, self.data.numel() * 4
+        rates = {
+            "sum_gbps": _rate(lambda: data.sum(), nbytes, repeats),
+            "gemv_gbps": _rate(lambda: torch.mv(self.matrix, self.vector), self.matrix.numel() * 4, repeats),
+        }
+        if self._stream is not None:
+            threads = torch.get_num_threads()
+            rates["stream_gbps"] = _rate(lambda: self._stream(data.data_ptr(), nbytes, threads), nbytes, repeats)
+        return rates
+
+
+def _rate(fn, nbytes: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return nbytes / statistics.median(times) / 1e9
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times) / 1e9
 
-    return {
-        "sum_gbps": best_rate(lambda: data.sum(), data.numel() * 4),
-        "gemv_gbps": best_rate(lambda: torch.mv(matrix, vector), matrix.numel() * 4),
-    }
+
+def _c_stream_read():
+    """kernels.cpu_decode's streaming read (nbytes, threads → checksum), or None where it does not build."""
+    try:
+        from kernels import cpu_decode
+    except ImportError:
+        return None
+    return cpu_decode.stream_read if cpu_decode.available() else None
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict[str, float]:
+    """`ReadBandwidth(gib).measure(repeats)`: GB/s of each read kernel (see ReadBandwidth)."""
+    return ReadBandwidth(gib).measure(repeats)
 
 
 def _peak_rss_bytes() -> int:
@@ -100,15 +133,17 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     peak_after_load = _peak_rss_bytes()
     ids = _prompt(model.config, args.prompt_tokens)
     decoder = make_decoder(model, args.decode)
-    prefill, decode = [], []
+    reader = ReadBandwidth(args.bandwidth_gib)
+    prefill, decode, bandwidth = [], [], []
     for i in range(args.warmup + args.runs):
         out = generate(model, ids, max_new_tokens=args.new_tokens, eos_token_id=(), decode_fn=decoder)
         if i >= args.warmup:
             prefill.append(out.prefill_tokens_per_second)
             decode.append(out.decode_tokens_per_second)
+            bandwidth.append(max(reader.measure(repeats=3).values()))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "system": f"nekomata_core ({args.decode}{', int8' if args.quantize else ''})",
+        "system": f"nekomata_core ({_decode_label(args.decode, decoder)}{', int8' if args.quantize else ''})",
         "load_seconds": load_seconds,
         "peak_rss_bytes": peak_after_load,
         "baseline_rss_bytes": rss_before,
@@ -117,7 +152,16 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_tokens_per_second": statistics.median(prefill),
         "decode_tokens_per_second": statistics.median(decode),
         "decode_runs": decode,
+        "bandwidth_runs_gbps": bandwidth,
     }
+
+
+def _decode_label(mode: str, decoder) -> str:
+    from .decode import NativeDecoder
+
+    if mode != "auto":
+        return mode
+    return "auto: native" if isinstance(decoder, NativeDecoder) else "auto: static"
 
 
 def _embedding_bytes(model) -> int:
@@ -156,7 +200,8 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
             )
         return time.perf_counter() - begin
 
-    prefill, decode = [], []
+    reader = ReadBandwidth(args.bandwidth_gib)
+    prefill, decode, bandwidth = [], [], []
     for i in range(args.warmup + args.runs):
         with torch.inference_mode():
             begin = time.perf_counter()
@@ -166,6 +211,7 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
         if i >= args.warmup:
             prefill.append(ids.shape[1] / prefill_seconds)
             decode.append((n - 1) / max(full - one, 1e-9))  # generate(n) − generate(1): n − 1 decode steps
+            bandwidth.append(max(reader.measure(repeats=3).values()))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.model.embed_tokens.weight
     return {
@@ -178,6 +224,7 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
         "prefill_tokens_per_second": statistics.median(prefill),
         "decode_tokens_per_second": statistics.median(decode),
         "decode_runs": decode,
+        "bandwidth_runs_gbps": bandwidth,
     }
 
 
@@ -218,7 +265,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--decode", default="static", choices=["eager", "static", "compiled"])
+    parser.add_argument("--decode", default="auto", choices=list(DECODE_MODES))
     parser.add_argument("--quantize", default=None, choices=["int8"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -228,6 +275,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="DECODE[:int8]",
         help="measure another configuration of ours in the same run, e.g. compiled or static:int8",
+    )
+    parser.add_argument(
+        "--bandwidth-gib",
+        type=float,
+        default=1.0,
+        help="size of the buffer read to measure memory bandwidth (default 1 GiB: far above any cache)",
     )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     # Internal: a worker subprocess measures one system and writes its JSON result.
@@ -267,6 +320,8 @@ def _spawn(
         decode,
         "--threads",
         str(args.threads),
+        "--bandwidth-gib",
+        str(args.bandwidth_gib),
     ] + (["--quantize", quantize] if quantize else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -307,7 +362,7 @@ def run_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        bandwidth = measure_bandwidth()
+        bandwidth = measure_bandwidth(args.bandwidth_gib)
         configs = [(args.decode, args.quantize)]
         for extra in args.also:
             decode, _, quant = extra.partition(":")
@@ -332,14 +387,18 @@ def _torch_dtype(name: str):
 
 
 def _report(args, source: str, bandwidth: dict[str, float], results: list[dict]) -> dict[str, Any]:
-    best_bw = max(bandwidth.values())
     baseline = next((r for r in results if r["system"].startswith("transformers") and "error" not in r), None)
     for r in results:
         if "error" in r:
             continue
-        roofline = best_bw * 1e9 / r["decode_bytes_per_token"]
-        r["roofline_tokens_per_second"] = roofline
-        r["percent_of_roofline"] = 100 * r["decode_tokens_per_second"] / roofline
+        # Each decode run is compared with the bandwidth measured right after it, in the same process.
+        per_run = [
+            100 * tps * r["decode_bytes_per_token"] / (gbps * 1e9)
+            for tps, gbps in zip(r["decode_runs"], r["bandwidth_runs_gbps"], strict=True)
+        ]
+        r["bandwidth_gbps"] = statistics.median(r["bandwidth_runs_gbps"])
+        r["roofline_tokens_per_second"] = r["bandwidth_gbps"] * 1e9 / r["decode_bytes_per_token"]
+        r["percent_of_roofline"] = statistics.median(per_run)
         r["rss_over_weights"] = r["peak_rss_bytes"] / r["weight_bytes"]
         if baseline is not None:
             r["decode_vs_transformers"] = r["decode_tokens_per_second"] / baseline["decode_tokens_per_second"]
@@ -362,27 +421,29 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
 
 def format_report(report: dict[str, Any]) -> str:
     bw = report["bandwidth_gbps"]
+    kernels = ", ".join(f"{name.removesuffix('_gbps')} {value:.1f}" for name, value in bw.items())
     lines = [
         f"model: {report['model']}   dtype: {report['dtype']}   prompt {report['prompt_tokens']} → "
         f"{report['new_tokens']} new tokens, batch 1, median of {report['runs']} runs",
-        f"machine: {report['machine']}   read bandwidth: sum {bw['sum_gbps']:.1f} GB/s, GEMV {bw['gemv_gbps']:.1f} GB/s",
+        f"machine: {report['machine']}   read bandwidth at start (GB/s): {kernels}",
         "",
-        f"{'system':<52} {'load s':>7} {'RSS/weights':>11} {'prefill tok/s':>13} {'decode tok/s':>12} "
-        f"{'vs HF':>6} {'% roofline':>10}",
+        f"{'system':<40} {'load s':>7} {'RSS/weights':>11} {'prefill tok/s':>13} {'decode tok/s':>12} "
+        f"{'vs HF':>6} {'GB/s':>5} {'% roofline':>10}",
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"{r['system']:<52} failed: {r['error']}")
+            lines.append(f"{r['system']:<40} failed: {r['error']}")
             continue
         ratio = f"{r['decode_vs_transformers']:.2f}×" if "decode_vs_transformers" in r else "-"
         lines.append(
-            f"{r['system']:<52} {r['load_seconds']:>7.2f} {r['rss_over_weights']:>11.2f} "
+            f"{r['system']:<40} {r['load_seconds']:>7.2f} {r['rss_over_weights']:>11.2f} "
             f"{r['prefill_tokens_per_second']:>13.1f} {r['decode_tokens_per_second']:>12.2f} {ratio:>6} "
-            f"{r['percent_of_roofline']:>9.0f}%"
+            f"{r['bandwidth_gbps']:>5.1f} {r['percent_of_roofline']:>9.0f}%"
         )
     lines.append(
-        "(roofline = best read bandwidth / weight bytes read per decoded token; RSS includes the "
-        "interpreter and torch)"
+        "(GB/s: the best read bandwidth (torch sum, torch GEMV, C stream), measured after each decode run "
+        "in the same process; % roofline: median over runs of decode tok/s × weight bytes read per token / "
+        "that bandwidth; RSS includes the interpreter and torch)"
     )
     return "\n".join(lines)
 

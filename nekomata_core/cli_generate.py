@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from .config import DECODE_MODES
+
 DEFAULT_MODEL = "rinna/nekomata-7b"
 
 
@@ -18,9 +20,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "sdpa", "eager"])
     group.add_argument(
         "--decode",
-        default="static",
-        choices=["eager", "static", "compiled"],
-        help="decode step: plain forward, fixed-shape step, or fixed-shape step under torch.compile",
+        default="auto",
+        choices=list(DECODE_MODES),
+        help="decode step: auto (native where it applies, else static), plain forward (eager), fixed-shape "
+        "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, batch 1)",
     )
     group.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
 

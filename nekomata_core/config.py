@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The decode paths (nekomata_core.decode.make_decoder), defined here, torch-free, so that the CLI parsers
+# can list them without importing torch.
+DECODE_MODES = ("auto", "eager", "static", "compiled", "native")
+
 
 class ConfigError(ValueError):
     """config.json is missing a key, has a key of the wrong type, or is inconsistent."""
@@ -104,6 +108,11 @@ class QwenConfig:
             shapes[prefix + "mlp.w1.weight"] = (f, h)
             shapes[prefix + "mlp.w2.weight"] = (f, h)
             shapes[prefix + "mlp.c_proj.weight"] = (h, f)
+            if not self.no_bias:  # every release has no_bias=true; the other linears get biases otherwise
+                shapes[prefix + "attn.c_proj.bias"] = (h,)
+                shapes[prefix + "mlp.w1.bias"] = (f,)
+                shapes[prefix + "mlp.w2.bias"] = (f,)
+                shapes[prefix + "mlp.c_proj.bias"] = (h,)
         shapes["transformer.ln_f.weight"] = (h,)
         shapes["lm_head.weight"] = (v, h)
         return shapes

@@ -137,7 +137,7 @@ def generate_steps(
     unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
     eos = torch.tensor(params.eos_token_id, dtype=torch.long, device=model.device)
     stop_watch = _StopStringWatcher(tokenizer, params.stop_strings, batch) if params.stop_strings else None
-    decode = decode_fn or _plain_decode(model)
+    decode = decode_fn or _default_decode(model)
 
     with torch.inference_mode():
         started = _now(model)
@@ -242,6 +242,22 @@ def stream(
     tail = decoder.flush()
     if tail:
         yield tail
+
+
+def _default_decode(model: QwenForCausalLM) -> DecodeFn:
+    """The native C step where it applies (CPU, float32/bfloat16/int8 weights; batch-1 steps), else the
+    plain forward. Both compute the same function (tests/test_decode.py); the native one is faster."""
+    from .decode import NativeDecoder, native_decode_problem
+
+    if native_decode_problem(model) is None:
+        native = NativeDecoder(model)
+        plain = _plain_decode(model)
+
+        def decode(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+            return native(tokens, cache) if tokens.shape[0] == 1 else plain(tokens, cache)
+
+        return decode
+    return _plain_decode(model)
 
 
 def _plain_decode(model: QwenForCausalLM) -> DecodeFn:

@@ -254,8 +254,8 @@ def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch, fresh_state)
     assert cpu_gemv._build_count == built + 1
 
     edited = tmp_path / "cpu_gemv.c"  # an edited source gets a library of its own
-    edited.write_bytes(cpu_gemv._SOURCE.read_bytes() + b"\n/* edited */\n")
-    monkeypatch.setattr(cpu_gemv, "_SOURCE", edited)
+    edited.write_bytes(cpu_gemv._SOURCES[0].read_bytes() + b"\n/* edited */\n")
+    monkeypatch.setattr(cpu_gemv, "_SOURCES", (edited, *cpu_gemv._SOURCES[1:]))
     cpu_gemv._reset_state()
     assert cpu_gemv.available()
     assert cpu_gemv.library_path() != path and cpu_gemv._build_count == built + 2

@@ -90,3 +90,179 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
             b = StaticDecoder(plain)(token, caches[1]).float()
             assert (a - b).abs().max() <= 2e-2 * b.abs().max()
             token = b.argmax(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------- native
+# The native step (kernels/cpu_decode.c) runs the whole batch-1 step in C. It must compute what the
+# PyTorch model computes: fp32 to a few ulps (only summation orders differ), half precision to the
+# same accuracy as PyTorch's own half-precision step.
+
+from kernels import cpu_decode  # noqa: E402
+from nekomata_core.decode import NativeDecoder, native_decode_problem  # noqa: E402
+
+needs_native = pytest.mark.skipif(not cpu_decode.available(), reason=str(cpu_decode.unavailable_reason()))
+
+
+def prefilled(model, ids, length):
+    cache = model.allocate_cache(ids.shape[0], length)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    return cache
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),  # seq_length 16: the 20-token prompt fixes NTK alpha 3, logn from the first step
+        dict(rotary_pct=0.5, no_bias=False),  # rotary on half of each head; biases on every linear
+    ],
+    ids=["ntk-logn", "partial-rotary-biases"],
+)
+def test_native_step_logits_equal_the_plain_forward_fp32(checkpoint_factory, overrides):
+    folder = checkpoint_factory("tiny", seed=8, init_std=0.15, vocab_size=300, seq_length=16, **overrides)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
+    plain, fast = prefilled(model, ids, 40), prefilled(model, ids, 40)
+    native = NativeDecoder(model)
+    token = torch.tensor([[3]])
+    with torch.no_grad():
+        for _ in range(20):  # positions 20…39: past 2S with alpha 3 kept, logn growing
+            expected = model(token, cache=plain)[:, -1]
+            got = native(token, fast)
+            # fp32, different summation order only: ≤ 1e-5 of the logit scale
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+            token = expected.argmax(-1, keepdim=True)
+    assert fast.length == plain.length == 40
+    # the keys and values it wrote are the model's own (rotated keys, raw values)
+    for mine, theirs in ((fast.keys, plain.keys), (fast.values, plain.values)):
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+@needs_native
+def test_native_greedy_tokens_equal_transformers(checkpoint_factory):
+    """An independent reference: transformers' Qwen2 generate on the mapped weights (below seq_length)."""
+    from tests.hf_reference import qwen2_reference_from_checkpoint
+
+    folder = checkpoint_factory("tiny", seed=12, init_std=0.3, vocab_size=500, seq_length=256)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    reference = qwen2_reference_from_checkpoint(folder)
+    ids = torch.randint(1, 500, (1, 11), generator=torch.Generator().manual_seed(2))
+    ours = generate(model, ids, max_new_tokens=40, eos_token_id=(), decode_fn=make_decoder(model, "native"))
+    theirs = reference.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.sequences, theirs)
+
+
+@needs_native
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_native_half_precision_is_as_accurate_as_pytorchs_own(checkpoint_factory, quantize):
+    """bf16 (and int8 with bf16 activations): both the native step and PyTorch's static step are
+    compared with the same model run in fp32 (for int8: the same int8 weights, fp32 activations).
+    The native step may not be less accurate than PyTorch's bf16 step (within 25 %)."""
+    folder = checkpoint_factory("tiny", seed=9, init_std=0.05, vocab_size=512, seq_length=16)
+    kwargs = dict(device="cpu", progress=False, quantize=quantize)
+    half = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", **kwargs)
+    full = QwenForCausalLM.from_pretrained(folder, dtype="float32", **kwargs)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
+    caches = [prefilled(half, ids, 36), prefilled(half, ids, 36), prefilled(full, ids, 36)]
+    native, static, reference = NativeDecoder(half), StaticDecoder(half), StaticDecoder(full)
+    token = torch.tensor([[5]])
+    native_err = static_err = 0.0
+    with torch.no_grad():
+        for _ in range(16):
+            exact = reference(token, caches[2])
+            scale = exact.abs().max()
+            got = native(token, caches[0])
+            assert got.dtype == torch.bfloat16
+            native_err = max(native_err, float((got.float() - exact).abs().max() / scale))
+            static_err = max(static_err, float((static(token, caches[1]).float() - exact).abs().max() / scale))
+            token = exact.argmax(-1, keepdim=True)
+    assert 0 < static_err < 0.05  # bf16 noise, not a broken model
+    assert native_err <= 1.25 * static_err, (native_err, static_err)
+
+
+@needs_native
+def test_native_results_do_not_depend_on_the_thread_count(checkpoint_factory):
+    folder = checkpoint_factory("tiny", seed=10, init_std=0.1, vocab_size=400, dtype=torch.bfloat16)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False)
+    ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(3))
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = generate(model, ids, max_new_tokens=12, eos_token_id=(), decode_fn=NativeDecoder(model))
+            cache = prefilled(model, ids, 12)
+            runs.append((out.sequences, NativeDecoder(model)(torch.tensor([[1]]), cache)))
+    finally:
+        torch.set_num_threads(threads)
+    for sequences, logits in runs[1:]:
+        assert torch.equal(sequences, runs[0][0]) and torch.equal(logits, runs[0][1])  # bit for bit
+
+
+@needs_native
+def test_native_int8_round_trip_through_a_saved_checkpoint(checkpoint_factory, tmp_path):
+    from nekomata_core.quantize import save_quantized
+
+    folder = checkpoint_factory("tiny", seed=11, init_std=0.1, vocab_size=300, dtype=torch.bfloat16)
+    quantized = QwenForCausalLM.from_pretrained(folder, device="cpu", progress=False, quantize="int8")
+    reloaded = QwenForCausalLM.from_pretrained(save_quantized(quantized, tmp_path / "q"), device="cpu", progress=False)
+    ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(4))
+    a = NativeDecoder(quantized)(torch.tensor([[9]]), prefilled(quantized, ids, 8))
+    b = NativeDecoder(reloaded)(torch.tensor([[9]]), prefilled(reloaded, ids, 8))
+    assert torch.equal(a, b)
+
+
+@needs_native
+def test_native_decoder_hands_batches_to_the_static_step(model):
+    ids, mask = padded_batch()
+    fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=NativeDecoder(model))
+    plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=make_decoder(model, "eager"))
+    assert torch.equal(fast.sequences, plain.sequences)
+
+
+@needs_native
+def test_auto_picks_native_only_where_it_computes_the_same_function(checkpoint_factory):
+    folder = checkpoint_factory("tiny", seed=8, init_std=0.15, vocab_size=300)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    assert isinstance(make_decoder(model, "auto"), NativeDecoder)
+
+    half = QwenForCausalLM.from_pretrained(folder, dtype="float16", device="cpu", progress=False)
+    assert "float16" in native_decode_problem(half)
+    assert isinstance(make_decoder(half, "auto"), StaticDecoder)
+    with pytest.raises(ValueError, match="'native' is unavailable.*float16.*use 'static'"):
+        make_decoder(half, "native")
+
+    # A replaced module or a forward hook would be bypassed by the C step: auto falls back.
+    handle = model.transformer.h[1].mlp.register_forward_hook(lambda *args: None)
+    assert "transformer.h.1.mlp has forward hooks" in native_decode_problem(model)
+    assert isinstance(make_decoder(model, "auto"), StaticDecoder)
+    handle.remove()
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    assert "lm_head is a Linear, not one of the model's own classes" in native_decode_problem(model)
+
+
+@needs_native
+def test_native_decoder_errors_are_clear(model):
+    native = NativeDecoder(model)
+    with pytest.raises(RuntimeError, match="prefilled"):
+        native(torch.tensor([[1]]), model.allocate_cache(1, 4))
+    ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(0))
+    full = prefilled(model, ids, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4 positions"):
+        native(torch.tensor([[1]]), full)
+    cache = prefilled(model, ids, 6)
+    with pytest.raises(ValueError, match="token id 300 is outside the vocabulary"):
+        native(torch.tensor([[300]]), cache)
+    assert cache.length == 4  # nothing was written
+
+
+def test_stream_read_reads_every_line(tmp_path):
+    if not cpu_decode.available():
+        pytest.skip(cpu_decode.unavailable_reason())
+    words = torch.arange(1, 64 * 1000 // 4 + 1, dtype=torch.int32)  # 1000 lines of 64 bytes
+    for threads in (1, 2, 3):
+        assert cpu_decode.stream_read(words.data_ptr(), words.numel() * 4, threads) == int(words.sum())
+    with pytest.raises(ValueError, match="num_threads"):
+        cpu_decode.stream_read(words.data_ptr(), 64, 0)

@@ -1,0 +1,350 @@
+/*
+ * One whole batch-1 decode step of a Qwen v1 model in one call: every block, the final norm and lm_head.
+ *
+ * Compiled in the same translation unit as cpu_gemv.c (kernels/cpu_gemv.py concatenates the two files),
+ * so it reuses that file's GEMV row kernels, conversions and activation layout.
+ *
+ * Why a whole step in C: at batch 1 a step reads every weight once, and the GEMVs alone run close to
+ * DRAM bandwidth; what kept PyTorch's step far from the roofline was the ~60 small operations per block
+ * around them (norms, rotary, attention, casts, residuals), each paying dispatch and allocation, and the
+ * OpenMP team waking up for every GEMV. Here one parallel region covers the step: each thread takes a
+ * fixed slab of rows of every matrix and the threads meet at a barrier only where a result of the whole
+ * team is needed (5 per block).
+ *
+ * Numerics: the computation is that of nekomata_core.model in the model dtype ("act" below: fp32, bf16
+ * or fp16), with the same rounding points. Every value that PyTorch would hold in an act-dtype tensor is
+ * rounded to act here too (round_act), and every operation PyTorch does in fp32 is done in fp32, as
+ * separate IEEE operations (this file is built with -ffp-contract=off, so `a * b + c` is not fused).
+ * What differs is only the summation order of dot products and reductions (GEMVs, attention, RMSNorm),
+ * so fp32 models agree with PyTorch to a few ulps and half-precision ones up to an occasional
+ * last-bit rounding flip of an activation.
+ *
+ * Threads keep private copies of the residual stream x (and of its normalised form): they all compute
+ * them identically from the shared GEMV outputs, which is cheaper than one more barrier per update.
+ */
+#include <omp.h>
+
+typedef struct {
+    int kind;           /* KIND_F32 (weights in fp32), KIND_BF16 or KIND_INT8 */
+    const void* W;      /* [N, K] row-major */
+    const void* scales; /* [N] act dtype, int8 only */
+    const void* bias;   /* [N] act dtype, or NULL */
+    int64_t N, K;
+} nk_linear;
+
+typedef struct {
+    const void* ln_1; /* [H] act dtype */
+    nk_linear c_attn; /* [3H, H], with bias */
+    nk_linear attn_proj;
+    const void* ln_2;
+    nk_linear w1, w2; /* [F, H] each: w1(x) * silu(w2(x)) */
+    nk_linear mlp_proj;
+} nk_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, n_heads, head_dim, rotary_dim, mlp_width, vocab;
+    float eps;
+    int act; /* DT_F32 / DT_BF16 / DT_F16 */
+    const nk_layer* layers;
+    const void* ln_f;
+    nk_linear lm_head;
+} nk_model;
+
+typedef struct {
+    const void* embedding;    /* [H] act dtype: the embedding row of the input token */
+    const float* cos;         /* [R] fp32, laid out as cat(freqs, freqs) */
+    const float* sin;         /* [R] */
+    float logn;               /* the logn factor rounded to act, or 0 for none (Qwen quirk 4) */
+    int64_t position;         /* where the new key/value go; keys 0..position are attended to */
+    int64_t max_length;       /* T_max of the cache */
+    const uint8_t* key_mask;  /* [T_max] bool: 1 = a real token */
+    void* keys;               /* [L, 1, N, T_max, D] act dtype */
+    void* values;
+    void* logits; /* [V] act dtype, output */
+    void* scratch; /* nekomata_decode_scratch_bytes(model) bytes, shared by the team */
+    int nthreads;
+} nk_step;
+
+#define NK_MAX_HEAD_DIM 512
+
+static inline float round_act(float v, int act) {
+    switch (act) {
+        case DT_BF16: return bf16_to_f32(f32_to_bf16(v));
+        case DT_F16: return f16_to_f32(f32_to_f16(v));
+        default: return v;
+    }
+}
+
+static inline size_t act_size(int act) { return act == DT_F32 ? 4 : 2; }
+
+/* Shared buffers, all in the act dtype (what PyTorch would hold in tensors). */
+typedef struct {
+    void *qkv, *attn, *o, *h1, *h2, *g, *m;
+} nk_buffers;
+
+static nk_buffers carve(const nk_model* m, void* scratch) {
+    size_t e = act_size(m->act);
+    /* every buffer starts on a 64-byte boundary */
+#define NK_TAKE(n) ((void*)p); p += (((size_t)(n) * e + 63) & ~(size_t)63)
+    char* p = (char*)scratch;
+    nk_buffers b;
+    b.qkv = NK_TAKE(3 * m->hidden);
+    b.attn = NK_TAKE(m->hidden);
+    b.o = NK_TAKE(m->hidden);
+    b.h1 = NK_TAKE(m->mlp_width);
+    b.h2 = NK_TAKE(m->mlp_width);
+    b.g = NK_TAKE(m->mlp_width);
+    b.m = NK_TAKE(m->hidden);
+#undef NK_TAKE
+    return b;
+}
+
+int64_t nekomata_decode_scratch_bytes(const nk_model* m) {
+    size_t e = act_size(m->act);
+    int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width, m->mlp_width,
+                        m->hidden};
+    int64_t total = 0;
+    for (int i = 0; i < 7; i++) total += (int64_t)(((size_t)sizes[i] * e + 63) & ~(size_t)63);
+    return total;
+}
+
+/* Thread-private work vectors (fp32), grown as needed and kept: steady-state steps allocate nothing. */
+static __thread float* tl_vec[3] = {NULL, NULL, NULL};
+static __thread int64_t tl_len[3] = {0, 0, 0};
+
+static float* tl_get(int slot, int64_t n) {
+    if (n > tl_len[slot]) {
+        free(tl_vec[slot]);
+        int64_t len = (n + 63) & ~(int64_t)63;
+        tl_vec[slot] = (float*)aligned_alloc(64, (size_t)len * sizeof(float));
+        tl_len[slot] = tl_vec[slot] ? len : 0;
+    }
+    return tl_vec[slot];
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* The pieces of a block, in the order they run.                                                        */
+
+/* RMSNorm with Qwen quirk 1: out = round(round(x * rsqrt(mean(x^2) + eps)) * w). The mean of squares is
+ * accumulated in double, which is at least as accurate as PyTorch's fp32 reduction. */
+static void rms_norm(const float* x, const void* w, int act, int64_t H, float eps, float* out) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < H; i++) ss += (double)x[i] * (double)x[i];
+    float r = 1.0f / sqrtf((float)(ss / (double)H) + eps);
+    for (int64_t i = 0; i < H; i++) out[i] = round_act(round_act(x[i] * r, act) * load_scalar(w, act, i), act);
+}
+
+/* Rows [begin, end) of y = lin(x), x given as the prepared vector xp (see load_x in cpu_gemv.c). */
+static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t begin, int64_t end) {
+    gemv_args a = {l->kind, l->W, xp, l->scales, act, l->bias, act, y, act, l->N, l->K};
+    if (end > begin) gemv_slab(&a, begin, end);
+}
+
+static inline int split_for(const nk_linear* l) { return l->kind == KIND_BF16; }
+
+/* dot(q, k) over D elements, q fp32 and k in the act dtype. */
+static inline float dot_act(const float* q, const void* k, int act, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        __m256 kv;
+        if (act == DT_BF16)
+            kv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)k + i))), 16));
+        else if (act == DT_F16)
+            kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)k + i)));
+        else
+            kv = _mm256_loadu_ps((const float*)k + i);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv, acc);
+    }
+    float s = hsum8(acc);
+    for (; i < D; i++) s = fmaf(q[i], load_scalar(k, act, i), s);
+    return s;
+}
+
+/* acc[i] += p * v[i] over D elements, v in the act dtype. */
+static inline void axpy_act(float* acc, float p, const void* v, int act, int64_t D) {
+    __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        __m256 vv;
+        if (act == DT_BF16)
+            vv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)v + i))), 16));
+        else if (act == DT_F16)
+            vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)v + i)));
+        else
+            vv = _mm256_loadu_ps((const float*)v + i);
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(acc + i)));
+    }
+    for (; i < D; i++) acc[i] = fmaf(p, load_scalar(v, act, i), acc[i]);
+}
+
+/* Rotary embedding of one head, rotate-half form, in fp32 from the act-dtype input, then rounded:
+ * out = x * cos + rotate_half(x) * sin on the first R dims (two products and a sum, unfused, as
+ * PyTorch's elementwise ops do); dims R..D-1 pass through. */
+static void rope_head(const void* src, int act, int64_t D, int64_t R, const float* cos, const float* sin,
+                      float* out) {
+    float x[NK_MAX_HEAD_DIM];
+    for (int64_t i = 0; i < D; i++) x[i] = load_scalar(src, act, i);
+    int64_t half = R / 2;
+    for (int64_t i = 0; i < R; i++) {
+        float rotated = i < half ? -x[i + half] : x[i - half];
+        float a = x[i] * cos[i];
+        float b = rotated * sin[i];
+        out[i] = round_act(a + b, act);
+    }
+    for (int64_t i = R; i < D; i++) out[i] = x[i];
+}
+
+/* Attention of the new token for heads [h0, h1): rotary on q and k, logn on q, the new key/value written
+ * to the cache, then softmax(q k^T / sqrt(D)) v over the cached positions 0..position that the key mask
+ * allows. Scores and probabilities stay fp32; the output is rounded once to act. */
+static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffers* b, int64_t layer,
+                            int64_t h0, int64_t h1, float* scores) {
+    const int act = m->act;
+    const size_t e = act_size(act);
+    const int64_t H = m->hidden, D = m->head_dim, T = s->max_length, pos = s->position;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int64_t h = h0; h < h1; h++) {
+        float q[NK_MAX_HEAD_DIM], k[NK_MAX_HEAD_DIM], acc[NK_MAX_HEAD_DIM];
+        rope_head((const char*)b->qkv + (size_t)(h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, q);
+        rope_head((const char*)b->qkv + (size_t)(H + h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, k);
+        if (s->logn != 0.0f)
+            for (int64_t i = 0; i < D; i++) q[i] = round_act(q[i] * s->logn, act);
+        /* The cache keeps keys after rotary (never logn) and values as projected. */
+        size_t head_off = (size_t)(((layer * m->n_heads) + h) * T) * (size_t)D;
+        char* kc = (char*)s->keys + head_off * e;
+        char* vc = (char*)s->values + head_off * e;
+        const char* vsrc = (const char*)b->qkv + (size_t)(2 * H + h * D) * e;
+        for (int64_t i = 0; i < D; i++) store_scalar(kc + (size_t)(pos * D) * e, act, i, k[i]);
+        memcpy(vc + (size_t)(pos * D) * e, vsrc, (size_t)D * e);
+
+        float best = -INFINITY;
+        for (int64_t j = 0; j <= pos; j++) {
+            if (!s->key_mask[j]) continue;
+            float sc = dot_act(q, kc + (size_t)(j * D) * e, act, D) * scale;
+            scores[j] = sc;
+            if (sc > best) best = sc;
+        }
+        float total = 0.0f;
+        for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+        for (int64_t j = 0; j <= pos; j++) {
+            if (!s->key_mask[j]) continue;
+            float p = expf(scores[j] - best);
+            total += p;
+            axpy_act(acc, p, vc + (size_t)(j * D) * e, act, D);
+        }
+        void* out = (char*)b->attn + (size_t)(h * D) * e;
+        for (int64_t i = 0; i < D; i++) store_scalar(out, act, i, acc[i] / total);
+    }
+}
+
+/* g = round(w1(x) * round(silu(w2(x)))) for rows [begin, end), Qwen quirk 2: silu on the w2 branch.
+ * h1 and h2 already hold the act-rounded projections. */
+static void swiglu_rows(const nk_buffers* b, int act, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; j++) {
+        float up = load_scalar(b->h1, act, j);
+        float gate = load_scalar(b->h2, act, j);
+        float silu = round_act(gate / (1.0f + expf(-gate)), act);
+        store_scalar(b->g, act, j, up * silu);
+    }
+}
+
+/* x = round(x + delta), delta in the act dtype (the residual connection). */
+static void add_residual(float* x, const void* delta, int act, int64_t H) {
+    for (int64_t i = 0; i < H; i++) x[i] = round_act(x[i] + load_scalar(delta, act, i), act);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* The step.                                                                                            */
+
+static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b, int t, int team,
+                        float* x, float* a, float* xp, float* scores) {
+    const int act = m->act;
+    const int64_t H = m->hidden, F = m->mlp_width;
+#define SLAB(n) ((n) * t / team), ((n) * (t + 1) / team)
+    for (int64_t i = 0; i < H; i++) x[i] = load_scalar(s->embedding, act, i);
+    for (int64_t l = 0; l < m->n_layers; l++) {
+        const nk_layer* L = &m->layers[l];
+        /* x + attn(ln_1(x)) */
+        rms_norm(x, L->ln_1, act, H, m->eps, a);
+        load_x(xp, a, DT_F32, H, split_for(&L->c_attn));
+        linear_rows(&L->c_attn, xp, b->qkv, act, SLAB(3 * H));
+#pragma omp barrier
+        attention_heads(m, s, b, l, SLAB(m->n_heads), scores);
+#pragma omp barrier
+        load_x(xp, b->attn, act, H, split_for(&L->attn_proj));
+        linear_rows(&L->attn_proj, xp, b->o, act, SLAB(H));
+#pragma omp barrier
+        add_residual(x, b->o, act, H);
+        /* x + mlp(ln_2(x)) */
+        rms_norm(x, L->ln_2, act, H, m->eps, a);
+        load_x(xp, a, DT_F32, H, split_for(&L->w1));
+        linear_rows(&L->w1, xp, b->h1, act, SLAB(F));
+        if (split_for(&L->w2) != split_for(&L->w1)) load_x(xp, a, DT_F32, H, split_for(&L->w2));
+        linear_rows(&L->w2, xp, b->h2, act, SLAB(F));
+        swiglu_rows(b, act, SLAB(F));
+#pragma omp barrier
+        load_x(xp, b->g, act, F, split_for(&L->mlp_proj));
+        linear_rows(&L->mlp_proj, xp, b->m, act, SLAB(H));
+#pragma omp barrier
+        add_residual(x, b->m, act, H);
+    }
+    rms_norm(x, m->ln_f, act, H, m->eps, a);
+    load_x(xp, a, DT_F32, H, split_for(&m->lm_head));
+    linear_rows(&m->lm_head, xp, s->logits, act, SLAB(m->vocab));
+#undef SLAB
+}
+
+/* Runs one decode step; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim above
+ * NK_MAX_HEAD_DIM (the caller checks both before calling). */
+int nekomata_decode_step(const nk_model* m, const nk_step* s) {
+    if (m->head_dim > NK_MAX_HEAD_DIM) return -2;
+    nk_buffers b = carve(m, s->scratch);
+    int64_t widest = m->hidden > m->mlp_width ? m->hidden : m->mlp_width;
+    int team = s->nthreads < 1 ? 1 : s->nthreads;
+    int failed = 0;
+#pragma omp parallel num_threads(team)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        float* x = tl_get(0, m->hidden);
+        float* a = tl_get(1, m->hidden);
+        float* scores = tl_get(2, s->max_length);
+        float* xp = xbuf_get(widest);
+        if (!x || !a || !scores || !xp) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int broken;
+#pragma omp atomic read
+        broken = failed;
+        if (!broken) step_thread(m, s, &b, t, n, x, a, xp, scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* A streaming read of `nbytes` bytes with the same access pattern tools as the GEMVs (AVX2 loads, software
+ * prefetch, one contiguous slab per thread): the read bandwidth the decode step could reach at best,
+ * for the benchmark's roofline. Returns a checksum so that the loads cannot be optimised away. */
+int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nthreads) {
+    int64_t lines = nbytes / 64, total = 0;
+    int team = nthreads < 1 ? 1 : nthreads;
+#pragma omp parallel num_threads(team) reduction(+ : total)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        const char* p = (const char*)data;
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t i = lines * t / n; i < lines * (t + 1) / n; i++) {
+            _mm_prefetch(p + i * 64 + 512, _MM_HINT_T0);
+            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(p + i * 64)));
+            acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(p + i * 64 + 32)));
+        }
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i*)lanes, acc);
+        for (int j = 0; j < 8; j++) total += lanes[j];
+    }
+    return total;
+}
