@@ -7,9 +7,14 @@
  * Why a whole step in C: at batch 1 a step reads every weight once, and the GEMVs alone run close to
  * DRAM bandwidth; what kept PyTorch's step far from the roofline was the ~60 small operations per block
  * around them (norms, rotary, attention, casts, residuals), each paying dispatch and allocation, and the
- * OpenMP team waking up for every GEMV. Here one parallel region covers the step: each thread takes a
- * fixed slab of rows of every matrix and the threads meet at a barrier only where a result of the whole
- * team is needed (5 per block).
+ * OpenMP team waking up for every GEMV. Here one parallel region covers the step, and the threads meet
+ * at a barrier only where a result of the whole team is needed (5 per block).
+ *
+ * Work is handed out in chunks (NK_CHUNKS_PER_THREAD per thread and matrix, first come first served)
+ * rather than one fixed slab per thread: on a shared VM one core is often a little slower than the
+ * other, and with fixed slabs the faster one then idles at every barrier (measured: ~3 ms of a 45 ms
+ * step on the 2-core CI VM, ~1 ms with chunks). Which thread computes a row does not change its value
+ * (see gemv_slab), so results do not depend on the thread count or the schedule.
  *
  * Numerics: the computation is that of nekomata_core.model in the model dtype ("act" below: fp32, bf16
  * or fp16), with the same rounding points. Every value that PyTorch would hold in an act-dtype tensor is
@@ -142,6 +147,24 @@ static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, i
 
 static inline int split_for(const nk_linear* l) { return l->kind == KIND_BF16; }
 
+/* Chunks per thread and matrix: enough that the last chunk to finish is a small part of the matrix,
+ * few enough that each chunk is long (>= 16 rows) for the prefetchers (32 per thread measured slower). */
+#define NK_CHUNKS_PER_THREAD 8
+
+static inline int64_t chunk_rows(int64_t N, int team) {
+    int64_t per = (int64_t)team * NK_CHUNKS_PER_THREAD;
+    int64_t c = (N + per - 1) / per;
+    return c < 16 ? 16 : c;
+}
+
+/* y = lin(x) by the whole team, in chunks of rows taken first come first served. No barrier at the end:
+ * the caller places one where the result is needed. */
+static void linear_team(const nk_linear* l, const float* xp, void* y, int act, int team) {
+    int64_t c = chunk_rows(l->N, team), n = (l->N + c - 1) / c;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t i = 0; i < n; i++) linear_rows(l, xp, y, act, i * c, (i + 1) * c < l->N ? (i + 1) * c : l->N);
+}
+
 /* dot(q, k) over D elements, q fp32 and k in the act dtype. */
 static inline float dot_act(const float* q, const void* k, int act, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
@@ -197,16 +220,17 @@ static void rope_head(const void* src, int act, int64_t D, int64_t R, const floa
     for (int64_t i = R; i < D; i++) out[i] = x[i];
 }
 
-/* Attention of the new token for heads [h0, h1): rotary on q and k, logn on q, the new key/value written
+/* Attention of the new token, heads shared out among the team: rotary on q and k, logn on q, the new key/value written
  * to the cache, then softmax(q k^T / sqrt(D)) v over the cached positions 0..position that the key mask
  * allows. Scores and probabilities stay fp32; the output is rounded once to act. */
 static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffers* b, int64_t layer,
-                            int64_t h0, int64_t h1, float* scores) {
+                            float* scores) {
     const int act = m->act;
     const size_t e = act_size(act);
     const int64_t H = m->hidden, D = m->head_dim, T = s->max_length, pos = s->position;
     const float scale = 1.0f / sqrtf((float)D);
-    for (int64_t h = h0; h < h1; h++) {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t h = 0; h < m->n_heads; h++) {
         float q[NK_MAX_HEAD_DIM], k[NK_MAX_HEAD_DIM], acc[NK_MAX_HEAD_DIM];
         rope_head((const char*)b->qkv + (size_t)(h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, q);
         rope_head((const char*)b->qkv + (size_t)(H + h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, k);
@@ -259,42 +283,47 @@ static void add_residual(float* x, const void* delta, int act, int64_t H) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* The step.                                                                                            */
 
-static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b, int t, int team,
-                        float* x, float* a, float* xp, float* scores) {
+static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b, int team, float* x,
+                        float* a, float* xp, float* scores) {
     const int act = m->act;
     const int64_t H = m->hidden, F = m->mlp_width;
-#define SLAB(n) ((n) * t / team), ((n) * (t + 1) / team)
     for (int64_t i = 0; i < H; i++) x[i] = load_scalar(s->embedding, act, i);
     for (int64_t l = 0; l < m->n_layers; l++) {
         const nk_layer* L = &m->layers[l];
         /* x + attn(ln_1(x)) */
         rms_norm(x, L->ln_1, act, H, m->eps, a);
         load_x(xp, a, DT_F32, H, split_for(&L->c_attn));
-        linear_rows(&L->c_attn, xp, b->qkv, act, SLAB(3 * H));
+        linear_team(&L->c_attn, xp, b->qkv, act, team);
 #pragma omp barrier
-        attention_heads(m, s, b, l, SLAB(m->n_heads), scores);
+        attention_heads(m, s, b, l, scores);
 #pragma omp barrier
         load_x(xp, b->attn, act, H, split_for(&L->attn_proj));
-        linear_rows(&L->attn_proj, xp, b->o, act, SLAB(H));
+        linear_team(&L->attn_proj, xp, b->o, act, team);
 #pragma omp barrier
         add_residual(x, b->o, act, H);
-        /* x + mlp(ln_2(x)) */
+        /* x + mlp(ln_2(x)): w1 and w2 of the same rows in one chunk, so SwiGLU follows at once */
         rms_norm(x, L->ln_2, act, H, m->eps, a);
         load_x(xp, a, DT_F32, H, split_for(&L->w1));
-        linear_rows(&L->w1, xp, b->h1, act, SLAB(F));
-        if (split_for(&L->w2) != split_for(&L->w1)) load_x(xp, a, DT_F32, H, split_for(&L->w2));
-        linear_rows(&L->w2, xp, b->h2, act, SLAB(F));
-        swiglu_rows(b, act, SLAB(F));
+        {
+            /* (w1 and w2 have the same weight kind, so the same prepared x: checked by the caller) */
+            int64_t c = chunk_rows(F, team), n = (F + c - 1) / c;
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t i = 0; i < n; i++) {
+                int64_t lo = i * c, hi = (i + 1) * c < F ? (i + 1) * c : F;
+                linear_rows(&L->w1, xp, b->h1, act, lo, hi);
+                linear_rows(&L->w2, xp, b->h2, act, lo, hi);
+                swiglu_rows(b, act, lo, hi);
+            }
+        }
 #pragma omp barrier
         load_x(xp, b->g, act, F, split_for(&L->mlp_proj));
-        linear_rows(&L->mlp_proj, xp, b->m, act, SLAB(H));
+        linear_team(&L->mlp_proj, xp, b->m, act, team);
 #pragma omp barrier
         add_residual(x, b->m, act, H);
     }
     rms_norm(x, m->ln_f, act, H, m->eps, a);
     load_x(xp, a, DT_F32, H, split_for(&m->lm_head));
-    linear_rows(&m->lm_head, xp, s->logits, act, SLAB(m->vocab));
-#undef SLAB
+    linear_team(&m->lm_head, xp, s->logits, act, team);
 }
 
 /* Runs one decode step; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim above
@@ -307,7 +336,7 @@ int nekomata_decode_step(const nk_model* m, const nk_step* s) {
     int failed = 0;
 #pragma omp parallel num_threads(team)
     {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int n = omp_get_num_threads();
         float* x = tl_get(0, m->hidden);
         float* a = tl_get(1, m->hidden);
         float* scores = tl_get(2, s->max_length);
@@ -320,15 +349,21 @@ int nekomata_decode_step(const nk_model* m, const nk_step* s) {
         int broken;
 #pragma omp atomic read
         broken = failed;
-        if (!broken) step_thread(m, s, &b, t, n, x, a, xp, scores);
+        if (!broken) step_thread(m, s, &b, n, x, a, xp, scores);
     }
     return failed ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* A streaming read of `nbytes` bytes with the same access pattern tools as the GEMVs (AVX2 loads, software
- * prefetch, one contiguous slab per thread): the read bandwidth the decode step could reach at best,
- * for the benchmark's roofline. Returns a checksum so that the loads cannot be optimised away. */
+/* A streaming read of the whole 64-byte lines of `nbytes` bytes (a trailing partial line is skipped),
+ * for the benchmark's roofline: the fastest way we know to read memory on these machines, i.e. the
+ * GEMVs' access pattern without their arithmetic. Each thread takes one contiguous slab and walks
+ * STREAM_WAYS parts of it in lockstep with a software prefetch ahead of each (one stream per thread
+ * measured ~15 % slower here: more streams keep more misses in flight). Returns the sum of the 32-bit
+ * words (each of the 8 lanes wrapping at 32 bits) so that the loads cannot be optimised away. */
+#define STREAM_WAYS 4
+#define STREAM_PF 512
+
 int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nthreads) {
     int64_t lines = nbytes / 64, total = 0;
     int team = nthreads < 1 ? 1 : nthreads;
@@ -336,9 +371,17 @@ int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nthreads) {
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         const char* p = (const char*)data;
+        int64_t begin = lines * t / n, end = lines * (t + 1) / n, q = (end - begin) / STREAM_WAYS;
         __m256i acc = _mm256_setzero_si256();
-        for (int64_t i = lines * t / n; i < lines * (t + 1) / n; i++) {
-            _mm_prefetch(p + i * 64 + 512, _MM_HINT_T0);
+        for (int64_t i = 0; i < q; i++) {
+            for (int w = 0; w < STREAM_WAYS; w++) {
+                const char* line = p + (begin + w * q + i) * 64;
+                _mm_prefetch(line + STREAM_PF, _MM_HINT_T0);
+                acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)line));
+                acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(line + 32)));
+            }
+        }
+        for (int64_t i = begin + STREAM_WAYS * q; i < end; i++) {
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(p + i * 64)));
             acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(p + i * 64 + 32)));
         }

@@ -144,8 +144,9 @@ def _library_functions():
 
 
 def stream_read(address: int, nbytes: int, num_threads: int) -> int:
-    """Read `nbytes` bytes from `address` once (a memory-bandwidth probe, see bench.ReadBandwidth);
-    returns a checksum of the 32-bit words. The caller keeps the memory alive and readable."""
+    """Read the whole 64-byte lines of the `nbytes` bytes at `address` once, with `num_threads` threads
+    (a memory-bandwidth probe, see bench.ReadBandwidth); returns the sum of the 32-bit words read. The
+    caller keeps the memory alive and readable."""
     if nbytes < 0 or num_threads < 1:
         raise ValueError(f"stream_read: nbytes must be ≥ 0 and num_threads ≥ 1, got {nbytes} and {num_threads}")
     return _library_functions()[2](address, nbytes, num_threads)
@@ -208,6 +209,11 @@ class FusedDecodeStep:
             layers[i].w1 = self._linear(b.w1, f"{name}.w1", mlp_width, hidden)
             layers[i].w2 = self._linear(b.w2, f"{name}.w2", mlp_width, hidden)
             layers[i].mlp_proj = self._linear(b.mlp_c_proj, f"{name}.mlp_c_proj", hidden, mlp_width)
+            if b.w1.weight.dtype != b.w2.weight.dtype:  # the C step prepares x once for both
+                raise ValueError(
+                    f"{name}: w1 and w2 must have the same weight dtype, got {b.w1.weight.dtype} and "
+                    f"{b.w2.weight.dtype}"
+                )
         self._layers = layers
         vocab = lm_head.weight.shape[0]
         self.vocab_size = vocab

@@ -25,7 +25,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -474,6 +474,7 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str,
     progress: bool = True,
+    after_tensor: Callable[[str], None] | None = None,
 ) -> None:
     """Replace every parameter of `model` (normally on the meta device) with the checkpoint's tensor.
 
@@ -481,7 +482,9 @@ def load_weights(
     parameters keep their own dtype) on `device`. All headers are checked against the model first:
     missing, unexpected (other than `*.inv_freq` buffers) and mis-shaped tensors are reported together
     in one `CheckpointError` before any weight is read. Then the files are streamed one tensor at a
-    time, so peak memory is the final weights plus at most one tensor.
+    time, so peak memory is the final weights plus at most one tensor. `after_tensor(name)`, if given,
+    is called after each parameter is set (quantize-on-load uses it to convert a layer as soon as its
+    last tensor is in).
     """
     folder = Path(folder)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -512,12 +515,16 @@ def load_weights(
                     # copy=True: never keep a parameter that aliases the file mapping.
                     tensor = state.pop(info.name).to(device=device, dtype=targets[info.name], copy=True)
                     _set_parameter(model, info.name, tensor)
+                    if after_tensor is not None:
+                        after_tensor(info.name)
                     bar.update(info.nbytes)
                 del state
                 continue
             with open(path, "rb", buffering=0) as f:  # unbuffered: readinto goes straight to the tensor
                 for info in sorted(infos, key=lambda i: i.offset):  # sequential reads
                     _set_parameter(model, info.name, _read_tensor(f, info, targets[info.name], device))
+                    if after_tensor is not None:
+                        after_tensor(info.name)
                     bar.update(info.nbytes)
 
 

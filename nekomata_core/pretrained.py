@@ -76,7 +76,7 @@ def load_pretrained(
     quantize: str | None = None,
 ) -> QwenForCausalLM:
     from .loader import load_weights
-    from .quantize import QUANTIZE_CHOICES, convert_to_int8_structure, quantization_of, quantize_int8
+    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_int8_structure, quantization_of
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
@@ -91,9 +91,11 @@ def load_pretrained(
         model = cls(config, attention_backend=attention_backend, ops_backend=ops_backend)
     if saved_quantization is not None:  # int8 weights on disk: load them as they are
         convert_to_int8_structure(model, target_dtype)
-    load_weights(model, folder, dtype=target_dtype, device=target_device, progress=progress)
-    if quantize == "int8" and saved_quantization is None:
-        quantize_int8(model)
+    # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
+    on_load = QuantizeOnLoad(model) if quantize == "int8" and saved_quantization is None else None
+    load_weights(model, folder, dtype=target_dtype, device=target_device, progress=progress, after_tensor=on_load)
+    if on_load is not None and on_load.linears:  # cannot happen: every linear has all its tensors
+        raise RuntimeError(f"int8 quantization left {sorted(on_load.linears)} unconverted")
     model.set_backends()
     model.checkpoint_dir = folder
     return model.eval().requires_grad_(False)

@@ -261,8 +261,11 @@ def test_native_decoder_errors_are_clear(model):
 def test_stream_read_reads_every_line(tmp_path):
     if not cpu_decode.available():
         pytest.skip(cpu_decode.unavailable_reason())
-    words = torch.arange(1, 64 * 1000 // 4 + 1, dtype=torch.int32)  # 1000 lines of 64 bytes
+    words = torch.arange(1, 64 * 1001 // 4 + 1, dtype=torch.int32)  # 1001 lines of 64 bytes (16 words)
     for threads in (1, 2, 3):
         assert cpu_decode.stream_read(words.data_ptr(), words.numel() * 4, threads) == int(words.sum())
+        # a trailing partial line is not read
+        partial = words.numel() * 4 - 40
+        assert cpu_decode.stream_read(words.data_ptr(), partial, threads) == int(words[:-16].sum())
     with pytest.raises(ValueError, match="num_threads"):
         cpu_decode.stream_read(words.data_ptr(), 64, 0)

@@ -86,3 +86,39 @@ def test_saving_an_unquantized_model_is_refused(folder, tmp_path):
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     with pytest.raises(ValueError, match="quantize it first"):
         save_quantized(model, tmp_path / "x")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_quantize_on_load_equals_quantizing_the_loaded_model(checkpoint_factory, shards):
+    """quantize="int8" converts each linear as it is read: the same int8 model as quantizing after a
+    full bf16 load, with biases on every linear and tensors spread over shards."""
+    folder = checkpoint_factory("tiny", seed=13, vocab_size=256, no_bias=False, shards=shards)
+    on_load = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8")
+    after = quantize_int8(QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False))
+    a, b = on_load.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and any(k.endswith("mlp.w1.bias") for k in a)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert sum(isinstance(m, Int8Linear) for m in on_load.modules()) == 5 * on_load.config.num_hidden_layers + 1
+
+
+def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monkeypatch):
+    from nekomata_core import loader
+    from nekomata_core.model import Linear
+
+    folder = checkpoint_factory("tiny", seed=13, vocab_size=256)
+    real_load = loader.load_weights
+    most = []
+
+    def watching_load(model, *args, after_tensor=None, **kwargs):
+        def watch(name):
+            after_tensor(name)
+            loaded_float = [m for m in model.modules() if type(m) is Linear and not m.weight.is_meta]
+            most.append(len(loaded_float))
+
+        return real_load(model, *args, after_tensor=watch, **kwargs)
+
+    monkeypatch.setattr(loader, "load_weights", watching_load)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8")
+    assert most and max(most) == 0  # each linear was converted as soon as it was complete
+    assert not any(type(m) is Linear for m in model.modules())

@@ -147,3 +147,23 @@ def test_generation_config_json_is_read(tmp_path):
     path.write_text(json.dumps({"top_p": 3}))
     with pytest.raises(ValueError, match="top_p"):
         load_generation_config(path)
+
+
+def test_greedy_argmax_equals_torch_argmax_with_ties_nan_and_inf():
+    from nekomata_core.sampling import greedy_argmax
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(6, 1000, generator=g)
+    rows[1, [10, 500, 900]] = 50.0  # a tie: the first index wins
+    rows[2, 700] = float("nan")  # NaN counts as the maximum
+    rows[3, [30, 60]] = float("nan")  # the first NaN
+    rows[4] = float("-inf")  # all -inf: index 0
+    rows[4, 999] = float("-inf")
+    rows[5, 3] = float("inf")
+    expected = rows.argmax(dim=-1)
+    assert expected.tolist()[1:4] == [10, 700, 30]
+    got = greedy_argmax(rows)
+    assert got.dtype == torch.long and torch.equal(got, expected)
+    with torch.inference_mode():  # as generate calls it
+        assert torch.equal(greedy_argmax(rows.clone()), expected)
+    assert torch.equal(greedy_argmax(rows.double()), expected)  # other dtypes: torch's own argmax
