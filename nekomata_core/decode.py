@@ -12,6 +12,8 @@ changes. Modes (`make_decoder`):
 - "native": on x86-64 CPUs at batch 1, the whole step in one C call (kernels/cpu_decode.c), the same
   computation with the same rounding points and no per-operation overhead;
 - "auto" (the default of the CLI and the benchmark): "native" where it applies, else "static".
+
+`generate` without a `decode_fn` uses "native" where it applies and the plain forward otherwise.
 """
 
 from __future__ import annotations
