@@ -165,21 +165,20 @@ static void linear_team(const nk_linear* l, const float* xp, void* y, int act, i
     for (int64_t i = 0; i < n; i++) linear_rows(l, xp, y, act, i * c, (i + 1) * c < l->N ? (i + 1) * c : l->N);
 }
 
+/* 8 consecutive act-dtype elements from index i, as fp32. */
+static inline __m256 load8_act(const void* p, int act, int64_t i) {
+    if (act == DT_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
+    if (act == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+    return _mm256_loadu_ps((const float*)p + i);
+}
+
 /* dot(q, k) over D elements, q fp32 and k in the act dtype. */
 static inline float dot_act(const float* q, const void* k, int act, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-        __m256 kv;
-        if (act == DT_BF16)
-            kv = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)k + i))), 16));
-        else if (act == DT_F16)
-            kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)k + i)));
-        else
-            kv = _mm256_loadu_ps((const float*)k + i);
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv, acc);
-    }
+    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_act(k, act, i), acc);
     float s = hsum8(acc);
     for (; i < D; i++) s = fmaf(q[i], load_scalar(k, act, i), s);
     return s;
@@ -189,17 +188,8 @@ static inline float dot_act(const float* q, const void* k, int act, int64_t D) {
 static inline void axpy_act(float* acc, float p, const void* v, int act, int64_t D) {
     __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
-    for (; i + 8 <= D; i += 8) {
-        __m256 vv;
-        if (act == DT_BF16)
-            vv = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)v + i))), 16));
-        else if (act == DT_F16)
-            vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)v + i)));
-        else
-            vv = _mm256_loadu_ps((const float*)v + i);
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(acc + i)));
-    }
+    for (; i + 8 <= D; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8_act(v, act, i), _mm256_loadu_ps(acc + i)));
     for (; i < D; i++) acc[i] = fmaf(p, load_scalar(v, act, i), acc[i]);
 }
 
