@@ -19,6 +19,7 @@ updates such as ``param.copy_()`` are seen).
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -234,6 +235,9 @@ class FusedDecodeStep:
         nbytes = scratch_bytes(ctypes.byref(self._model))
         self._scratch = torch.empty(nbytes, dtype=torch.uint8)
         self._cache_checked: tuple | None = None
+        # The scratch buffers are shared by every call: two threads stepping one plan at once (ctypes
+        # releases the GIL) would overwrite each other's activations, so calls are serialised.
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ checks and pointers
     def _tensor(self, t, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -339,7 +343,8 @@ class FusedDecodeStep:
             scratch=self._scratch.data_ptr(),
             nthreads=num_threads or torch.get_num_threads(),
         )
-        status = self._step_fn(ctypes.byref(self._model), ctypes.byref(args))
+        with self._lock:
+            status = self._step_fn(ctypes.byref(self._model), ctypes.byref(args))
         if status == -1:
             raise MemoryError("the fused decode step could not allocate its per-thread work buffers")
         if status != 0:

@@ -503,7 +503,8 @@ class QwenForCausalLM(nn.Module):
         `torch.compile` and CUDA graphs: no Python-side checks, no shape that depends on the step, the
         keys/values written with `index_copy_` and attention taken over the whole preallocated cache
         under a mask. The caller marks the position valid and advances `cache.length`
-        (`nekomata_core.decode.StaticDecoder` does both).
+        (`nekomata_core.decode.StaticDecoder` does both). On x86-64 CPUs at batch 1,
+        `nekomata_core.decode.NativeDecoder` runs this same computation as one C call (kernels/cpu_decode.c).
         """
         config = self.config
         device = tokens.device
