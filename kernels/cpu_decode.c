@@ -87,30 +87,24 @@ typedef struct {
     void *qkv, *attn, *o, *h1, *h2, *g, *m;
 } nk_buffers;
 
-static nk_buffers carve(const nk_model* m, void* scratch) {
-    size_t e = act_size(m->act);
-    /* every buffer starts on a 64-byte boundary */
-#define NK_TAKE(n) ((void*)p); p += (((size_t)(n) * e + 63) & ~(size_t)63)
-    char* p = (char*)scratch;
-    nk_buffers b;
-    b.qkv = NK_TAKE(3 * m->hidden);
-    b.attn = NK_TAKE(m->hidden);
-    b.o = NK_TAKE(m->hidden);
-    b.h1 = NK_TAKE(m->mlp_width);
-    b.h2 = NK_TAKE(m->mlp_width);
-    b.g = NK_TAKE(m->mlp_width);
-    b.m = NK_TAKE(m->hidden);
-#undef NK_TAKE
-    return b;
+/* Lays the buffers out in `scratch` (each on a 64-byte boundary) and returns the bytes they take; the
+ * one place that knows the layout, so that nekomata_decode_scratch_bytes cannot disagree with it. */
+static size_t carve(const nk_model* m, char* scratch, nk_buffers* b) {
+    const size_t e = act_size(m->act);
+    const int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width,
+                              m->mlp_width, m->hidden};
+    void** slots[7] = {&b->qkv, &b->attn, &b->o, &b->h1, &b->h2, &b->g, &b->m};
+    size_t offset = 0;
+    for (int i = 0; i < 7; i++) {
+        *slots[i] = scratch ? scratch + offset : NULL;
+        offset += ((size_t)sizes[i] * e + 63) & ~(size_t)63;
+    }
+    return offset;
 }
 
 int64_t nekomata_decode_scratch_bytes(const nk_model* m) {
-    size_t e = act_size(m->act);
-    int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width, m->mlp_width,
-                        m->hidden};
-    int64_t total = 0;
-    for (int i = 0; i < 7; i++) total += (int64_t)(((size_t)sizes[i] * e + 63) & ~(size_t)63);
-    return total;
+    nk_buffers unused;
+    return (int64_t)carve(m, NULL, &unused);
 }
 
 /* Thread-private work vectors (fp32), grown as needed and kept: steady-state steps allocate nothing. */
@@ -320,7 +314,8 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
  * NK_MAX_HEAD_DIM (the caller checks both before calling). */
 int nekomata_decode_step(const nk_model* m, const nk_step* s) {
     if (m->head_dim > NK_MAX_HEAD_DIM) return -2;
-    nk_buffers b = carve(m, s->scratch);
+    nk_buffers b;
+    carve(m, (char*)s->scratch, &b);
     int64_t widest = m->hidden > m->mlp_width ? m->hidden : m->mlp_width;
     int team = s->nthreads < 1 ? 1 : s->nthreads;
     int failed = 0;

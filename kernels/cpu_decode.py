@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_gemv
+from .cpu_gemv import _describe
 
 __all__ = ["BlockWeights", "FusedDecodeStep", "LinearWeights", "available", "stream_read", "unavailable_reason"]
 
@@ -151,13 +152,6 @@ def stream_read(address: int, nbytes: int, num_threads: int) -> int:
     if nbytes < 0 or num_threads < 1:
         raise ValueError(f"stream_read: nbytes must be ≥ 0 and num_threads ≥ 1, got {nbytes} and {num_threads}")
     return _library_functions()[2](address, nbytes, num_threads)
-
-
-def _describe(t: object) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    layout = "contiguous" if t.is_contiguous() else "non-contiguous"
-    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device} ({layout})"
 
 
 class FusedDecodeStep:

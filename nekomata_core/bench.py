@@ -78,10 +78,8 @@ def _rate(fn, nbytes: int, repeats: int) -> float:
 
 def _c_stream_read():
     """kernels.cpu_decode's streaming read (nbytes, threads → checksum), or None where it does not build."""
-    try:
-        from kernels import cpu_decode
-    except ImportError:
-        return None
+    from kernels import cpu_decode
+
     return cpu_decode.stream_read if cpu_decode.available() else None
 
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from .model import QwenForCausalLM
 
 
-
 class StaticDecoder:
     """A `decode_fn` for `generate`: (tokens [B, 1], cache) → next-token logits [B, V]."""
 
@@ -148,13 +147,13 @@ def native_decode_problem(model: QwenForCausalLM) -> str | None:
     weights = {p.dtype for p in model.parameters()}
     if not weights <= {torch.float32, torch.bfloat16, torch.int8}:
         return f"the native step reads float32, bfloat16 or int8 weights, this model has {sorted(map(str, weights))}"
-    if model.config.head_dim > 512:
-        return f"head_dim {model.config.head_dim} is above the native step's 512"
+    from kernels import cpu_decode
+
+    if model.config.head_dim > cpu_decode.MAX_HEAD_DIM:
+        return f"head_dim {model.config.head_dim} is above the native step's {cpu_decode.MAX_HEAD_DIM}"
     unusual = _unusual_module(model)
     if unusual is not None:
         return unusual
-    from kernels import cpu_decode
-
     if not cpu_decode.available():
         return str(cpu_decode.unavailable_reason())
     return None
