@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import NekomataError
 from .tokenizer import PAT_STR, QwenTokenizer
 
 LANGUAGES = ("japanese", "english", "other")
@@ -71,7 +72,7 @@ _ENGLISH_FUNCTION_WORDS = frozenset(
 )
 
 
-class Byte2TokenError(ValueError):
+class Byte2TokenError(NekomataError):
     """The inputs cannot be measured as asked (missing file, not UTF-8, unknown tokenizer file, …)."""
 
 

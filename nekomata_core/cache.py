@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from .config import QwenConfig
+from .errors import NekomataError
 
 
-class CacheError(ValueError):
+class CacheError(NekomataError):
     """A forward call does not fit the cache it was given (batch size, capacity)."""
 
 

@@ -21,6 +21,7 @@ from .bench import add_bench_parser
 from .byte2token import add_byte2token_parser
 from .cli_generate import add_chat_parser, add_generate_parser
 from .config import ConfigError, QwenConfig
+from .errors import NekomataError
 from .hub import CheckpointNotFoundError, resolve_model_dir
 from .parity import add_parity_parser
 from .perplexity import add_perplexity_parser
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class CLIError(Exception):
+class CLIError(NekomataError):
     """An expected failure of a command: printed as one line, exits with `exit_code`."""
 
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    expected: tuple[type[Exception], ...] = (CLIError, ConfigError, CheckpointNotFoundError)
-    # A CheckpointError can only have been raised if the loader is imported; don't import torch to check.
-    loader = sys.modules.get(f"{__package__}.loader")
-    return expected + (loader.CheckpointError,) if loader is not None else expected
+    # Every error the library raises on purpose derives from NekomataError; the kernels package (which
+    # knows nothing of the library) has its own, imported only if a kernel was asked for.
+    dispatch = sys.modules.get("kernels.dispatch")
+    return (NekomataError, dispatch.KernelUnavailableError) if dispatch is not None else (NekomataError,)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import NekomataError
+
 # The decode paths (nekomata_core.decode.make_decoder), defined here, torch-free, so that the CLI parsers
 # can list them without importing torch.
 DECODE_MODES = ("auto", "eager", "static", "compiled", "native")
 
 
-class ConfigError(ValueError):
+class ConfigError(NekomataError):
     """config.json is missing a key, has a key of the wrong type, or is inconsistent."""
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import NekomataError
 from .sampling import SamplingParams, process_logits, select_next
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ FINISH_STOP_STRING = "stop_string"
 FINISH_LENGTH = "length"
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(NekomataError):
     """The prompt does not fit the model's context limit."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import NekomataError
+
 # What a full nekomata/Qwen checkpoint needs: config, generation defaults, the BPE file, weights.
 CHECKPOINT_PATTERNS: tuple[str, ...] = (
     "config.json",
@@ -22,7 +24,7 @@ CHECKPOINT_PATTERNS: tuple[str, ...] = (
 TOKENIZER_PATTERNS: tuple[str, ...] = ("qwen.tiktoken", "tokenizer_config.json")
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(FileNotFoundError, NekomataError):
     """The path is not a local directory and the Hub could not provide it."""
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import NekomataError
+
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
@@ -60,7 +62,7 @@ _SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAF
 _MAX_LISTED = 12  # how many names an error message spells out before saying "and N more"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NekomataError):
     """The checkpoint files are missing, corrupt, or do not match the model."""
 
 

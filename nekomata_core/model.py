@@ -32,13 +32,14 @@ from torch import nn
 
 from .cache import KVCache
 from .config import QwenConfig
+from .errors import NekomataError
 
 ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "eager")
 PREFILL_UPCAST_ROWS = 8  # rows from which a half-precision CPU matmul is done in fp32 (see Linear)
 OPS_BACKENDS = ("auto", "triton", "eager")
 
 
-class InputError(ValueError):
+class InputError(NekomataError):
     """The inputs of a forward call are malformed (shape, dtype, token ids, attention mask)."""
 
 

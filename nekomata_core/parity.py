@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import NekomataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -84,7 +86,7 @@ DEFAULT_RANDOM_TOKENS = 32
 DEFAULT_MAX_NEW_TOKENS = 16
 
 
-class ParityError(ValueError):
+class ParityError(NekomataError):
     """The comparison cannot be run as asked (bad inputs, too long, no usable reference)."""
 
 

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import NekomataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
 DEFAULT_WINDOW = 1024
 
 
-class PerplexityError(ValueError):
+class PerplexityError(NekomataError):
     """The perplexity cannot be computed as asked (bad window or stride, too few tokens)."""
 
 

@@ -45,6 +45,8 @@ import tiktoken
 
 from nekomata_core.hub import TOKENIZER_PATTERNS, resolve_model_dir
 
+from .errors import NekomataError
+
 if TYPE_CHECKING:
     import torch
 
@@ -139,7 +141,7 @@ def _long_whitespace_re(min_chars: int) -> re.Pattern[str]:
 _LONG_WHITESPACE = _long_whitespace_re(_LONG_WHITESPACE_CHARS)
 
 
-class VocabFileError(ValueError):
+class VocabFileError(NekomataError):
     """`qwen.tiktoken` is malformed; the message names the file and the line."""
 
 
