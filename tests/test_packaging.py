@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
 import venv
@@ -27,12 +28,34 @@ print("ok", nekomata_core.__version__)
 """
 
 
+def _site_dirs_of_this_interpreter() -> list[str]:
+    """The site-packages folders the running interpreter imports torch & co. from.
+
+    Inside a virtualenv these are the venv's own, not the base interpreter's: a nested venv made with
+    `system_site_packages=True` would reach the base interpreter and miss everything installed in the
+    venv that runs the tests (the README's test command is run inside one).
+    """
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
 def test_editable_install_in_a_fresh_venv_imports_without_triton(tmp_path):
     env_dir = tmp_path / "venv"
-    # System site-packages provide torch & co. (no network needed); the project itself is installed
-    # into the venv by pip from pyproject.toml, which is what this test checks.
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    # Torch & co. come from the interpreter running this test (no network needed): a .pth file puts its
+    # site-packages on the new venv's path. The project itself is installed into the venv by pip from
+    # pyproject.toml, which is what this test checks.
+    venv_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    (Path(venv_site) / "zz_test_parent_site.pth").write_text(
+        "\n".join(_site_dirs_of_this_interpreter()) + "\n"
+    )
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-deps", "-q", "-e", str(REPO)],
         capture_output=True,
