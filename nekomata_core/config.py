@@ -308,7 +308,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seq_length": 32768,
         "max_position_embeddings": 32768,
     },
-    # The shape used by BENCHMARKS.md: a 620M-parameter Qwen-shaped model (random weights).
+    # The benchmark shape: a 620M-parameter Qwen-shaped model (random weights).
     "bench-620m": {
         **_QWEN_COMMON,
         "vocab_size": 151936,
