@@ -15,7 +15,8 @@ round once to ``x.dtype`` after adding the bias (and applying the scale) in fp32
 
 The C file is compiled on first use (not at import) with the system C compiler into a per-user cache,
 keyed by a hash of the source and the flags, so an edited kernel is rebuilt and an unchanged one is
-reused by every later process. `available()` says whether that worked (x86-64 Linux, a CPU with
+reused by every later process. `native_build` decides where that cache is and which cached library may
+be loaded (only one the user owns, in a folder nobody else can write; never one in a shared temp folder). `available()` says whether that worked (x86-64 Linux, a CPU with
 AVX2/FMA/F16C, a working ``cc``); `unavailable_reason()` says why not. Nothing here raises at import.
 
 Environment: ``NEKOMATA_CPU_GEMV=0`` disables the kernels; ``NEKOMATA_CC`` picks the compiler;
@@ -31,11 +32,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from . import native_build
 
 __all__ = ["available", "library_path", "linear_bf16", "linear_int8", "unavailable_reason"]
 
@@ -99,13 +101,6 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _cache_dirs() -> list[Path]:
-    """Where to keep the built library: the user cache first, then a per-user temp directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    return [Path(base) / "nekomata_core", Path(tempfile.gettempdir()) / f"nekomata_core-{uid}"]
-
-
 def _library_name(source: bytes) -> str:
     key = hashlib.sha256()
     for part in (source, " ".join(_CFLAGS).encode(), platform.machine().encode(), str(ABI_VERSION).encode()):
@@ -125,62 +120,44 @@ def _read_sources() -> bytes:
     return b"\n".join(parts)
 
 
-def _compile(cc: str, source: bytes, target: Path) -> str | None:
-    """Compile `source` into `target` atomically; return None, or the reason it failed."""
+def _compile(cc: str, source: bytes, output: Path) -> str | None:
+    """Compile `source` into `output` (a temporary name: native_build renames it into place); return
+    None, or the reason it failed."""
     global _build_count
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
-    os.close(fd)
     try:
         # The source goes through stdin, so what is compiled is exactly the bytes that were hashed.
         proc = subprocess.run(
-            [cc, *_CFLAGS, "-x", "c", "-", "-o", tmp, "-lm"],
+            [cc, *_CFLAGS, "-x", "c", "-", "-o", str(output), "-lm"],
             input=source,
             capture_output=True,
             timeout=_COMPILE_TIMEOUT_S,
             check=False,
         )
-        if proc.returncode != 0:
-            err = proc.stderr.decode(errors="replace").strip()
-            return f"compiling {_source_names()} with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
-        _build_count += 1
-        # Other processes may be building the same library: whoever renames last wins, and a reader
-        # sees either no file or a complete one, never a half-written one.
-        os.replace(tmp, target)
-        return None
     except (OSError, subprocess.SubprocessError) as exc:
         return f"compiling {_source_names()} with {cc} failed: {type(exc).__name__}: {exc}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip()
+        return f"compiling {_source_names()} with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
+    _build_count += 1
+    return None
 
 
 def _build() -> tuple[Path | None, str | None]:
-    """The path of an up-to-date library (building it if needed), or None and the reason."""
+    """The path of an up-to-date library that is safe to load (building it if needed), or None and the
+    reason. Where it may live and what may be loaded is decided by `native_build` alone."""
     try:
         source = _read_sources()
     except OSError as exc:
         return None, f"cannot read the kernel source: {exc}"
-    name = _library_name(source)
-    for folder in _cache_dirs():
-        if (folder / name).is_file():
-            return folder / name, None
     cc = _compiler()
-    if cc is None:
-        wanted = os.environ.get("NEKOMATA_CC") or "cc or gcc"
-        return None, f"no C compiler found ({wanted} is not on PATH); install gcc to use the CPU GEMV kernels"
-    problems = []
-    for folder in _cache_dirs():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            problems.append(f"{folder}: {exc}")
-            continue
-        if not os.access(folder, os.W_OK):
-            problems.append(f"{folder}: not writable")
-            continue
-        error = _compile(cc, source, folder / name)
-        return (None, error) if error else (folder / name, None)
-    return None, "no writable cache directory for the CPU GEMV library (" + "; ".join(problems) + ")"
+
+    def compile_to(output: Path) -> str | None:
+        if cc is None:
+            wanted = os.environ.get("NEKOMATA_CC") or "cc or gcc"
+            return f"no C compiler found ({wanted} is not on PATH); install gcc to use the CPU GEMV kernels"
+        return _compile(cc, source, output)
+
+    return native_build.trusted_library(_library_name(source), compile_to)
 
 
 def _load() -> None:

@@ -12,9 +12,12 @@ What is compared, for every input sequence (each run on its own, batch size 1, n
 * top-1 agreement: the share of positions whose argmax is the same in both;
 * greedy continuation: `max_new_tokens` tokens chosen by argmax, ours through `generate()` and the
   static KV cache, the reference by a plain full forward per step (no cache at all, so the cache is
-  checked too); reported as the number of identical leading tokens.
+  checked too); reported as the number of identical leading tokens. It runs past seq_length too,
+  where ports go wrong: Qwen v1 keeps the NTK alpha of the prefill for every decode step, so the
+  reference is run with the alpha of the prompt's length (see References).
 
-Verdict (exit code 0 pass, 1 divergence, 2 usage error or a reference that cannot be built):
+Verdict (exit code 0 pass, 1 divergence, 2 no verdict: a usage error, a reference that could not be
+built or run — `ReferenceFailed` — or zero greedy tokens compared, which is never a pass):
 
 * each state (and the logits) must have rel ≤ `rel` (for the logits: max |Δ| ≤ `--atol-logits` instead,
   when that is given). The first state in forward order that fails is *the first diverging layer*:
@@ -42,11 +45,14 @@ References:
 
 * `qwen2` (default): transformers' built-in `Qwen2ForCausalLM` holding the checkpoint's weights through
   the mapping of `nekomata_core.reference` (read with the `safetensors` library, not our loader). It
-  computes what Qwen v1 computes only while the total length is ≤ seq_length (no dynamic NTK, no logn),
-  so longer prompts are refused and greedy continuations are shortened to fit.
+  computes what Qwen v1 computes while the total length is ≤ seq_length; past it, its RoPE
+  frequencies are set to those of the NTK alpha of each prompt's length (frozen at prefill, as Qwen v1
+  decodes) and a hook on q_proj applies logn scaling, both from the formulas in
+  `nekomata_core.reference`. Works with transformers 4.45 and later.
 * `remote-code`: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`, i.e. the
   original `modeling_qwen.py` shipped in the checkpoint folder. This EXECUTES that code; it is used only
-  when asked for explicitly. The original targets transformers 4.32–4.3x; a newer transformers may
+  when asked for explicitly. Past seq_length its greedy continuation runs through its own KV cache
+  (a cache-less forward would re-choose alpha from the whole length). The original targets transformers 4.32–4.3x; a newer transformers may
   fail to load it, which is reported as one clear error.
 
 `--reference-dir` loads the reference's weights from another folder (e.g. the original checkpoint when
@@ -88,6 +94,14 @@ DEFAULT_MAX_NEW_TOKENS = 16
 
 class ParityError(NekomataError):
     """The comparison cannot be run as asked (bad inputs, too long, no usable reference)."""
+
+
+class ReferenceFailed(ParityError):
+    """The reference could not be built or run: no verdict either way (exit 2, not 1)."""
+
+
+# Exit codes of `nekomata parity` (documented in its --help).
+EXIT_PASS, EXIT_DIVERGENCE, EXIT_NOT_RUN = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -224,23 +238,38 @@ class ParityReport:
         return None
 
     @property
+    def greedy_compared(self) -> int:
+        """Greedy tokens compared in all (0: the continuation was not checked at all)."""
+        return sum(len(g.reference) for g in self.greedy)
+
+    @property
     def passed(self) -> bool:
-        return self.first_divergence is None
+        """Everything agrees, and something of the greedy continuation was compared: a report that
+        compared zero greedy tokens never passes (it checked nothing of decoding)."""
+        return self.first_divergence is None and self.greedy_compared > 0
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else 1
+        """0 pass, 1 a divergence (conclusive even without greedy tokens), 2 nothing of the greedy
+        continuation compared (no verdict)."""
+        if self.first_divergence is not None:
+            return EXIT_DIVERGENCE
+        return EXIT_PASS if self.passed else EXIT_NOT_RUN
 
     def verdict(self) -> str:
         logits = self.rows[-1]
         greedy_agree = sum(g.agree for g in self.greedy)
-        greedy_total = sum(len(g.reference) for g in self.greedy)
         ties = f" (+{self.top1_near_ties} near-tie)" if self.top1_near_ties else ""
         summary = (
             f"logits rel err {logits.rel:.1e}, top-1 {self.top1_agree}/{self.top1_total}{ties}, "
-            f"greedy {greedy_agree}/{greedy_total} identical"
+            f"greedy {greedy_agree}/{self.greedy_compared} identical"
         )
         first = self.first_divergence
+        if first is None and self.greedy_compared == 0:
+            return (
+                f"NOT RUN: no greedy tokens were compared, so decoding was not checked; {summary}. "
+                "Give --max-new-tokens N ≥ 1 (and inputs shorter than max_position_embeddings)"
+            )
         if first is None:
             by_noise = sum(not r.within_limit for r in self.rows)
             how = f"within rel {self.thresholds.rel:g}"
@@ -392,8 +421,26 @@ class ParityReport:
 class _Reference:
     """A transformers causal LM and where its embedding, blocks and final norm live."""
 
-    def __init__(self, model: torch.nn.Module, embed, blocks: Sequence[torch.nn.Module], norm, label: str):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        embed,
+        blocks: Sequence[torch.nn.Module],
+        norm,
+        label: str,
+        *,
+        prepare: Callable[[int], None] | None = None,
+        cached_greedy: bool = False,
+    ):
         self.model, self.embed, self.blocks, self.norm, self.label = model, embed, list(blocks), norm, label
+        # prepare(prompt_length): fix what Qwen v1 derives from the prefill (the NTK alpha) before an
+        # input and its continuation are run. cached_greedy: continue with the reference's own KV cache
+        # (the remote code freezes alpha at prefill only when it decodes through its cache).
+        self._prepare, self.cached_greedy = prepare, cached_greedy
+
+    def prepare(self, prompt_length: int) -> None:
+        if self._prepare is not None:
+            self._prepare(prompt_length)
 
     @property
     def device(self) -> torch.device:
@@ -457,9 +504,15 @@ def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.devic
     from transformers import Qwen2ForCausalLM
 
     from .config import QwenConfig
-    from .reference import qwen2_config_from_qwen, qwen_to_qwen2_state_dict
+    from .reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 
     config = QwenConfig.from_json_file(folder / "config.json")
+    if config.rotary_dim != config.head_dim:
+        raise ParityError(
+            f"the checkpoint rotates {config.rotary_dim} of {config.head_dim} head dims (rotary_pct "
+            f"{config.rotary_pct}); transformers' Qwen2 rotates them all, so the qwen2 reference cannot "
+            "stand for it: use --reference remote-code"
+        )
     # Eager attention: the textbook formula with an fp32 softmax, the most independent of our kernels.
     hf_config = qwen2_config_from_qwen(config, attn_implementation="eager")
     try:
@@ -469,7 +522,7 @@ def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.devic
     # No random init (a 7B model would spend minutes on it), built directly on the target device.
     # _from_config(dtype=...) keeps the RoPE inv_freq buffer in fp32, as from_pretrained does.
     with no_init_weights(), torch.device(device):
-        model = Qwen2ForCausalLM._from_config(hf_config, dtype=dtype)
+        model = Qwen2ForCausalLM._from_config(hf_config, **{dtype_keyword(): dtype})
     try:
         state = qwen_to_qwen2_state_dict(_state_dict_from_files(folder), config)
     except KeyError as exc:
@@ -480,7 +533,43 @@ def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.devic
     del state
     inner = model.model
     label = f"transformers {transformers.__version__} Qwen2ForCausalLM (weights via nekomata_core.reference)"
-    return _Reference(model.eval(), inner.embed_tokens, inner.layers, inner.norm, label)
+    prepare = _qwen2_past_seq_length(model, config)
+    return _Reference(model.eval(), inner.embed_tokens, inner.layers, inner.norm, label, prepare=prepare)
+
+
+def _qwen2_past_seq_length(model: torch.nn.Module, config) -> Callable[[int], None]:
+    """Teach Qwen2 what Qwen v1 does past seq_length S, from the formulas of `nekomata_core.reference`:
+    logn scaling as a hook on every q_proj (queries at position p ≥ S times log(p+1)/log(S); before
+    RoPE equals after it, RoPE being linear), and `prepare(prompt_length)` sets the RoPE frequencies of
+    the NTK alpha of that prefill length. A cache-less forward over the prompt and any continuation
+    then computes Qwen v1's prefill-then-decode: alpha frozen at prefill, logn by absolute position."""
+    import torch
+
+    from .reference import formula_inv_freq, formula_logn, formula_ntk_alpha
+
+    S = config.seq_length
+    if config.use_logn_attn:
+
+        def logn_hook(module, args, output):
+            length = output.shape[-2]  # [B, T, N·D]; positions 0 … T−1 (no cache)
+            if length <= S:
+                return output
+            factors = formula_logn(length, S).to(output.device, torch.float32)[:, None]  # [T, 1]
+            return (output.float() * factors).to(output.dtype)
+
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.register_forward_hook(logn_hook)
+
+    # transformers 4.45 keeps a rotary module in every attention as well as the model's: set them all.
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+
+    def prepare(prompt_length: int) -> None:
+        alpha = formula_ntk_alpha(prompt_length, S) if config.use_dynamic_ntk else 1
+        inv_freq = formula_inv_freq(float(config.rotary_emb_base), config.head_dim, alpha)
+        for rotary in rotaries:
+            rotary.inv_freq.copy_(inv_freq.to(rotary.inv_freq.device, rotary.inv_freq.dtype))
+
+    return prepare
 
 
 def _build_remote_code_reference(folder: Path, dtype: torch.dtype, device: torch.device) -> _Reference:
@@ -510,14 +599,14 @@ def _build_remote_code_reference(folder: Path, dtype: torch.dtype, device: torch
         blocks, embed, norm = body.h, body.wte, body.ln_f
     except Exception as exc:  # the remote code can fail in any way; all of them mean "no reference"
         first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise ParityError(
+        raise ReferenceFailed(
             f"transformers {transformers.__version__} could not load the remote code in {str(folder)!r} "
             f"({type(exc).__name__}: {first_line}). The original modeling_qwen.py was written for "
             "transformers 4.32–4.3x: run the remote-code reference in an environment with such a version, "
             "or use --reference qwen2."
         ) from None
     label = f"original remote code (modeling_qwen.py) on transformers {transformers.__version__}"
-    return _Reference(model, embed, blocks, norm, label)
+    return _Reference(model, embed, blocks, norm, label, cached_greedy=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,12 +660,27 @@ def _logits_tolerance(thresholds: Thresholds, ref_logits: torch.Tensor) -> float
     return thresholds.rel * float(ref_logits.float().abs().max())
 
 
-def _ref_greedy(reference: _Reference, ids: torch.Tensor, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens by one full forward per step (no KV cache), and each step's fp32 logits [V]."""
+def _ref_greedy(
+    reference: _Reference, ids: torch.Tensor, steps: int, seq_length: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and each step's fp32 logits [V]: by one full forward per step (no KV cache, so our
+    cache is checked too; the alpha is the prefill's, fixed by `reference.prepare`), or, for the remote
+    code once the total passes seq_length, through its own KV cache (where it freezes alpha at prefill
+    as Qwen v1 does; a cache-less forward would re-choose alpha from the whole length)."""
     import torch
 
     tokens: list[int] = []
     step_logits: list[torch.Tensor] = []
+    if reference.cached_greedy and ids.shape[1] + steps > seq_length:
+        out = reference.model(input_ids=ids, use_cache=True)
+        for _ in range(steps):
+            logits = out.logits[0, -1].float()
+            token = int(logits.argmax())
+            tokens.append(token)
+            step_logits.append(logits)
+            nxt = torch.tensor([[token]], device=ids.device)
+            out = reference.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        return tokens, step_logits
     seq = ids
     for _ in range(steps):
         logits = reference.logits(seq)[0, -1].float()
@@ -585,6 +689,24 @@ def _ref_greedy(reference: _Reference, ids: torch.Tensor, steps: int) -> tuple[l
         step_logits.append(logits)
         seq = torch.cat([seq, torch.tensor([[token]], device=seq.device)], dim=1)
     return tokens, step_logits
+
+
+def _reference_step(fn: Callable[[], Any], what: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """Run a reference step; any failure of the reference itself (not a ParityError we raise on
+    purpose) becomes ReferenceFailed: the comparison could not run, which is not a divergence."""
+    try:
+        return _run(fn, dtype, device, what)
+    except ParityError:
+        raise
+    except Exception as exc:
+        import transformers
+
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ReferenceFailed(
+            f"could not run the reference ({what}) with transformers {transformers.__version__}: "
+            f"{type(exc).__name__}: {first_line}. No verdict: fix the reference environment "
+            "(transformers ≥ 4.45 for --reference qwen2) or try the other --reference"
+        ) from exc
 
 
 def _run(fn: Callable[[], Any], dtype: torch.dtype, device: torch.device, what: str) -> Any:
@@ -664,12 +786,12 @@ def parity_report(
     # Inputs and their length are checked before any model is loaded (a 7B load takes minutes).
     sequences, used_prompts = _make_inputs(folder, config.vocab_size, input_ids, prompts, random_tokens, seed)
     longest = max(len(s) for s in sequences)
-    if reference == "qwen2" and longest > config.seq_length:
-        # Qwen2 has neither dynamic NTK nor logn attention: it matches Qwen v1 only up to seq_length.
+    limit = config.max_position_embeddings
+    if longest > limit:
+        # Qwen v1's logn table (and our generation) stops at max_position_embeddings.
         raise ParityError(
-            f"an input has {longest} tokens but the qwen2 reference equals Qwen v1 only up to "
-            f"seq_length {config.seq_length} (beyond it Qwen v1 applies dynamic NTK and logn "
-            "attention); use shorter inputs or --reference remote-code"
+            f"an input has {longest} tokens, more than max_position_embeddings {limit} of "
+            f"{str(folder / 'config.json')!r}; use shorter inputs"
         )
 
     if model is None:
@@ -691,15 +813,19 @@ def parity_report(
     if atol_logits is not None:
         thresholds = dataclasses.replace(thresholds, atol_logits=atol_logits)
 
-    room = config.seq_length - longest
+    room = limit - longest
     if max_new_tokens > room:
-        # Our decode keeps the prefill's NTK alpha while a cache-less reference would re-pick it per step,
-        # so greedy continuations are compared only inside the trained context.
         notes.append(
-            f"greedy continuation shortened from {max_new_tokens} to {max(room, 0)} tokens to stay within "
-            f"seq_length {config.seq_length}"
+            f"greedy continuation shortened from {max_new_tokens} to {room} tokens to stay within "
+            f"max_position_embeddings {limit}"
         )
-        max_new_tokens = max(room, 0)
+        max_new_tokens = room
+    if longest + max_new_tokens > config.seq_length:
+        # Where ports go wrong: past S, Qwen v1 keeps the NTK alpha of the prefill while decoding.
+        notes.append(
+            f"past seq_length {config.seq_length}: the reference uses the NTK alpha of each prompt's "
+            "length (frozen at prefill) and logn-scaled queries"
+        )
 
     if reference == "remote-code":
         notes.append(f"the reference executed the Python code shipped in {str(ref_folder)!r}")
@@ -715,14 +841,31 @@ def parity_report(
     # models share the memory.
     baselines: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None
     if fp32_baseline and target_dtype != torch.float32 and thresholds.noise_factor is not None:
-        exact = build_reference(ref_folder, torch.float32, target_device)
+        exact = _reference_step(
+            lambda: build_reference(ref_folder, torch.float32, target_device),
+            "building it in float32", torch.float32, target_device,
+        )  # fmt: skip
         _check_blocks(exact, n_layers)
+        baselines = []
         with torch.inference_mode():
-            baselines = [_to_cpu(exact.states(ids.to(exact.device))) for ids in inputs]
+            for ids in inputs:
+
+                def exact_states(ids=ids):
+                    exact.prepare(ids.shape[1])
+                    return _to_cpu(exact.states(ids.to(exact.device)))
+
+                baselines.append(
+                    _reference_step(exact_states, "its float32 forward", torch.float32, target_device)
+                )
         del exact
         _free_memory(target_device)
 
-    ref = build_reference(ref_folder, target_dtype, target_device)
+    ref = _reference_step(
+        lambda: build_reference(ref_folder, target_dtype, target_device),
+        "building it",
+        target_dtype,
+        target_device,
+    )
     _check_blocks(ref, n_layers)
     accumulators = [_Accumulator() for _ in names]
     logits_acc = _Accumulator()
@@ -741,11 +884,9 @@ def parity_report(
             our_states, our_logits = _run(
                 ours_forward, target_dtype, target_device, "nekomata_core's forward"
             )
-            ref_states, ref_logits = _run(
-                lambda ids=ids: ref.states(ids.to(ref.device)),
-                target_dtype,
-                target_device,
-                "the reference's forward",
+            ref.prepare(ids.shape[1])  # the NTK alpha of this prompt's length, kept for its continuation
+            ref_states, ref_logits = _reference_step(
+                lambda ids=ids: ref.states(ids.to(ref.device)), "its forward", target_dtype, target_device
             )
             base_states, base_logits = baselines[index] if baselines else ([None] * len(names), None)
             for acc, a, b, c in zip(accumulators, our_states, ref_states, base_states, strict=True):
@@ -763,13 +904,21 @@ def parity_report(
             top1_ties += int((differ & (margins[:, 0] <= tie_tol)).sum())
 
             if max_new_tokens:
+                # eos_token_id=(): exactly max_new_tokens tokens, as the reference produces.
                 ours_new = _run(
-                    lambda ids=ids: generate(model, ids, max_new_tokens=max_new_tokens).new_tokens[0],
+                    lambda ids=ids: generate(
+                        model, ids, max_new_tokens=max_new_tokens, eos_token_id=()
+                    ).new_tokens[0],
                     target_dtype,
                     target_device,
                     "nekomata_core's generate",
                 )
-                ref_new, ref_step_logits = _ref_greedy(ref, ids.to(ref.device), max_new_tokens)
+                ref_new, ref_step_logits = _reference_step(
+                    lambda ids=ids: _ref_greedy(ref, ids.to(ref.device), max_new_tokens, config.seq_length),
+                    "its greedy continuation",
+                    target_dtype,
+                    target_device,
+                )
                 result = GreedyResult(list(ours_new), ref_new, tie_tolerance=0.0)
                 k = result.agree
                 if k < len(ref_new):
@@ -897,8 +1046,13 @@ def add_parity_parser(subparsers: argparse._SubParsersAction) -> None:
             "Run the same tokens through nekomata_core and a reference (transformers' Qwen2ForCausalLM with "
             "the mapped weights, or the checkpoint's original remote code) and report the difference of "
             "every hidden state, the logits, top-1 agreement and greedy continuations. Exit 0 when "
-            "everything is within the thresholds, 1 on a divergence (naming the first diverging layer), "
-            "2 on usage errors."
+            "everything is within the thresholds."
+        ),
+        epilog=(
+            "exit status: 0 PASS (every state, top-1 and at least one greedy token compared, all within "
+            "the thresholds); 1 FAIL, a divergence beyond the thresholds (the first diverging layer is "
+            "named); 2 no verdict: a usage error, a reference that could not be built or run, or nothing "
+            "of the greedy continuation compared (e.g. --max-new-tokens 0)."
         ),
     )
     parser.add_argument("model", help="checkpoint directory or Hub repo id")

@@ -12,14 +12,19 @@ then builds the int8 layers directly and loads them without re-quantizing.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ConfigError
+from .errors import NekomataError
 
 QUANT_METHOD = "int8_weight_only"
 QUANTIZE_CHOICES = ("int8",)
@@ -149,36 +154,176 @@ def quantization_of(config_extra: dict) -> str | None:
     if info is None:
         return None
     if not isinstance(info, dict) or info.get("method") != QUANT_METHOD:
-        raise ValueError(
+        raise ConfigError(
             f"config.json has quantization={info!r}; nekomata_core reads only "
             f"{{'method': '{QUANT_METHOD}'}} checkpoints written by save_quantized"
         )
     return "int8"
 
 
+class SaveError(NekomataError):
+    """`save_quantized` cannot write where it was asked to (the message names the folder and the fix)."""
+
+
+# What save_quantized writes, and the files it copies from the source checkpoint.
+_SAVED_FILES = ("config.json", "model.safetensors")
+_COPIED_FILES = ("generation_config.json", "qwen.tiktoken", "tokenizer_config.json")
+# Hidden siblings of the target: `.NAME.tmp-PID-XXXX` (a save being written) and `.NAME.old-PID-XXXX`
+# (the previous checkpoint, moved aside for the instant of the swap).
+_SIBLING_KINDS = ("tmp", "old")
+
+
 def save_quantized(
     model: nn.Module, out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None = None
 ) -> Path:
     """Write an int8 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
-    generation_config.json copied from `source_dir` when given)."""
+    generation_config.json copied from `source_dir` when given); returns the folder.
+
+    The folder appears whole or not at all. Everything is written into a hidden sibling
+    (``.NAME.tmp-…``, same parent, so the final rename stays on one file system), flushed to disk, then
+    renamed to `out_dir`. An existing `out_dir` (an earlier checkpoint, or an empty folder) is renamed
+    aside (``.NAME.old-…``), the new folder renamed in, then the old one deleted: at any instant
+    `out_dir` is the old checkpoint, the new one, or — only between those two renames, if the process
+    is killed right there — absent, with the old checkpoint intact in ``.NAME.old-…``. A failed save
+    removes its sibling; one killed outright leaves only hidden siblings, which the next save into the
+    same folder deletes (those whose process is gone).
+
+    Refused before anything is written (SaveError): saving into the folder the model was loaded from
+    (`model.checkpoint_dir` or `source_dir`: it holds the float weights) or into a folder that contains
+    it, and replacing a folder that is not a checkpoint (it has no config.json, or holds sub-folders).
+    """
     from .loader import save_safetensors
 
     if not any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise ValueError("the model has no int8 layers; quantize it first (quantize_int8 or quantize='int8')")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+        raise SaveError("the model has no int8 layers; quantize it first (quantize_int8 or quantize='int8')")
+    out = Path(os.path.abspath(out_dir))
+    sources = [Path(d) for d in (getattr(model, "checkpoint_dir", None), source_dir) if d is not None]
+    _check_target(out, sources)
+
     config = model.config.to_dict()
     config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
     scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, Int8Linear))
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         config[flag] = scale_dtype == dt
-    (out / "config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
-    save_safetensors(state, out / "model.safetensors")
-    if source_dir is not None:
-        for name in ("generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
-            if (Path(source_dir) / name).is_file():
-                shutil.copyfile(Path(source_dir) / name, out / name)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
+        save_safetensors(state, tmp / "model.safetensors")
+        del state
+        if source_dir is not None:
+            for name in _COPIED_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copyfile(Path(source_dir) / name, tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp made it 0700; a checkpoint folder is an ordinary folder
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _sibling_prefix(out: Path, kind: str) -> str:
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _check_target(out: Path, sources: list[Path]) -> None:
+    """Refuse, before anything is written, a target that would destroy the source or a non-checkpoint."""
+    real_out = Path(os.path.realpath(out))
+    for source in sources:
+        real_source = Path(os.path.realpath(source))
+        same = real_out == real_source or (out.exists() and source.exists() and os.path.samefile(out, source))
+        if same or real_out in real_source.parents:
+            where = "is" if same else "contains"
+            raise SaveError(
+                f"save_quantized: {str(out)!r} {where} the folder the model was loaded from "
+                f"({str(source)!r}); saving there would replace its float weights. Save into a new "
+                "folder instead, e.g. a sibling named '<model>-int8'."
+            )
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise SaveError(
+            f"save_quantized: {str(out)!r} exists and is not a folder; choose a new folder or remove it"
+        )
+    entries = list(out.iterdir())
+    if not entries:
+        return
+    # The target is replaced as a whole, so it must be something save_quantized may replace.
+    folders = sorted(e.name for e in entries if e.is_dir() and not e.is_symlink())
+    if folders or not (out / "config.json").is_file():
+        why = f"it holds the sub-folder(s) {folders[:3]}" if folders else "it has no config.json"
+        raise SaveError(
+            f"save_quantized: {str(out)!r} is not a checkpoint folder ({why}); the target is replaced as "
+            "a whole, so choose a new or empty folder, or an earlier save_quantized checkpoint"
+        )
+    for source in sources:  # a folder of links into the source checkpoint (e.g. a Hub snapshot)
+        for entry in entries:
+            for name in (*_SAVED_FILES, *_COPIED_FILES):
+                candidate = source / name
+                if candidate.exists() and entry.exists() and os.path.samefile(entry, candidate):
+                    raise SaveError(
+                        f"save_quantized: {str(entry)!r} is the same file as {str(candidate)!r} of the "
+                        "checkpoint the model was loaded from; save into a new folder instead"
+                    )
+
+
+def _remove_stale_siblings(out: Path) -> None:
+    """Delete the hidden siblings left by saves into `out` that were killed (their process is gone)."""
+    for kind in _SIBLING_KINDS:
+        for sibling in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid_text = sibling.name[len(f".{out.name}.{kind}-") :].partition("-")[0]
+            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+                shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files and the folder, so that after the rename a crash cannot leave empty files."""
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    """Rename `new` to `out`; an existing `out` is renamed aside first and deleted last."""
+    old: Path | None = None
+    if out.exists():
+        # mkdtemp reserves a unique name; rename (a directory over an empty directory) then takes it.
+        old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
+        os.rename(out, old)
+    try:
+        os.rename(new, out)  # the instant the new checkpoint appears
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)  # put the previous checkpoint back
+        raise
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,7 @@
 """An independent reference for tests: a Qwen v1 checkpoint loaded into transformers' Qwen2ForCausalLM.
 
 Qwen2 computes exactly what Qwen v1 computes while the total length stays ≤ seq_length (no dynamic
-NTK, no logn scaling), once the weights are renamed as in QWEN_NOTES.md. The files are read with the
+NTK, no logn scaling), once the weights are renamed (`nekomata_core.reference`). The files are read with the
 `safetensors` library itself, not with nekomata_core's loader, so this reference shares no code with
 the implementation under test.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nekomata_core.config import QwenConfig
-from nekomata_core.reference import qwen2_config_from_qwen, qwen_to_qwen2_state_dict
+from nekomata_core.reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 
 
 def read_checkpoint_state_dict(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -47,8 +47,9 @@ def qwen2_reference_from_checkpoint(
     config = QwenConfig.from_json_file(Path(folder) / "config.json")
     hf_config = qwen2_config_from_qwen(config, attn_implementation=attn_implementation)
     # _from_config(dtype=...) builds the parameters in `dtype` but keeps the RoPE inv_freq buffer in
-    # fp32, as transformers' from_pretrained does (model.to(dtype) would round it to bf16).
-    model = Qwen2ForCausalLM._from_config(hf_config, dtype=dtype)
+    # fp32, as transformers' from_pretrained does (model.to(dtype) would round it to bf16). The keyword
+    # is `torch_dtype` before transformers 4.56.
+    model = Qwen2ForCausalLM._from_config(hf_config, **{dtype_keyword(): dtype})
     state = qwen_to_qwen2_state_dict(read_checkpoint_state_dict(folder), config)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -126,18 +126,76 @@ def test_prompts_are_encoded_with_the_checkpoint_tokenizer(checkpoint_factory):
     assert "2 prompt(s)" in report.to_table()
 
 
-def test_input_ids_are_used_as_given_and_greedy_is_shortened_to_seq_length(folder):
+def test_greedy_is_compared_past_seq_length_with_the_prefill_alpha(folder):
+    """Prompts that end just below and just above S, continued well past S (alpha 1 and 3 frozen)."""
     ids = torch.randint(0, 512, (2, 60), generator=torch.Generator().manual_seed(0))
     report = parity_report(folder, input_ids=ids, max_new_tokens=10)
     assert report.inputs == ids.tolist()
-    assert [len(g.reference) for g in report.greedy] == [4, 4]  # 60 + 4 = seq_length 64
-    assert any("shortened from 10 to 4" in note for note in report.notes)
-    assert report.passed
+    assert [len(g.reference) for g in report.greedy] == [10, 10]  # 60 + 10 > seq_length 64
+    assert report.greedy_compared == 20 and "greedy 20/20" in report.verdict()
+    assert any("frozen at prefill" in note for note in report.notes)
+    assert report.passed, report.to_table()
+    longer = parity_report(folder, input_ids=[list(range(70))], max_new_tokens=6)  # prompt itself > S
+    assert longer.passed and longer.greedy_compared == 6, longer.to_table()
 
 
-def test_inputs_longer_than_seq_length_are_refused_for_qwen2(folder):
-    with pytest.raises(ParityError, match="seq_length 64"):
-        parity_report(folder, input_ids=[list(range(65))])
+def test_a_port_that_rechooses_alpha_while_decoding_fails_past_seq_length(folder, monkeypatch):
+    """The bug this check exists for: alpha re-picked from the growing length at every decode step."""
+    from nekomata_core.model import QwenForCausalLM
+
+    real = QwenForCausalLM._attention_inputs
+
+    def rechoose(self, key_mask, batch, start, length, total, cache):
+        if cache is not None:
+            cache.ntk_alpha = None  # forget the prefill's alpha: chosen again from `total`
+        return real(self, key_mask, batch, start, length, total, cache)
+
+    monkeypatch.setattr(QwenForCausalLM, "_attention_inputs", rechoose)
+    monkeypatch.setattr("nekomata_core.decode.native_decode_problem", lambda model: "the plain path")
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    report = parity_report(folder, model=model, input_ids=[list(range(40, 100))], max_new_tokens=24)
+    assert report.first_divergence == "greedy continuation", report.to_table()
+    assert report.exit_code == 1
+
+
+def test_zero_greedy_tokens_compared_is_never_a_pass(folder, capsys):
+    report = parity_report(folder, random_tokens=8, max_new_tokens=0)
+    assert report.first_divergence is None and not report.passed and report.exit_code == 2
+    assert report.verdict().startswith("NOT RUN") and "PASS" not in report.to_table()
+    assert main([str(folder), "--random-tokens", "8", "--max-new-tokens", "0"]) == 2
+    assert "NOT RUN: no greedy tokens were compared" in capsys.readouterr().err
+
+
+def test_a_reference_that_cannot_run_exits_2_not_1(folder, monkeypatch, capsys):
+    import transformers
+
+    def broken(*args, **kwargs):
+        raise TypeError("Qwen2ForCausalLM.__init__() got an unexpected keyword argument 'dtype'")
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "_from_config", broken)
+    with pytest.raises(ParityError, match=r"could not run the reference \(building it\).*No verdict"):
+        parity_report(folder, random_tokens=8, max_new_tokens=1)
+    assert main([str(folder), "--random-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "could not run the reference" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "version,keyword",
+    [("4.45.2", "torch_dtype"), ("4.55.4", "torch_dtype"), ("4.56.0", "dtype"), ("5.2.0", "dtype")],
+)
+def test_the_dtype_keyword_follows_the_transformers_version(monkeypatch, version, keyword):
+    import transformers
+
+    from nekomata_core.reference import dtype_keyword
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert dtype_keyword() == keyword
+
+
+def test_inputs_longer_than_max_position_embeddings_are_refused(folder):
+    with pytest.raises(ParityError, match="max_position_embeddings"):
+        parity_report(folder, input_ids=[[1] * 100_000])
 
 
 def test_prompts_without_a_tokenizer_are_refused(folder):
@@ -243,7 +301,7 @@ def test_remote_code_reference_runs_through_trust_remote_code(folder, tmp_path):
 def test_parser_plugs_into_a_subcommand_registry(folder, capsys):
     parser = argparse.ArgumentParser(prog="nekomata")
     add_parity_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["parity", str(folder), "--random-tokens", "8", "--max-new-tokens", "0"])
+    args = parser.parse_args(["parity", str(folder), "--random-tokens", "8", "--max-new-tokens", "1"])
     assert args.run(args) == 0
     assert "verdict: PASS" in capsys.readouterr().out
 
