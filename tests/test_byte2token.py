@@ -1,7 +1,7 @@
 """byte2token: token and byte counts against tiktoken run directly on the same ranks and regex.
 
 The expected numbers are computed here without nekomata_core: the ranks file is parsed by hand, the
-regex is copied from QWEN_NOTES.md, tokens are `tiktoken.Encoding(...).encode_ordinary(text)` and
+regex is the original Qwen tokenizer's, tokens are `tiktoken.Encoding(...).encode_ordinary(text)` and
 bytes are `len(text.encode("utf-8"))`.
 """
 
@@ -29,7 +29,7 @@ from nekomata_core.byte2token import (
 )
 from nekomata_core.tokenizer import QwenTokenizer
 
-# Qwen's pre-tokenizer regex, as written in QWEN_NOTES.md.
+# Qwen's pre-tokenizer regex, as the original tokenizer (tokenization_qwen.py) writes it.
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"

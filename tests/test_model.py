@@ -1,6 +1,6 @@
 """QwenForCausalLM against transformers' Qwen2ForCausalLM holding the same (mapped) weights.
 
-Below seq_length Qwen v1 and Qwen2 compute the same function (QWEN_NOTES.md), so transformers is an
+Below seq_length Qwen v1 and Qwen2 compute the same function (the same weights, mapped), so transformers is an
 independent reference for everything but NTK/logn (tests/test_ntk_logn.py covers those).
 Tolerance, fp32: max abs error ≤ 1e-5 × max |logit|.
 """

@@ -1,7 +1,7 @@
 """Dynamic NTK and logn attention against a plainly written reference of the formulas.
 
 transformers' Qwen2 has neither feature, so the reference here is written from scratch from the
-formulas in QWEN_NOTES.md: a loop over layers with explicit tensors, no code shared with the model.
+formulas of the original Qwen v1 code (written out in the test): a loop over layers with explicit tensors, no code shared with the model.
 Tolerance: fp32, max abs error ≤ 1e-5 × max |logit|.
 """
 
