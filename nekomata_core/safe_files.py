@@ -5,7 +5,8 @@ Every file the library reads from a checkpoint goes through here. A checkpoint i
 `NekomataError` subclass (the caller's choice) whose message names the file:
 
 - `read_json_file` refuses a file above a size bound before reading it, then `parse_json_bytes`
-  decodes UTF-8 (naming the byte offset of a bad byte), parses, refuses nesting deeper than
+  decodes UTF-8 (naming the byte offset of a bad byte), parses (refusing duplicate keys), refuses
+  nesting deeper than
   `MAX_JSON_DEPTH`, refuses non-finite numbers (Python's json accepts `NaN`, `Infinity` and `1e999`)
   naming the key, and checks that the top level is an object.
 - `check_inside` refuses a file whose symlinks lead outside the checkpoint folder. The one exception
@@ -127,7 +128,8 @@ def parse_json_bytes(
 ) -> dict[str, Any]:
     """Parse `data`, the content of `path`, as one JSON object; a problem raises `error` naming `path`."""
     try:
-        return decode_json_object(data)
+        # Duplicate keys are refused: json keeps the last, other readers the first; either may be a trap.
+        return decode_json_object(data, reject_duplicate_keys=True)
     except JSONFileError as exc:
         raise error(f"{str(Path(path))!r}: {exc}; {fix}.") from None
 
@@ -162,7 +164,7 @@ def decode_json_object(
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads silently keeps the last of two equal keys; in a safetensors header that is corruption.
+    # json.loads silently keeps the last of two equal keys.
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
