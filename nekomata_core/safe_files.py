@@ -103,17 +103,21 @@ def read_json_file(
 ) -> dict[str, Any]:
     """The JSON object in `path`, read only if the file is at most `max_bytes` and stays (links
     followed) inside `folder` (default: its own folder). Raises `error` naming the file, the problem
-    and `fix`; a missing file raises FileNotFoundError."""
+    and `fix`, also when the file is missing or unreadable (callers that treat a missing file as
+    "use defaults" check that first)."""
     path = Path(path)
-    check_inside(path, path.parent if folder is None else folder, error=error)
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise error(
-                f"{str(path)!r} is {size:,} bytes, more than the {max_bytes:,} bytes such a file may have "
-                f"(refusing to read it); {fix}."
-            )
-        data = f.read(max_bytes + 1)  # +1: a file that grew after fstat is still caught
+    try:
+        check_inside(path, path.parent if folder is None else folder, error=error)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise error(
+                    f"{str(path)!r} is {size:,} bytes, more than the {max_bytes:,} bytes such a file may "
+                    f"have (refusing to read it); {fix}."
+                )
+            data = f.read(max_bytes + 1)  # +1: a file that grew after fstat is still caught
+    except OSError as exc:  # a dangling link, no permission, ...: still one error naming the file
+        raise error(f"cannot read {str(path)!r} ({exc.strerror or exc}); {fix}.") from None
     if len(data) > max_bytes:
         raise error(f"{str(path)!r} is more than {max_bytes:,} bytes (refusing to read it); {fix}.")
     return parse_json_bytes(data, path, error=error, fix=fix)
