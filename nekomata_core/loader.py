@@ -525,6 +525,11 @@ def _config_problems(config: QwenConfig, scan: _Scan) -> list[str]:
                 f"config key 'num_hidden_layers' is {config.num_hidden_layers:,}, but the checkpoint's files "
                 f"hold {held} layer(s) ({where})"
             )
+        elif config.num_tensors() > len(names):  # e.g. one stray "transformer.h.999999999." name
+            problems.append(
+                f"config.json implies {config.num_tensors():,} tensors ({config.num_hidden_layers:,} layers), "
+                f"but the checkpoint's files declare only {len(names):,}"
+            )
     for key, tensor, dim, units in _SHAPE_KEYS:
         info = scan.entries.get(tensor)
         if info is None or len(info.shape) <= dim:
@@ -729,7 +734,7 @@ class CheckpointReport:
     mismatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # known harmless extras (`*.inv_freq`)
     problems: list[str] = field(default_factory=list)  # unreadable/corrupt files, bad index, config ≠ files
-    unreadable: list[str] = field(default_factory=list)  # expected tensors that live in a broken file
+    unreadable: int = 0  # expected tensors that live in a broken file (counted, not listed)
     non_finite: list[str] = field(default_factory=list)  # "name: N NaN, M inf" (check_values only)
     values_checked: bool = False
 
@@ -782,20 +787,20 @@ def verify_checkpoint(
         report.problems.extend(config_problems)
         return report
     if scan.broken and scan.weight_map is None:
-        # One broken file and no index: every expected tensor may be in it; nothing more is known.
-        report.unreadable = list(config.parameter_shapes())
+        # A broken file and no index: any expected tensor may be in it; nothing more is known.
+        report.unreadable = config.num_tensors()
     else:
         expected = {name: (shape, None) for name, shape in config.parameter_shapes().items()}
         report.missing, report.unexpected, report.mismatched, report.ignored = _compare(expected, entries)
         if scan.broken:
             broken = {path.name for path in scan.broken}
             in_broken = {name for name, shard in (scan.weight_map or {}).items() if shard in broken}
-            report.unreadable = [name for name in report.missing if name in in_broken]
+            report.unreadable = sum(name in in_broken for name in report.missing)
             report.missing = [name for name in report.missing if name not in in_broken]
     if report.unreadable:
         names = ", ".join(repr(path.name) for path in scan.broken)
         report.problems.append(
-            f"{len(report.unreadable)} expected tensor(s) are unreadable because {names} "
+            f"{report.unreadable} expected tensor(s) are unreadable because {names} "
             f"{'is' if len(scan.broken) == 1 else 'are'} broken (see above)"
         )
     if check_values:
