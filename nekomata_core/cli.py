@@ -47,16 +47,23 @@ class CLIError(NekomataError):
 def add_inspect_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="summarise a checkpoint and check its files (headers only, no weights are loaded)",
+        help="summarise a checkpoint and check its files (no model is built)",
         description=(
             "Print a checkpoint's shape, parameter count, file dtypes, memory needs and KV-cache size, "
-            "and check every weight file: present, valid header, consistent sizes, every expected "
-            "tensor with the right shape. Exit 0 when the check passes, 1 when it fails."
+            "and check every weight file: present, valid header, config.json agreeing with the tensors, "
+            "consistent sizes, every expected tensor with the right shape, and (unless --headers-only) "
+            "no NaN or inf value in any tensor, read one chunk at a time. Exit 0 when the check passes, "
+            "1 when it fails."
         ),
     )
     parser.add_argument("path_or_id", help="local checkpoint directory or Hub repo id (owner/name)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="check the headers only; skip reading every value to look for NaN/inf (fast on large models)",
+    )
     parser.set_defaults(run=run_inspect)
 
 
@@ -71,14 +78,18 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise CLIError(f"{exc}", EXIT_FAILED) from None
     from .loader import verify_checkpoint  # after the cheap checks: it imports torch
 
-    report = verify_checkpoint(folder, config)
+    # verify_checkpoint compares the config with the files' headers first, so a hostile config
+    # (num_hidden_layers: 10**9) is one problem here, and nothing below is built per layer.
+    report = verify_checkpoint(folder, config, check_values=not args.headers_only)
     summary = inspect_summary(folder, config, report)
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         print(_format_inspect(summary, config, report))
     if not report.ok:
-        first = (report.problems + report.missing + report.unexpected + report.mismatched)[0]
+        first = (
+            report.problems + report.missing + report.unexpected + report.mismatched + report.non_finite
+        )[0]
         print(f"nekomata inspect: checkpoint check failed: {first.splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
@@ -86,13 +97,17 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def inspect_summary(folder: Path, config: QwenConfig, report: CheckpointReport) -> dict[str, Any]:
     """Everything `nekomata inspect` reports, as plain JSON-able data."""
-    shapes = config.parameter_shapes()
     params = config.num_parameters()
+
     # int8 weight-only: 1 byte per matrix element + one bf16 scale per output row; 1-D tensors
-    # (norms, biases) stay bf16. An estimate of what the quantized loader will hold.
-    int8 = sum(
-        math.prod(s) + 2 * s[0] if len(s) == 2 else 2 * math.prod(s) for s in shapes.values()
-    )  # fmt: skip
+    # (norms, biases) stay bf16. An estimate of what the quantized loader will hold. One layer × the
+    # layer count, never a per-layer list: the config may be hostile (its check is in `report`).
+    def int8_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(s) + 2 * s[0] if len(s) == 2 else 2 * math.prod(s) for s in shapes.values())
+
+    int8 = int8_bytes(config.outer_parameter_shapes()) + config.num_hidden_layers * int8_bytes(
+        config.layer_parameter_shapes(0)
+    )
     # K and V, every layer, N heads × D dims, 2 bytes each (bf16), for 1024 tokens of one sequence.
     kv_per_1k = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * 2 * 1024
     return {
@@ -157,9 +172,10 @@ def _format_inspect(summary: dict[str, Any], config: QwenConfig, report: Checkpo
     lines += [f"{'':<{width}}  {name}  {_size(size)}" for name, size in report.files]
     if report.ok:
         ignored = f"; ignored {len(report.ignored)} known buffer(s)" if report.ignored else ""
+        values = "; every value finite" if report.values_checked else "; values not read (--headers-only)"
         lines.append(
             f"{'check':<{width}}  OK: {len(report.files)} file(s) present, headers valid, sizes consistent, "
-            f"all {len(config.parameter_shapes())} expected tensors present with the right shape{ignored}"
+            f"all {config.num_tensors()} expected tensors present with the right shape{ignored}{values}"
         )
         return "\n".join(lines)
     lines.append(f"{'check':<{width}}  FAILED")
@@ -168,6 +184,7 @@ def _format_inspect(summary: dict[str, Any], config: QwenConfig, report: Checkpo
         ("missing", report.missing),
         ("unexpected", report.unexpected),
         ("mismatch", report.mismatched),
+        ("non-finite", report.non_finite),
     ):
         shown = items[:20]
         lines += [f"  {label}: {item}" for item in shown]

@@ -187,12 +187,10 @@ def run_chat(args: argparse.Namespace) -> int:
     folder, model, tokenizer, defaults = _load(args, args.model)
     fmt = args.format
     if fmt == "auto":
-        import json
+        from .sampling import read_generation_config
 
-        hint = None
-        gen_file = folder / "generation_config.json"
-        if gen_file.is_file():
-            hint = json.loads(gen_file.read_text(encoding="utf-8")).get("chat_format")
+        # Bounded and type-checked like every JSON read (chat_format must be a string).
+        hint = read_generation_config(folder / "generation_config.json").get("chat_format")
         fmt = chat.detect_format(str(args.model), hint)
     params = _params(args, defaults, eos_token_id=chat.stop_ids(tokenizer, fmt))
     if args.seed is not None:

@@ -210,10 +210,10 @@ class AutoModelForCausalLM:
         folder = getattr(model, "checkpoint_dir", None)
         gen = {}
         if folder is not None and (folder / "generation_config.json").is_file():
-            import json
+            from .sampling import read_generation_config
 
-            raw = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-            load_generation_config(folder / "generation_config.json")  # validates the file
+            load_generation_config(folder / "generation_config.json")  # validates the file's values
+            raw = read_generation_config(folder / "generation_config.json")  # bounded, types checked
             gen = {k: v for k, v in raw.items() if k in GENERATION_CONFIG_KEYS | {"max_length"}}
         return CompatCausalLM(model, gen)
 

@@ -7,7 +7,6 @@ Hub parses as it is. Unknown keys are kept in `extra` and written back out, neve
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NekomataError
+from .safe_files import SMALL_JSON_MAX_BYTES, json_value_problem, read_json_file
 
 # The decode paths (nekomata_core.decode.make_decoder), defined here, torch-free, so that the CLI parsers
 # can list them without importing torch.
@@ -22,7 +22,12 @@ DECODE_MODES = ("auto", "eager", "static", "compiled", "native")
 
 
 class ConfigError(NekomataError):
-    """config.json is missing a key, has a key of the wrong type, or is inconsistent."""
+    """A config file (config.json, generation_config.json) is unreadable, has a key missing or of the
+    wrong type, is inconsistent, or does not match the checkpoint's tensors."""
+
+
+class MissingConfigError(FileNotFoundError, ConfigError):
+    """The checkpoint folder has no config.json."""
 
 
 # Keys without which the architecture is undefined: no silent defaults for these.
@@ -89,34 +94,59 @@ class QwenConfig:
         return None
 
     def num_parameters(self) -> int:
-        """Exact parameter count of the checkpoint (what `QwenForCausalLM` allocates)."""
-        return sum(math.prod(shape) for shape in self.parameter_shapes().values())
+        """Exact parameter count of the checkpoint (what `QwenForCausalLM` allocates).
+
+        Computed from one layer's shapes × num_hidden_layers, never by listing every layer: the loader
+        calls it on untrusted configs (num_hidden_layers: 10**9) before anything is checked."""
+        per_layer = sum(math.prod(shape) for shape in self.layer_parameter_shapes(0).values())
+        outside = sum(math.prod(shape) for shape in self.outer_parameter_shapes().values())
+        return outside + self.num_hidden_layers * per_layer
+
+    def num_tensors(self) -> int:
+        """How many tensors `parameter_shapes()` lists, without listing them."""
+        return len(self.outer_parameter_shapes()) + self.num_hidden_layers * len(
+            self.layer_parameter_shapes(0)
+        )
+
+    def outer_parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The tensors outside the transformer blocks: embedding, final norm, lm_head."""
+        h, v = self.hidden_size, self.vocab_size
+        return {"transformer.wte.weight": (v, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)}
+
+    def layer_parameter_shapes(self, i: int) -> dict[str, tuple[int, ...]]:
+        """The tensors of block `i`, by safetensors key, as `[out, in]` like nn.Linear."""
+        h, f = self.hidden_size, self.mlp_width
+        prefix = f"transformer.h.{i}."
+        shapes: dict[str, tuple[int, ...]] = {
+            prefix + "ln_1.weight": (h,),
+            prefix + "attn.c_attn.weight": (3 * h, h),
+            prefix + "attn.c_attn.bias": (3 * h,),
+            prefix + "attn.c_proj.weight": (h, h),
+            prefix + "ln_2.weight": (h,),
+            prefix + "mlp.w1.weight": (f, h),
+            prefix + "mlp.w2.weight": (f, h),
+            prefix + "mlp.c_proj.weight": (h, f),
+        }
+        if not self.no_bias:  # every release has no_bias=true; the other linears get biases otherwise
+            shapes[prefix + "attn.c_proj.bias"] = (h,)
+            shapes[prefix + "mlp.w1.bias"] = (f,)
+            shapes[prefix + "mlp.w2.bias"] = (f,)
+            shapes[prefix + "mlp.c_proj.bias"] = (h,)
+        return shapes
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint must hold, by its safetensors key, as `[out, in]` like nn.Linear.
 
         `QwenForCausalLM` allocates exactly these (a test checks it); the loader and the tiny
-        checkpoint builder use this table so that all three agree on the file layout.
+        checkpoint builder use this table so that all three agree on the file layout. It has one
+        entry per tensor: check an untrusted config against the files first (the loader does).
         """
-        h, f, v = self.hidden_size, self.mlp_width, self.vocab_size
-        shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h)}
+        outer = self.outer_parameter_shapes()
+        shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": outer["transformer.wte.weight"]}
         for i in range(self.num_hidden_layers):
-            prefix = f"transformer.h.{i}."
-            shapes[prefix + "ln_1.weight"] = (h,)
-            shapes[prefix + "attn.c_attn.weight"] = (3 * h, h)
-            shapes[prefix + "attn.c_attn.bias"] = (3 * h,)
-            shapes[prefix + "attn.c_proj.weight"] = (h, h)
-            shapes[prefix + "ln_2.weight"] = (h,)
-            shapes[prefix + "mlp.w1.weight"] = (f, h)
-            shapes[prefix + "mlp.w2.weight"] = (f, h)
-            shapes[prefix + "mlp.c_proj.weight"] = (h, f)
-            if not self.no_bias:  # every release has no_bias=true; the other linears get biases otherwise
-                shapes[prefix + "attn.c_proj.bias"] = (h,)
-                shapes[prefix + "mlp.w1.bias"] = (f,)
-                shapes[prefix + "mlp.w2.bias"] = (f,)
-                shapes[prefix + "mlp.c_proj.bias"] = (h,)
-        shapes["transformer.ln_f.weight"] = (h,)
-        shapes["lm_head.weight"] = (v, h)
+            shapes.update(self.layer_parameter_shapes(i))
+        shapes["transformer.ln_f.weight"] = outer["transformer.ln_f.weight"]
+        shapes["lm_head.weight"] = outer["lm_head.weight"]
         return shapes
 
     # ------------------------------------------------------------------ validation
@@ -128,6 +158,10 @@ class QwenConfig:
 
         for name in (*REQUIRED_KEYS, "kv_channels", "seq_length", "max_position_embeddings"):
             positive_int(name)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key {f.name!r} is {value!r}; every number must be finite")
         if self.hidden_size != self.num_attention_heads * self.kv_channels:
             raise ConfigError(
                 f"config key 'hidden_size' ({self.hidden_size}) must equal num_attention_heads "
@@ -171,6 +205,9 @@ class QwenConfig:
     def from_dict(cls, data: dict[str, Any]) -> QwenConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        problem = json_value_problem(data)  # non-finite numbers anywhere, also in keys we do not model
+        if problem:
+            raise ConfigError(f"config {problem}")
         missing = [key for key in REQUIRED_KEYS if key not in data]
         if missing:
             raise ConfigError(f"config.json is missing the required key(s) {missing}")
@@ -192,14 +229,20 @@ class QwenConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> QwenConfig:
+        """Read and validate config.json (bounded in size, links followed only inside its folder)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no config.json at {str(path)!r}; a checkpoint directory needs one")
+            raise MissingConfigError(f"no config.json at {str(path)!r}; a checkpoint directory needs one")
+        data = read_json_file(
+            path,
+            max_bytes=SMALL_JSON_MAX_BYTES,
+            error=ConfigError,
+            fix="use the config.json of the checkpoint",
+        )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{str(path)!r}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike[str], *, revision: str | None = None):

@@ -13,8 +13,12 @@ The safetensors format: an 8-byte little-endian header length n, n bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data
 region; offsets are relative to the start of the data region, and the tensors tile it exactly.
 
-Nothing from a checkpoint is ever executed: `*.py` files and `auto_map` are ignored, and the
-`pytorch_model*.bin` fallback uses `torch.load(weights_only=True)`, which refuses arbitrary pickles.
+Nothing from a checkpoint is ever executed: `*.py` files and `auto_map` are ignored, and pickled
+`pytorch_model*.bin` weights are refused unless the caller opts in with `allow_pickle=True` (then they
+are read with `torch.load(weights_only=True)`, which refuses arbitrary objects); `convert_bin_checkpoint`
+turns them into safetensors once. Every file is opened only after `safe_files.check_inside` has checked
+that its links stay inside the checkpoint folder (or the Hugging Face cache's blobs/ of the same repo),
+and every JSON read is bounded in size (`safe_files`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,7 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import ConfigError, QwenConfig
 from .errors import NekomataError
+from .hub import download_command
+from .safe_files import INDEX_JSON_MAX_BYTES, JSONFileError, check_inside, decode_json_object, read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -85,28 +93,54 @@ class _Header:
 
 
 # ====================================================================== locating the weight files
-def checkpoint_weight_files(folder: str | os.PathLike[str]) -> list[Path]:
+def checkpoint_weight_files(folder: str | os.PathLike[str], *, allow_pickle: bool = False) -> list[Path]:
     """The weight files of a checkpoint directory, in loading order.
 
-    `model.safetensors` if present; else the shards named by `model.safetensors.index.json`; else
-    (with a one-line notice) `pytorch_model*.bin` files, which are read with `weights_only=True`.
-    Raises `CheckpointError` naming the problem when none of these is usable.
+    `model.safetensors` if present; else the shards named by `model.safetensors.index.json`; else,
+    only with `allow_pickle=True`, `pytorch_model*.bin` files (read with `weights_only=True`); without
+    it such a checkpoint is refused with the command that converts it. Every file returned has passed
+    `check_inside` (no links out of the folder). Raises `CheckpointError` naming the problem when
+    none of these is usable.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} is not a directory; pass the checkpoint directory.")
     if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    if (folder / INDEX_FILE).is_file():
-        return _files_from_index(folder, folder / INDEX_FILE, ".safetensors")
+        files = [folder / SINGLE_FILE]
+    elif (folder / INDEX_FILE).is_file():
+        files = _files_from_index(folder, folder / INDEX_FILE, ".safetensors")
+    else:
+        files = _pickle_files(folder, allow_pickle)
+    for path in files:
+        _checked(path, folder)
+    return files
+
+
+def _checked(path: Path, folder: Path) -> Path:
+    """`check_inside` with the loader's error class; every file the loader opens goes through here."""
+    try:
+        return check_inside(path, folder, error=CheckpointError)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{exc}; download the checkpoint again.") from None
+
+
+def _pickle_files(folder: Path, allow_pickle: bool) -> list[Path]:
     if (folder / BIN_INDEX_FILE).is_file():
         files = _files_from_index(folder, folder / BIN_INDEX_FILE, ".bin")
     else:
         files = sorted(folder.glob("pytorch_model*.bin"))
+    if files and not allow_pickle:
+        raise CheckpointError(
+            f"{str(folder)!r} holds only pickled PyTorch weights ({_listing([p.name for p in files])}), and "
+            "nekomata_core reads safetensors only unless you opt in. Convert them once, in an environment "
+            'you trust: python -c "from nekomata_core.loader import convert_bin_checkpoint; '
+            f'convert_bin_checkpoint({str(folder)!r})" (writes model*.safetensors next to them), or pass '
+            "allow_pickle=True to from_pretrained to read them with torch.load(weights_only=True)."
+        )
     if files:
         logger.warning(
             "%s has no safetensors weights; reading %d pytorch_model*.bin file(s) with "
-            "torch.load(weights_only=True) instead (slower, more memory).",
+            "torch.load(weights_only=True) instead (allow_pickle=True; slower, more memory).",
             folder,
             len(files),
         )
@@ -118,34 +152,39 @@ def checkpoint_weight_files(folder: str | os.PathLike[str]) -> list[Path]:
             f"{str(folder)!r} holds {_listing(stray)} but neither {SINGLE_FILE} nor {INDEX_FILE}; "
             f"rename a single-file checkpoint to {SINGLE_FILE}, or add the index that lists the shards."
         )
+    command = download_command("REPO", include="'*.safetensors*'")
     raise CheckpointError(
-        f"no model weights in {str(folder)!r}: expected {SINGLE_FILE}, or {INDEX_FILE} with its shards "
-        f"(or pytorch_model*.bin). The folder holds: {_listing(names) if names else 'nothing'}. "
-        "Download the weight files too (e.g. `huggingface-cli download REPO --include '*.safetensors*'`)."
+        f"no model weights in {str(folder)!r}: expected {SINGLE_FILE}, or {INDEX_FILE} with its shards. "
+        f"The folder holds: {_listing(names) if names else 'nothing'}. Download the weight files too "
+        f"(e.g. `{command}`)."
     )
 
 
-def _files_from_index(folder: Path, index: Path, suffix: str) -> list[Path]:
-    """The distinct shard files an index names, each checked to be a file inside `folder`."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{str(index)!r} is not valid JSON ({exc}); download it again.") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map (tensor name → shard file) of a shard index, bounded in size and checked in type."""
+    data = read_json_file(
+        index, max_bytes=INDEX_JSON_MAX_BYTES, error=CheckpointError, fix="download it again"
+    )
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(
             f"{str(index)!r} has no 'weight_map' object (tensor name → shard file), so it is not a "
             "Hugging Face shard index; download it again."
         )
-    shards: list[str] = []
     for key, name in weight_map.items():
         if not isinstance(name, str) or not name:
-            raise CheckpointError(f"{str(index)!r}: weight_map[{key!r}] is {name!r}, not a shard file name.")
-        if name not in shards:
-            shards.append(name)
+            raise CheckpointError(
+                f"{str(index)!r}: weight_map[{key!r}] is {_short(name)}, not a shard file name."
+            )
+    return weight_map
+
+
+def _files_from_index(folder: Path, index: Path, suffix: str) -> list[Path]:
+    """The distinct shard files an index names, each checked to be a file inside `folder`."""
+    _checked(index, folder)
+    shards = list(dict.fromkeys(_read_index(index).values()))  # distinct, in order
     for name in shards:
-        # Lexical check on purpose: in the Hugging Face cache every file is a symlink into ../blobs,
-        # so resolving links would put even honest shards "outside" the snapshot folder.
+        # A lexical check first, for a clear message; `check_inside` then follows any links.
         parts = PurePosixPath(name.replace("\\", "/")).parts
         if not parts or parts[0] == "/" or ".." in parts or os.path.isabs(name) or ":" in parts[0]:
             raise CheckpointError(
@@ -165,21 +204,17 @@ def _files_from_index(folder: Path, index: Path, suffix: str) -> list[Path]:
     return [folder / name for name in sorted(shards)]  # as transformers does: shard 1 first
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: messages quote hostile values without printing them whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # ====================================================================== safetensors format
 def _corrupt(path: Path, problem: str) -> CheckpointError:
     return CheckpointError(
         f"corrupt safetensors file {str(path)!r}: {problem}. Download or convert this file again."
     )
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads silently keeps the last of two equal keys; two tensors with one name is corruption.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} appears twice")
-        result[key] = value
-    return result
 
 
 def _read_header(path: Path) -> _Header:
@@ -194,8 +229,11 @@ def _read_header(path: Path) -> _Header:
                 )
             (header_len,) = struct.unpack("<Q", prefix)
             if not 2 <= header_len <= MAX_HEADER_BYTES:
+                # The value is not printed: for a file that is not safetensors it is 8 of its bytes.
                 raise _corrupt(
-                    path, f"the header length field says {header_len} bytes (not a safetensors file?)"
+                    path,
+                    f"its first 8 bytes are not a header length between 2 and {MAX_HEADER_BYTES:,} "
+                    "(not a safetensors file?)",
                 )
             if 8 + header_len > size:
                 raise _corrupt(
@@ -206,11 +244,10 @@ def _read_header(path: Path) -> _Header:
     except OSError as exc:
         raise CheckpointError(f"cannot read {str(path)!r}: {exc}") from None
     try:
-        raw = json.loads(raw_bytes.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise _corrupt(path, f"the header is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise _corrupt(path, f"the header is a JSON {type(raw).__name__}, not an object")
+        # Duplicate keys are refused: json.loads would silently keep the last of two equal tensor names.
+        raw = decode_json_object(raw_bytes, base_offset=8, reject_duplicate_keys=True)
+    except JSONFileError as exc:
+        raise _corrupt(path, f"its JSON header: {exc}") from None
     metadata = raw.get("__metadata__", {})
     if not isinstance(metadata, dict):
         raise _corrupt(path, "'__metadata__' is not a JSON object")
@@ -221,18 +258,33 @@ def _read_header(path: Path) -> _Header:
     for name, entry in raw.items():
         if name == "__metadata__":
             continue
+        tensor = _short(name)
         if not isinstance(entry, dict):
-            raise _corrupt(path, f"the entry for tensor {name!r} is not a JSON object")
+            raise _corrupt(
+                path, f"the entry for tensor {tensor} is a JSON {type(entry).__name__}, not an object"
+            )
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        # Each field's type first: a hostile header may put anything there (a list is unhashable).
+        if not isinstance(dtype, str):
+            raise _corrupt(
+                path, f"tensor {tensor} has field 'dtype' = {_short(dtype)}, not a string such as \"BF16\""
+            )
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(
-                f"{str(path)!r}: tensor {name!r} has dtype {dtype!r}, which nekomata_core cannot read "
+                f"{str(path)!r}: tensor {tensor} has dtype {_short(dtype)}, which nekomata_core cannot read "
                 f"(supported: {', '.join(SAFETENSORS_DTYPES)}). Convert the checkpoint to bf16/fp16/fp32."
             )
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _corrupt(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+            raise _corrupt(
+                path,
+                f"tensor {tensor} has field 'shape' = {_short(shape)}, not a list of non-negative integers",
+            )
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            raise _corrupt(path, f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+            raise _corrupt(
+                path,
+                f"tensor {tensor} has field 'data_offsets' = {_short(offsets)}, not [begin, end] "
+                "(two non-negative integers)",
+            )
         begin, end = offsets
         if end < begin:
             raise _corrupt(
@@ -370,15 +422,27 @@ def _bin_entries(path: Path) -> list[TensorInfo]:
 
 
 # ====================================================================== checking
-def _scan(files: list[Path]) -> tuple[dict[str, TensorInfo], list[str]]:
-    """All tensors of all files by name, plus every file-level problem found (not just the first)."""
+@dataclass
+class _Scan:
+    """What the headers of a checkpoint's files say, and every file-level problem (not just the first)."""
+
+    files: list[Path]
+    entries: dict[str, TensorInfo]  # every tensor of every readable file, by name
+    problems: list[str]
+    broken: list[Path]  # files whose header (or pickle) could not be read
+    weight_map: dict[str, str] | None  # the shard index (tensor name → file name), if the checkpoint has one
+
+
+def _scan(files: list[Path]) -> _Scan:
     entries: dict[str, TensorInfo] = {}
     problems: list[str] = []
+    broken: list[Path] = []
     for path in files:
         try:
             infos = _bin_entries(path) if path.suffix == ".bin" else _read_header(path).tensors
         except CheckpointError as exc:
             problems.append(str(exc))
+            broken.append(path)
             continue
         for info in infos:
             if info.name in entries:
@@ -388,23 +452,31 @@ def _scan(files: list[Path]) -> tuple[dict[str, TensorInfo], list[str]]:
                 )
             else:
                 entries[info.name] = info
-    problems.extend(_index_problems(files, entries))
-    return entries, problems
+    scan = _Scan(files, entries, problems, broken, _weight_map(files))
+    problems.extend(_index_problems(scan))
+    return scan
 
 
-def _index_problems(files: list[Path], entries: Mapping[str, TensorInfo]) -> list[str]:
-    """An index that places tensors in shards that do not hold them belongs to other files."""
+def _weight_map(files: list[Path]) -> dict[str, str] | None:
     if not files or files[0].name == SINGLE_FILE:
+        return None
+    index = files[0].parent / (INDEX_FILE if files[0].suffix == ".safetensors" else BIN_INDEX_FILE)
+    return _read_index(index) if index.is_file() else None  # None: a glob of pytorch_model*.bin
+
+
+def _index_problems(scan: _Scan) -> list[str]:
+    """An index that places tensors in shards that do not hold them belongs to other files. Tensors of
+    a broken shard are not counted here: that shard's own problem is already reported."""
+    if scan.weight_map is None:
         return []
-    folder = files[0].parent
-    index = folder / (INDEX_FILE if files[0].suffix == ".safetensors" else BIN_INDEX_FILE)
-    if not index.is_file():  # a glob of pytorch_model*.bin without an index
-        return []
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]  # validated already
+    folder = scan.files[0].parent
+    index = folder / (INDEX_FILE if scan.files[0].suffix == ".safetensors" else BIN_INDEX_FILE)
+    broken = {path.name for path in scan.broken}
+    entries = scan.entries
     wrong = [
         f"{key} (index: {shard}, found: {entries[key].file.name if key in entries else 'nowhere'})"
-        for key, shard in weight_map.items()
-        if key not in entries or entries[key].file != folder / shard
+        for key, shard in scan.weight_map.items()
+        if shard not in broken and (key not in entries or entries[key].file != folder / shard)
     ]
     if not wrong:
         return []
@@ -412,6 +484,87 @@ def _index_problems(files: list[Path], entries: Mapping[str, TensorInfo]) -> lis
         f"{str(index)!r} does not match its shards: {len(wrong)} tensor(s) are not where it says: "
         f"{_listing(wrong, sep='; ')}. Download the index and shards again from one revision."
     ]
+
+
+_LAYER_KEY = re.compile(r"transformer\.h\.(\d+)\.")
+# (config key, a tensor whose shape shows it, the dimension, config units per element of that dimension)
+_SHAPE_KEYS: tuple[tuple[str, str, int, int], ...] = (
+    ("vocab_size", "transformer.wte.weight", 0, 1),
+    ("hidden_size", "transformer.wte.weight", 1, 1),
+    ("vocab_size", "lm_head.weight", 0, 1),
+    ("intermediate_size", "transformer.h.0.mlp.w1.weight", 0, 2),  # Qwen quirk: twice the MLP width
+)
+
+
+def _config_problems(config: QwenConfig, scan: _Scan) -> list[str]:
+    """Where config.json disagrees with the tensors the files (or their index) declare, each naming the
+    config key and what the files hold.
+
+    Checked before anything is built from the config: `parameter_shapes()`, the model and the per-tensor
+    comparison have one entry per layer, so `num_hidden_layers: 10**9` must fail here, cheaply. Nothing
+    below is proportional to the config's sizes, only to the files' headers.
+    """
+    problems: list[str] = []
+    # An absolute bound that holds even when headers are unreadable: every dtype is at least one byte.
+    file_bytes = sum(path.stat().st_size for path in scan.files)
+    params = config.num_parameters()
+    if params > file_bytes:
+        problems.append(
+            f"config.json implies {params:,} parameters (num_hidden_layers {config.num_hidden_layers:,}, "
+            f"hidden_size {config.hidden_size:,}, vocab_size {config.vocab_size:,}, intermediate_size "
+            f"{config.intermediate_size:,}), but the weight files hold only {file_bytes:,} bytes"
+        )
+    # The tensor names: the index lists them even for a broken shard; otherwise only readable headers do.
+    names = scan.weight_map if scan.weight_map is not None else (None if scan.broken else scan.entries)
+    if names is not None:
+        layers = {int(match.group(1)) for name in names if (match := _LAYER_KEY.match(name))}
+        held = max(layers) + 1 if layers else 0
+        if config.num_hidden_layers != held:
+            where = f"transformer.h.0 … transformer.h.{held - 1}" if held else "no transformer.h.N tensors"
+            problems.append(
+                f"config key 'num_hidden_layers' is {config.num_hidden_layers:,}, but the checkpoint's files "
+                f"hold {held} layer(s) ({where})"
+            )
+        elif config.num_tensors() > len(names):  # e.g. one stray "transformer.h.999999999." name
+            problems.append(
+                f"config.json implies {config.num_tensors():,} tensors ({config.num_hidden_layers:,} layers), "
+                f"but the checkpoint's files declare only {len(names):,}"
+            )
+    for key, tensor, dim, units in _SHAPE_KEYS:
+        info = scan.entries.get(tensor)
+        if info is None or len(info.shape) <= dim:
+            continue  # absent or of another rank: the per-tensor comparison names it
+        held_value = info.shape[dim] * units
+        if getattr(config, key) != held_value and not any(f"'{key}'" in p for p in problems):
+            problems.append(
+                f"config key {key!r} is {getattr(config, key):,}, but {tensor} in {info.file.name!r} has shape "
+                f"{list(info.shape)}, which means {key} {held_value:,}"
+            )
+    if problems:
+        problems.append(
+            "Fix: use the config.json that came with these weights (or the weights of this config)."
+        )
+    return problems
+
+
+def check_checkpoint(
+    folder: str | os.PathLike[str], config: QwenConfig, *, allow_pickle: bool = False
+) -> None:
+    """Check every file of the checkpoint in `folder` and `config` against the tensors they declare,
+    reading headers only, before anything is built: raises `CheckpointError` for broken files and
+    `ConfigError` (naming the key and what the files hold) when config.json does not fit the files."""
+    folder = Path(folder)
+    scan = _scan(checkpoint_weight_files(folder, allow_pickle=allow_pickle))
+    if scan.problems:
+        raise CheckpointError(
+            f"cannot load the checkpoint in {str(folder)!r}:\n  " + "\n  ".join(scan.problems)
+        )
+    problems = _config_problems(config, scan)
+    if problems:
+        raise ConfigError(
+            f"{str(folder / 'config.json')!r} does not match the checkpoint's tensors:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 def _is_ignored(name: str) -> bool:
@@ -477,6 +630,7 @@ def load_weights(
     device: torch.device | str,
     progress: bool = True,
     after_tensor: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
 ) -> None:
     """Replace every parameter of `model` (normally on the meta device) with the checkpoint's tensor.
 
@@ -486,17 +640,21 @@ def load_weights(
     in one `CheckpointError` before any weight is read. Then the files are streamed one tensor at a
     time, so peak memory is the final weights plus at most one tensor. `after_tensor(name)`, if given,
     is called after each parameter is set (quantize-on-load uses it to convert a layer as soon as its
-    last tensor is in).
+    last tensor is in). `allow_pickle=True` also reads `pytorch_model*.bin` checkpoints
+    (with `torch.load(weights_only=True)`); without it they are refused.
     """
     folder = Path(folder)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
     device = torch.device(device)
 
-    files = checkpoint_weight_files(folder)
-    entries, problems = _scan(files)
-    if problems:
-        raise CheckpointError(f"cannot load the checkpoint in {str(folder)!r}:\n  " + "\n  ".join(problems))
+    files = checkpoint_weight_files(folder, allow_pickle=allow_pickle)
+    scan = _scan(files)
+    if scan.problems:
+        raise CheckpointError(
+            f"cannot load the checkpoint in {str(folder)!r}:\n  " + "\n  ".join(scan.problems)
+        )
+    entries = scan.entries
     params = dict(model.named_parameters())
     expected = {name: (tuple(p.shape), p.dtype) for name, p in params.items()}
     missing, unexpected, mismatched, _ = _compare(expected, entries)
@@ -563,7 +721,7 @@ def _progress_bar(path: Path, total: int, enabled: bool):
 # ====================================================================== verification report
 @dataclass
 class CheckpointReport:
-    """What `verify_checkpoint` found, from the headers alone (no weight data is read)."""
+    """What `verify_checkpoint` found: from the headers, and (with `check_values`) from every value."""
 
     folder: Path
     files: list[tuple[str, int]] = field(default_factory=list)  # (file name, size in bytes)
@@ -575,11 +733,14 @@ class CheckpointReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # known harmless extras (`*.inv_freq`)
-    problems: list[str] = field(default_factory=list)  # unreadable/corrupt files, bad index, duplicates
+    problems: list[str] = field(default_factory=list)  # unreadable/corrupt files, bad index, config ≠ files
+    unreadable: int = 0  # expected tensors that live in a broken file (counted, not listed)
+    non_finite: list[str] = field(default_factory=list)  # "name: N NaN, M inf" (check_values only)
+    values_checked: bool = False
 
     @property
     def ok(self) -> bool:
-        return not (self.problems or self.missing or self.unexpected or self.mismatched)
+        return not (self.problems or self.missing or self.unexpected or self.mismatched or self.non_finite)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -589,24 +750,150 @@ class CheckpointReport:
         return data
 
 
-def verify_checkpoint(folder: str | os.PathLike[str], config) -> CheckpointReport:
-    """Check a checkpoint directory against `config.parameter_shapes()` without reading weights.
+def verify_checkpoint(
+    folder: str | os.PathLike[str],
+    config: QwenConfig,
+    *,
+    check_values: bool = False,
+    allow_pickle: bool = False,
+) -> CheckpointReport:
+    """Check a checkpoint directory against `config.parameter_shapes()`.
 
-    Never raises for a bad checkpoint: every problem lands in the report (`report.ok` is False).
+    From the headers alone: every file readable, the config agrees with the tensors the files declare
+    (checked first and cheaply, so a config with a billion layers is one problem, not a billion missing
+    tensors), every expected tensor present with the right shape. Tensors that live in a broken file
+    are counted in `unreadable`, not listed as missing. With `check_values`, every floating tensor of
+    the readable files is then read once, in chunks, and those holding NaN or inf are listed in
+    `non_finite`. Never raises for a bad checkpoint: every problem lands in the report.
     """
     folder = Path(folder)
     report = CheckpointReport(folder=folder)
     try:
-        files = checkpoint_weight_files(folder)
+        files = checkpoint_weight_files(folder, allow_pickle=allow_pickle)
+        scan = _scan(files)
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return report
+    entries = scan.entries
     report.files = [(str(path.relative_to(folder)), path.stat().st_size) for path in files]
-    entries, report.problems = _scan(files)
+    report.problems = list(scan.problems)
     report.num_tensors = len(entries)
     report.dtypes = sorted({info.dtype for info in entries.values()})
     report.total_bytes = sum(info.nbytes for info in entries.values())
     report.num_parameters = sum(math.prod(i.shape) for i in entries.values() if not _is_ignored(i.name))
-    expected = {name: (shape, None) for name, shape in config.parameter_shapes().items()}
-    report.missing, report.unexpected, report.mismatched, report.ignored = _compare(expected, entries)
+    config_problems = _config_problems(config, scan)
+    if config_problems:
+        # Every per-tensor difference would follow from these (and listing them could be endless).
+        report.problems.extend(config_problems)
+        return report
+    if scan.broken and scan.weight_map is None:
+        # A broken file and no index: any expected tensor may be in it; nothing more is known.
+        report.unreadable = config.num_tensors()
+    else:
+        expected = {name: (shape, None) for name, shape in config.parameter_shapes().items()}
+        report.missing, report.unexpected, report.mismatched, report.ignored = _compare(expected, entries)
+        if scan.broken:
+            broken = {path.name for path in scan.broken}
+            in_broken = {name for name, shard in (scan.weight_map or {}).items() if shard in broken}
+            report.unreadable = sum(name in in_broken for name in report.missing)
+            report.missing = [name for name in report.missing if name not in in_broken]
+    if report.unreadable:
+        names = ", ".join(repr(path.name) for path in scan.broken)
+        report.problems.append(
+            f"{report.unreadable} expected tensor(s) are unreadable because {names} "
+            f"{'is' if len(scan.broken) == 1 else 'are'} broken (see above)"
+        )
+    if check_values:
+        report.non_finite = _non_finite_tensors(
+            [info for info in entries.values() if info.file not in scan.broken], allow_pickle
+        )
+        report.values_checked = True
     return report
+
+
+_VALUE_CHUNK_BYTES = 64 << 20  # the NaN/inf scan reads at most this much of a tensor at a time
+
+
+def _non_finite_tensors(infos: list[TensorInfo], allow_pickle: bool) -> list[str]:
+    """Each floating tensor of `infos` that holds NaN or inf, as "name: N NaN, M inf (in FILE)"."""
+    found: list[str] = []
+    by_file: dict[Path, list[TensorInfo]] = {}
+    for info in infos:
+        if SAFETENSORS_DTYPES[info.dtype].is_floating_point:
+            by_file.setdefault(info.file, []).append(info)
+    for path, group in by_file.items():
+        if path.suffix == ".bin":
+            state = _torch_load(path)
+            counts = [(info, _count_non_finite(state[info.name])) for info in group]
+            del state
+        else:
+            with open(path, "rb", buffering=0) as f:
+                counts = [
+                    (info, _count_non_finite_in_file(f, info))
+                    for info in sorted(group, key=lambda i: i.offset)
+                ]
+        for info, (nan, inf) in counts:
+            if nan or inf:
+                found.append(f"{info.name}: {nan:,} NaN, {inf:,} inf (in {path.name})")
+    return found
+
+
+def _count_non_finite(values: torch.Tensor) -> tuple[int, int]:
+    return int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
+
+
+def _count_non_finite_in_file(f, info: TensorInfo) -> tuple[int, int]:
+    """(NaN count, inf count) of one tensor, read in chunks so that a 2.5 GB lm_head needs 64 MiB."""
+    dtype = SAFETENSORS_DTYPES[info.dtype]
+    chunk = _VALUE_CHUNK_BYTES - _VALUE_CHUNK_BYTES % dtype.itemsize  # whole elements per chunk
+    buffer = torch.empty(min(chunk, info.nbytes), dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    nan = inf = 0
+    f.seek(info.offset)
+    done = 0
+    while done < info.nbytes:
+        want = min(chunk, info.nbytes - done)
+        got = 0
+        while got < want:
+            count = f.readinto(view[got:want])
+            if not count:
+                raise _corrupt(info.file, f"the file ended while reading tensor {info.name!r} (truncated)")
+            got += count
+        counts = _count_non_finite(buffer[:want].view(dtype))
+        nan, inf = nan + counts[0], inf + counts[1]
+        done += want
+    return nan, inf
+
+
+# ====================================================================== converting pickled checkpoints
+def convert_bin_checkpoint(folder: str | os.PathLike[str]) -> list[Path]:
+    """Write safetensors files next to the `pytorch_model*.bin` weights of `folder` and return them.
+
+    The pickles are read with `torch.load(weights_only=True)` (PyTorch's restricted unpickler, which
+    refuses arbitrary objects), one file at a time: `pytorch_model.bin` becomes `model.safetensors`,
+    `pytorch_model-0000i-of-0000n.bin` becomes `model-0000i-of-0000n.safetensors` plus
+    `model.safetensors.index.json`. Afterwards the checkpoint loads without `allow_pickle`.
+    """
+    folder = Path(folder)
+    sources = _pickle_files(folder, allow_pickle=True)
+    for path in sources:
+        _checked(path, folder)
+    written: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for path in sources:
+        target = folder / (
+            path.name.replace("pytorch_model", "model", 1).removesuffix(".bin") + ".safetensors"
+        )
+        # clone: a .bin may store tensors that share storage, which safetensors refuses to write.
+        state = {name: tensor.contiguous().clone() for name, tensor in _torch_load(path).items()}
+        save_safetensors(state, target)
+        weight_map.update(dict.fromkeys(state, target.name))
+        written.append(target)
+        del state
+    if written != [folder / SINGLE_FILE]:
+        index = folder / INDEX_FILE
+        index.write_text(
+            json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+        )
+        written.append(index)
+    return written

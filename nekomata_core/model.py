@@ -383,10 +383,12 @@ class QwenForCausalLM(nn.Module):
         ops_backend: str = "auto",
         progress: bool = True,
         quantize: str | None = None,
+        allow_pickle: bool = False,
     ) -> QwenForCausalLM:
         """Load a checkpoint from a local directory or a Hub repo id (see `nekomata_core.pretrained`).
 
         quantize="int8" stores every linear layer as int8 with per-channel scales (nekomata_core.quantize).
+        allow_pickle=True also reads pickled pytorch_model*.bin weights (refused by default).
         """
         from .pretrained import load_pretrained
 
@@ -400,6 +402,7 @@ class QwenForCausalLM(nn.Module):
             ops_backend=ops_backend,
             progress=progress,
             quantize=quantize,
+            allow_pickle=allow_pickle,
         )
 
     def set_backends(self, attention: str | None = None, ops: str | None = None) -> None:

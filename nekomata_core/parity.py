@@ -578,10 +578,13 @@ def _build_remote_code_reference(folder: Path, dtype: torch.dtype, device: torch
 
     code = folder / "modeling_qwen.py"
     if not code.is_file():
+        from .hub import download_command  # the CLI of the installed huggingface_hub (hf or huggingface-cli)
+
         raise ParityError(
             f"{str(folder)!r} has no modeling_qwen.py, the original remote code that --reference remote-code "
-            "runs. Download the repo's *.py files next to the weights (e.g. `huggingface-cli download "
-            "rinna/nekomata-7b --include '*.py' --local-dir DIR`) or use --reference qwen2."
+            "runs. Download the repo's *.py files next to the weights (e.g. "
+            f"`{download_command('rinna/nekomata-7b', include=repr('*.py'))} --local-dir DIR`) "
+            "or use --reference qwen2."
         )
     flags = {
         name: name == {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -1,5 +1,6 @@
-"""From a path or Hub id to a ready model: resolve files, read the config, pick dtype and device,
-build the model on the meta device (no random init), then stream the weights in."""
+"""From a path or Hub id to a ready model: resolve files, read the config, check it against the tensors
+the files declare (headers only), pick dtype and device, build the model on the meta device (no random
+init), then stream the weights in."""
 
 from __future__ import annotations
 
@@ -74,14 +75,21 @@ def load_pretrained(
     ops_backend: str = "auto",
     progress: bool = True,
     quantize: str | None = None,
+    allow_pickle: bool = False,
 ) -> QwenForCausalLM:
-    from .loader import load_weights
+    """`QwenForCausalLM.from_pretrained`. `allow_pickle=True` also reads checkpoints that only have
+    pickled `pytorch_model*.bin` weights (with `torch.load(weights_only=True)`); they are refused
+    otherwise, with the command that converts them to safetensors."""
+    from .loader import check_checkpoint, load_weights
     from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_int8_structure, quantization_of
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
     folder = resolve_model_dir(path_or_repo_id, revision=revision)
     config = QwenConfig.from_json_file(folder / "config.json")
+    # Before anything is built from the config: a hostile num_hidden_layers would otherwise build
+    # a billion blocks first, and a wrong config would only be noticed after the model exists.
+    check_checkpoint(folder, config, allow_pickle=allow_pickle)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, target_device)
     saved_quantization = quantization_of(config.extra)
@@ -93,7 +101,15 @@ def load_pretrained(
         convert_to_int8_structure(model, target_dtype)
     # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
     on_load = QuantizeOnLoad(model) if quantize == "int8" and saved_quantization is None else None
-    load_weights(model, folder, dtype=target_dtype, device=target_device, progress=progress, after_tensor=on_load)
+    load_weights(
+        model,
+        folder,
+        dtype=target_dtype,
+        device=target_device,
+        progress=progress,
+        after_tensor=on_load,
+        allow_pickle=allow_pickle,
+    )
     model.set_backends()
     model.checkpoint_dir = folder
     return model.eval().requires_grad_(False)

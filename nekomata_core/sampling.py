@@ -16,7 +16,6 @@ before a call reproduces HF's samples), or an explicit `torch.Generator`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -101,25 +100,84 @@ def _is_number(value: Any) -> bool:
 GENERATION_CONFIG_KEYS = {f.name for f in fields(SamplingParams)}
 
 
+# The JSON types of the generation_config.json keys we use (nekomata's CLI also reads chat_format). A
+# wrong type is refused naming the file and the key, before SamplingParams sees the value.
+_INT, _NUMBER = "an integer", "a number"
+_GENERATION_KEY_TYPES: dict[str, str] = {
+    "do_sample": "true or false",
+    "temperature": _NUMBER,
+    "top_k": _INT,
+    "top_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+    "max_new_tokens": _INT,
+    "min_new_tokens": _INT,
+    "eos_token_id": "a token id or a list of token ids",
+    "pad_token_id": _INT,
+    "stop_strings": "a string or a list of strings",
+    "chat_format": "a string",
+    "max_length": _INT,
+}
+
+
+def _has_json_type(value: Any, kind: str) -> bool:
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == _INT:
+        return _is_int(value)
+    if kind == _NUMBER:
+        return _is_number(value)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a string or a list of strings":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
+    return _is_int(value) or (isinstance(value, list) and all(_is_int(i) for i in value))  # token ids
+
+
+def read_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object of a generation_config.json, bounded in size, with the types of the keys we use
+    checked; `{}` when the file does not exist. Raises `ConfigError` naming the file and the key."""
+    from .config import ConfigError
+    from .safe_files import SMALL_JSON_MAX_BYTES, read_json_file
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return {}
+    data = read_json_file(
+        path,
+        max_bytes=SMALL_JSON_MAX_BYTES,
+        error=ConfigError,
+        fix="fix or delete it (it only holds generation defaults)",
+    )
+    for key, kind in _GENERATION_KEY_TYPES.items():
+        value = data.get(key)
+        if value is not None and not _has_json_type(value, kind):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:59] + "…"
+            raise ConfigError(
+                f"{str(path)!r}: key {key!r} must be {kind}, got {shown}; fix or delete that key."
+            )
+    return data
+
+
 def load_generation_config(path: str | os.PathLike[str]) -> SamplingParams:
-    """SamplingParams from a checkpoint's generation_config.json (unknown keys ignored).
+    """SamplingParams from a checkpoint's generation_config.json (unknown keys ignored; defaults when
+    there is no such file). A file that is too large, not JSON, not an object, or has a key of the
+    wrong type or value raises `ConfigError` naming the file and the key.
 
     Qwen-7B's file says: do_sample true, top_p 0.8, top_k 0, max_new_tokens 512, eos = pad = 151643.
     """
+    from .config import ConfigError
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return SamplingParams()
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    data = read_generation_config(path)
     known = {k: v for k, v in data.items() if k in GENERATION_CONFIG_KEYS and v is not None}
     if isinstance(known.get("eos_token_id"), list):
         known["eos_token_id"] = tuple(known["eos_token_id"])
+    if isinstance(known.get("stop_strings"), list):
+        known["stop_strings"] = tuple(known["stop_strings"])
     try:
         return SamplingParams(**known)
-    except ValueError as exc:
-        raise ValueError(f"{str(path)!r}: {exc}") from None
+    except ValueError as exc:  # SamplingParams names the key; add the file
+        raise ConfigError(f"{str(path)!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -93,7 +93,9 @@ def test_inspect_of_a_checkpoint_for_another_config_exits_1_naming_the_mismatch(
     assert main(["inspect", str(broken), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["check"]["ok"] is False
-    assert any(m.startswith("lm_head.weight: file has shape [512, 64]") for m in data["check"]["mismatched"])
+    assert any(
+        "config key 'vocab_size' is 1,024" in p and "vocab_size 512" in p for p in data["check"]["problems"]
+    )
 
 
 def test_inspect_of_a_nonexistent_path_exits_2_with_one_line(tmp_path, capsys):
