@@ -46,6 +46,7 @@ import tiktoken
 from nekomata_core.hub import TOKENIZER_PATTERNS, resolve_model_dir
 
 from .errors import NekomataError
+from .safe_files import check_inside
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +73,7 @@ PAT_STR = (
 )
 
 NUM_MERGEABLE_RANKS = 151_643
+MAX_VOCAB_FILE_BYTES = 64 * 1024 * 1024
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Fixed ids, not "len(ranks) + i": the original pins them so a vocabulary extension cannot move them.
 SPECIAL_TOKENS: dict[str, int] = {
@@ -160,6 +162,12 @@ def load_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
         raise FileNotFoundError(
             f"tokenizer vocabulary {str(path)!r} does not exist. Pass the {VOCAB_FILE_NAME} shipped with "
             "the checkpoint (or a directory holding it, via QwenTokenizer.from_pretrained)."
+        )
+    size = path.stat().st_size
+    if size > MAX_VOCAB_FILE_BYTES:  # Qwen's is 2.4 MB; never read a huge or endless file whole
+        raise VocabFileError(
+            f"{str(path)!r} is {size:,} bytes, far more than a Qwen v1 {VOCAB_FILE_NAME} "
+            f"(about 2.5 MB; at most {MAX_VOCAB_FILE_BYTES:,} accepted). Is it the right file?"
         )
     lines = path.read_bytes().splitlines()
     ranks = _parse_ranks_fast(lines)
@@ -286,6 +294,9 @@ class QwenTokenizer:
                 f"{str(folder)!r} has no {VOCAB_FILE_NAME}; a Qwen v1 checkpoint ships its BPE ranks in that "
                 "file. Pass the directory (or the file) that has it."
             )
+        # The same rule as for the weights: a link is followed only inside the checkpoint folder or into
+        # the Hugging Face cache's own blobs/ of that repo.
+        check_inside(vocab_file, folder, error=VocabFileError)
         return cls(vocab_file, **kwargs)
 
     def __repr__(self) -> str:

@@ -436,3 +436,25 @@ def test_offline_mode_is_named_instead_of_an_unreachable_hub(tmp_path, value):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "offline mode is on" in result.stderr and f"HF_HUB_OFFLINE={value!r}" in result.stderr
     assert "Could not reach" not in result.stderr and "hf download nobody-here/no-such-model" in result.stderr
+
+
+# ====================================================================== the tokenizer's vocabulary file
+def test_tokenizer_vocab_symlink_out_of_the_folder_is_refused(tmp_path):
+    from nekomata_core.tokenizer import QwenTokenizer, VocabFileError
+
+    folder, outside = tmp_path / "ckpt", tmp_path / "elsewhere"
+    folder.mkdir()
+    outside.mkdir()
+    (outside / "qwen.tiktoken").write_bytes(b"not a vocabulary\n")
+    (folder / "qwen.tiktoken").symlink_to(outside / "qwen.tiktoken")
+    with pytest.raises(VocabFileError, match="outside the checkpoint folder.*refusing"):
+        QwenTokenizer.from_pretrained(folder)
+
+
+def test_tokenizer_vocab_file_far_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    from nekomata_core import tokenizer
+
+    monkeypatch.setattr(tokenizer, "MAX_VOCAB_FILE_BYTES", 1000)
+    (tmp_path / "qwen.tiktoken").write_bytes(b"x" * 1001)
+    with pytest.raises(tokenizer.VocabFileError, match="1,001 bytes.*at most 1,000"):
+        tokenizer.QwenTokenizer.from_pretrained(tmp_path)
