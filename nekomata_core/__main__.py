@@ -1,5 +1,5 @@
 """`python -m nekomata_core` runs the `nekomata` command."""
 
-from .cli import main
+from .apps.cli import main
 
 raise SystemExit(main())

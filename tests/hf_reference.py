@@ -1,7 +1,7 @@
 """An independent reference for tests: a Qwen v1 checkpoint loaded into transformers' Qwen2ForCausalLM.
 
 Qwen2 computes exactly what Qwen v1 computes while the total length stays ≤ seq_length (no dynamic
-NTK, no logn scaling), once the weights are renamed (`nekomata_core.reference`). The files are read with the
+NTK, no logn scaling), once the weights are renamed (`nekomata_core.apps.qwen2_reference`). The files are read with the
 `safetensors` library itself, not with nekomata_core's loader, so this reference shares no code with
 the implementation under test.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nekomata_core.apps.qwen2_reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 from nekomata_core.config import QwenConfig
-from nekomata_core.reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 
 
 def read_checkpoint_state_dict(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from nekomata_core.bench import main
+from nekomata_core.apps.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    """`nekomata bench ARGV`, as tools/bench.py runs it."""
+    return cli_main(argv, command="bench")
 
 
 def test_bench_prints_a_table_with_transformers_and_writes_json(tmp_path, capsys):

@@ -19,15 +19,21 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from nekomata_core.byte2token import (
+from nekomata_core.apps.byte2token import (
     Byte2TokenError,
     TokenCounter,
     add_byte2token_parser,
     byte2token,
     detect_language,
-    main,
 )
+from nekomata_core.apps.cli import main as cli_main
 from nekomata_core.tokenizer import QwenTokenizer
+
+
+def main(argv: list[str]) -> int:
+    """`nekomata byte2token ARGV`, as tools/byte2token.py runs it."""
+    return cli_main(argv, command="byte2token")
+
 
 # Qwen's pre-tokenizer regex, as the original tokenizer (tokenization_qwen.py) writes it.
 QWEN_PATTERN = (

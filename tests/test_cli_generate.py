@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nekomata_core import QwenForCausalLM, QwenTokenizer, generate
+from nekomata_core.apps.cli import main
 from nekomata_core.chat import Turn, chatml_prompt, detect_format, instruction_prompt
-from nekomata_core.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nekomata_core.cli import main
+from nekomata_core.apps.cli import main
 from nekomata_core.config import QwenConfig
 from tools.make_tiny_checkpoint import make_checkpoint
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nekomata_core.cli import main
+from nekomata_core.apps.cli import main
 from nekomata_core.config import ConfigError, QwenConfig
 from nekomata_core.errors import NekomataError
 from nekomata_core.hub import download_command, hub_cli_name, login_command

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nekomata_core.checkpoint_builder import GENERATION_CONFIG, _split_evenly, make_checkpoint
+from nekomata_core.apps.checkpoint_builder import GENERATION_CONFIG, _split_evenly, make_checkpoint
 from nekomata_core.config import QwenConfig
 from tests.hf_reference import (
     qwen2_reference_from_checkpoint,

@@ -19,13 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nekomata_core.parity import (
+from nekomata_core.apps.cli import main as cli_main
+from nekomata_core.apps.parity import (
     DEFAULT_THRESHOLDS,
     ParityError,
     add_parity_parser,
-    main,
     parity_report,
 )
+
+
+def main(argv: list[str]) -> int:
+    """`nekomata parity ARGV`, as tools/parity.py runs it."""
+    return cli_main(argv, command="parity")
+
 
 OVERRIDES = dict(vocab_size=512, num_hidden_layers=3)  # tiny: seq_length 64
 
@@ -187,7 +193,7 @@ def test_a_reference_that_cannot_run_exits_2_not_1(folder, monkeypatch, capsys):
 def test_the_dtype_keyword_follows_the_transformers_version(monkeypatch, version, keyword):
     import transformers
 
-    from nekomata_core.reference import dtype_keyword
+    from nekomata_core.apps.qwen2_reference import dtype_keyword
 
     monkeypatch.setattr(transformers, "__version__", version)
     assert dtype_keyword() == keyword
@@ -263,6 +269,7 @@ from nekomata_core.config import QwenConfig
 from nekomata_core.model import QwenForCausalLM
 
 from .configuration_qwen import QWenConfig
+
 
 
 class QWenLMHeadModel(PreTrainedModel):

@@ -19,8 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from nekomata_core import QwenForCausalLM
-from nekomata_core.perplexity import PerplexityError, add_perplexity_parser, main, perplexity
+from nekomata_core.apps.cli import main as cli_main
+from nekomata_core.apps.perplexity import PerplexityError, add_perplexity_parser, perplexity
 from tests.hf_reference import qwen2_reference_from_checkpoint
+
+
+def main(argv: list[str]) -> int:
+    """`nekomata perplexity ARGV`, as tools/perplexity.py runs it."""
+    return cli_main(argv, command="perplexity")
+
 
 REL_TOL = 1e-5
 VOCAB = 512

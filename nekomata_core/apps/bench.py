@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DECODE_MODES, PRESETS, QwenConfig
+from ..config import DECODE_MODES, PRESETS, QwenConfig
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -113,9 +113,9 @@ def _prompt(config: QwenConfig, length: int):
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from .decode import make_decoder
-    from .generation import generate
-    from .model import QwenForCausalLM
+    from ..decode import make_decoder
+    from ..generation import generate
+    from ..model import QwenForCausalLM
 
     torch.set_num_threads(args.threads)
     # The first meta-device module imports torch's meta kernels (seconds, once per process):
@@ -155,7 +155,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decode_label(mode: str, decoder) -> str:
-    from .decode import NativeDecoder
+    from ..decode import NativeDecoder
 
     if mode != "auto":
         return mode
@@ -228,8 +228,8 @@ def run_transformers(args: argparse.Namespace) -> dict[str, Any]:
 
 def _write_qwen2_checkpoint(source: Path, config: QwenConfig, out: Path) -> None:
     """The same weights as a transformers Qwen2 checkpoint, so transformers loads them its own way."""
-    from .loader import checkpoint_weight_files, iter_safetensors, save_safetensors
-    from .reference import qwen2_config_from_qwen, qwen_to_qwen2_state_dict
+    from ..loader import checkpoint_weight_files, iter_safetensors, save_safetensors
+    from .qwen2_reference import qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 
     qwen2_config_from_qwen(config, attn_implementation="sdpa").save_pretrained(out)
     state = {}
@@ -335,7 +335,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result = run_ours(args) if args.worker == "ours" else run_transformers(args)
         Path(args.result).write_text(json.dumps(result))
         return 0
-    from .cli import EXIT_USAGE, CLIError
+    from .common import EXIT_USAGE, CLIError
 
     if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
         raise CLIError("--runs must be ≥ 1, --new-tokens ≥ 2 and --prompt-tokens ≥ 1", EXIT_USAGE)
@@ -349,7 +349,7 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         source = f"preset {args.model} (random weights)"
     else:
-        from .hub import CheckpointNotFoundError, resolve_model_dir
+        from ..hub import CheckpointNotFoundError, resolve_model_dir
 
         try:
             checkpoint = resolve_model_dir(args.model)
@@ -379,7 +379,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _torch_dtype(name: str):
-    from .pretrained import DTYPE_NAMES
+    from ..pretrained import DTYPE_NAMES
 
     return DTYPE_NAMES[name]
 
@@ -444,14 +444,3 @@ def format_report(report: dict[str, Any]) -> str:
         "that bandwidth; RSS includes the interpreter and torch)"
     )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python tools/bench.py ARGS` == `nekomata bench ARGS`."""
-    from .cli import main as cli_main
-
-    return cli_main(argv, command="bench")
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NekomataError
-from .tokenizer import PAT_STR, QwenTokenizer
+from ..errors import NekomataError
+from ..tokenizer import PAT_STR, QwenTokenizer
 
 LANGUAGES = ("japanese", "english", "other")
 _LANGUAGE_ALIASES = {
@@ -527,9 +527,9 @@ def add_byte2token_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_byte2token(args: argparse.Namespace) -> int:
-    from .cli import EXIT_USAGE, CLIError
-    from .hub import CheckpointNotFoundError
-    from .tokenizer import VocabFileError
+    from ..hub import CheckpointNotFoundError
+    from ..tokenizer import VocabFileError
+    from .common import EXIT_USAGE, CLIError
 
     try:
         report = byte2token(
@@ -548,10 +548,3 @@ def run_byte2token(args: argparse.Namespace) -> int:
     else:
         print(report.to_table())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python tools/byte2token.py ARGS` == `nekomata byte2token ARGS` (same parser, same one-line errors)."""
-    from .cli import main as cli_main
-
-    return cli_main(argv, command="byte2token")

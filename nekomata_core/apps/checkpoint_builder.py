@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, QwenConfig
-from .loader import INDEX_FILE, SINGLE_FILE, save_safetensors
+from ..config import PRESETS, QwenConfig
+from ..loader import INDEX_FILE, SINGLE_FILE, save_safetensors
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -72,12 +72,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NekomataError
+from ..errors import NekomataError
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import QwenForCausalLM
+    from ..model import QwenForCausalLM
 
 # torch is imported inside the functions that use it, so that registering this command in the CLI
 # does not slow down `nekomata --help`.
@@ -487,7 +487,7 @@ def _state_dict_from_files(folder: Path) -> dict[str, torch.Tensor]:
     import torch
     from safetensors.torch import load_file
 
-    from .loader import checkpoint_weight_files
+    from ..loader import checkpoint_weight_files
 
     state: dict[str, torch.Tensor] = {}
     for path in checkpoint_weight_files(folder):
@@ -503,8 +503,8 @@ def _build_qwen2_reference(folder: Path, dtype: torch.dtype, device: torch.devic
     import transformers
     from transformers import Qwen2ForCausalLM
 
-    from .config import QwenConfig
-    from .reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
+    from ..config import QwenConfig
+    from .qwen2_reference import dtype_keyword, qwen2_config_from_qwen, qwen_to_qwen2_state_dict
 
     config = QwenConfig.from_json_file(folder / "config.json")
     if config.rotary_dim != config.head_dim:
@@ -545,7 +545,7 @@ def _qwen2_past_seq_length(model: torch.nn.Module, config) -> Callable[[int], No
     then computes Qwen v1's prefill-then-decode: alpha frozen at prefill, logn by absolute position."""
     import torch
 
-    from .reference import formula_inv_freq, formula_logn, formula_ntk_alpha
+    from .qwen2_reference import formula_inv_freq, formula_logn, formula_ntk_alpha
 
     S = config.seq_length
     if config.use_logn_attn:
@@ -578,7 +578,7 @@ def _build_remote_code_reference(folder: Path, dtype: torch.dtype, device: torch
 
     code = folder / "modeling_qwen.py"
     if not code.is_file():
-        from .hub import download_command  # the CLI of the installed huggingface_hub (hf or huggingface-cli)
+        from ..hub import download_command  # the CLI of the installed huggingface_hub (hf or huggingface-cli)
 
         raise ParityError(
             f"{str(folder)!r} has no modeling_qwen.py, the original remote code that --reference remote-code "
@@ -764,9 +764,9 @@ def parity_report(
     """
     import torch
 
-    from .hub import CHECKPOINT_PATTERNS, resolve_model_dir
-    from .model import QwenForCausalLM
-    from .pretrained import resolve_device, resolve_dtype
+    from ..hub import CHECKPOINT_PATTERNS, resolve_model_dir
+    from ..model import QwenForCausalLM
+    from ..pretrained import resolve_device, resolve_dtype
 
     if reference not in REFERENCES:
         raise ParityError(f"reference={reference!r}; choose one of {list(REFERENCES)}")
@@ -781,7 +781,7 @@ def parity_report(
 
     notes: list[str] = []
     if model is None:
-        from .config import QwenConfig
+        from ..config import QwenConfig
 
         config = QwenConfig.from_json_file(folder / "config.json")
     else:
@@ -874,7 +874,7 @@ def parity_report(
     logits_acc = _Accumulator()
     top1_agree = top1_ties = top1_total = 0
     greedy: list[GreedyResult] = []
-    from .generation import generate
+    from ..generation import generate
 
     with torch.inference_mode():
         for index, ids in enumerate(inputs):
@@ -999,7 +999,7 @@ def _make_inputs(
         _check_ids(rows, vocab_size, "input_ids")
         return [[int(t) for t in r] for r in rows], None
 
-    from .tokenizer import NUM_MERGEABLE_RANKS
+    from ..tokenizer import NUM_MERGEABLE_RANKS
 
     has_tokenizer = (folder / "qwen.tiktoken").is_file()
     # Default prompts only where they can be embedded: test checkpoints often cut the vocabulary.
@@ -1010,7 +1010,7 @@ def _make_inputs(
             raise ParityError(
                 f"{str(folder)!r} has no qwen.tiktoken to encode the prompts; use --random-tokens N instead"
             )
-        from .tokenizer import QwenTokenizer
+        from ..tokenizer import QwenTokenizer
 
         tokenizer = QwenTokenizer(folder / "qwen.tiktoken")
         rows = [tokenizer.encode(p) for p in prompts]
@@ -1134,7 +1134,7 @@ def add_parity_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    from .cli import EXIT_USAGE, CLIError
+    from .common import EXIT_USAGE, CLIError
 
     for name in ("random_tokens", "max_new_tokens"):
         value = getattr(args, name)
@@ -1164,7 +1164,7 @@ def run_parity(args: argparse.Namespace) -> int:
             "(modeling_qwen.py); use it only with checkpoints you trust",
             file=sys.stderr,
         )
-    from .model import InputError
+    from ..model import InputError
 
     try:
         report = parity_report(
@@ -1207,10 +1207,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python tools/parity.py ARGS` == `nekomata parity ARGS` (same parser, same one-line errors)."""
-    from .cli import main as cli_main
-
-    return cli_main(argv, command="parity")

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .config import QwenConfig
+from ..config import QwenConfig
 
 
 def qwen2_config_from_qwen(config: QwenConfig, *, attn_implementation: str = "eager"):

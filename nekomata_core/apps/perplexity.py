@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import NekomataError
+from ..errors import NekomataError
 
 if TYPE_CHECKING:
     import torch
@@ -174,9 +174,9 @@ def add_perplexity_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from .cli import EXIT_USAGE, CLIError
-    from .config import QwenConfig
-    from .hub import resolve_model_dir
+    from ..config import QwenConfig
+    from ..hub import resolve_model_dir
+    from .common import EXIT_USAGE, CLIError
 
     # Cheap checks first: a usage error should not wait for the model to load.
     for name in ("window", "stride", "max_tokens"):
@@ -206,8 +206,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if stride > window:
         raise CLIError(f"--stride ({stride}) must not exceed the window ({window})")
 
-    from .model import QwenForCausalLM
-    from .tokenizer import QwenTokenizer
+    from ..model import QwenForCausalLM
+    from ..tokenizer import QwenTokenizer
 
     if not (folder / "qwen.tiktoken").is_file():
         raise CLIError(f"{str(folder)!r} has no qwen.tiktoken to tokenize the text with")
@@ -267,10 +267,3 @@ def run_perplexity(args: argparse.Namespace) -> int:
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python tools/perplexity.py ARGS` == `nekomata perplexity ARGS` (same parser, same one-line errors)."""
-    from .cli import main as cli_main
-
-    return cli_main(argv, command="perplexity")

@@ -1,49 +1,22 @@
-"""The `nekomata` command.
-
-Each subcommand is a pair of functions, `add_<name>_parser(subparsers)` and `run_<name>(args) -> int`,
-listed once in `COMMANDS`; adding a command touches nothing else. Exit codes: 0 success, 1 the
-command ran but found a problem (e.g. a corrupt checkpoint), 2 usage errors and unresolvable paths.
-Expected errors print one line on stderr and no traceback (set NEKOMATA_DEBUG=1 to see it).
-"""
+"""`nekomata inspect`: a checkpoint's shape, size and integrity, from its headers (and a scan for NaN/inf)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bench import add_bench_parser
-from .byte2token import add_byte2token_parser
-from .cli_generate import add_chat_parser, add_generate_parser
-from .config import ConfigError, QwenConfig
-from .errors import NekomataError
-from .hub import CheckpointNotFoundError, resolve_model_dir
-from .parity import add_parity_parser
-from .perplexity import add_perplexity_parser
+from ..config import ConfigError, QwenConfig
+from ..hub import CheckpointNotFoundError, resolve_model_dir
+from .common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CLIError
 
 if TYPE_CHECKING:
-    from .loader import CheckpointReport
-
-# Modules that import torch (loader, model, ...) are imported inside the commands that need them, so
-# that `nekomata --help` and usage errors answer at once instead of after torch's ~2 s import.
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+    from ..loader import CheckpointReport
 
 
-class CLIError(NekomataError):
-    """An expected failure of a command: printed as one line, exits with `exit_code`."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# ====================================================================== inspect
 def add_inspect_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect",
@@ -76,7 +49,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         config = QwenConfig.from_json_file(folder / "config.json")
     except (FileNotFoundError, ConfigError) as exc:
         raise CLIError(f"{exc}", EXIT_FAILED) from None
-    from .loader import verify_checkpoint  # after the cheap checks: it imports torch
+    from ..loader import verify_checkpoint  # after the cheap checks: it imports torch
 
     # verify_checkpoint compares the config with the files' headers first, so a hostile config
     # (num_hidden_layers: 10**9) is one problem here, and nothing below is built per layer.
@@ -202,63 +175,3 @@ def _size(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.2f} {unit}"
     return f"{nbytes} B"
-
-
-# ====================================================================== the command registry
-# Later commands (generate, chat, bench, parity, byte2token, perplexity) add their `add_*_parser` here.
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_generate_parser,
-    add_chat_parser,
-    add_inspect_parser,
-    add_bench_parser,
-    add_parity_parser,
-    add_perplexity_parser,
-    add_byte2token_parser,
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="nekomata",
-        description="Run and inspect Qwen (v1) checkpoints such as rinna/nekomata-7b.",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_parser in COMMANDS:
-        add_parser(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
-    """Entry point of the `nekomata` console script and `python -m nekomata_core`.
-
-    `command` runs one subcommand directly with `argv` as its arguments: the `tools/*.py` scripts are
-    `main(command="parity")` etc., so they share the parser and the one-line error handling.
-    """
-    parser = build_parser()
-    if command is not None:
-        argv = [command, *(sys.argv[1:] if argv is None else argv)]
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2); argparse has printed the message
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        # Expected errors (bad paths, broken checkpoints) are one line; anything else is a bug and
-        # keeps its traceback. NEKOMATA_DEBUG=1 shows the traceback of expected errors too.
-        if not isinstance(exc, _expected_errors()) or os.environ.get("NEKOMATA_DEBUG"):
-            raise
-        print(f"nekomata {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, CLIError) else EXIT_FAILED
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    # Every error the library raises on purpose derives from NekomataError; the kernels package (which
-    # knows nothing of the library) has its own, imported only if a kernel was asked for.
-    dispatch = sys.modules.get("kernels.dispatch")
-    return (NekomataError, dispatch.KernelUnavailableError) if dispatch is not None else (NekomataError,)

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from .config import DECODE_MODES
+from ..config import DECODE_MODES
 
 DEFAULT_MODEL = "rinna/nekomata-7b"
 
@@ -83,16 +83,16 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 def _load(args: argparse.Namespace, model_name: str):
     """Model, tokenizer and generation defaults, or a CLIError with one clear line."""
-    from .cli import EXIT_USAGE, CLIError
-    from .hub import CheckpointNotFoundError, resolve_model_dir
+    from ..hub import CheckpointNotFoundError, resolve_model_dir
+    from .common import EXIT_USAGE, CLIError
 
     try:
         folder = resolve_model_dir(model_name, revision=args.revision)
     except (CheckpointNotFoundError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
-    from .model import QwenForCausalLM
-    from .sampling import load_generation_config
-    from .tokenizer import QwenTokenizer
+    from ..model import QwenForCausalLM
+    from ..sampling import load_generation_config
+    from ..tokenizer import QwenTokenizer
 
     try:
         tokenizer = QwenTokenizer.from_pretrained(folder)
@@ -114,7 +114,7 @@ def _load(args: argparse.Namespace, model_name: str):
 
 
 def _params(args: argparse.Namespace, defaults, **extra: Any):
-    from .cli import EXIT_USAGE, CLIError
+    from .common import EXIT_USAGE, CLIError
 
     try:
         return defaults.updated(
@@ -153,9 +153,9 @@ def _report_speed(result, err: TextIO) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import EXIT_USAGE, CLIError
-    from .decode import make_decoder
-    from .generation import GenerationOutput, stream
+    from ..decode import make_decoder
+    from ..generation import GenerationOutput, stream
+    from .common import EXIT_USAGE, CLIError
 
     if len(args.words) > 2:
         raise CLIError("give at most two positional arguments: [MODEL] PROMPT (quote the prompt)", EXIT_USAGE)
@@ -180,14 +180,14 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     import torch
 
-    from . import chat
-    from .decode import make_decoder
-    from .generation import GenerationOutput, stream
+    from .. import chat
+    from ..decode import make_decoder
+    from ..generation import GenerationOutput, stream
 
     folder, model, tokenizer, defaults = _load(args, args.model)
     fmt = args.format
     if fmt == "auto":
-        from .sampling import read_generation_config
+        from ..sampling import read_generation_config
 
         # Bounded and type-checked like every JSON read (chat_format must be a string).
         hint = read_generation_config(folder / "generation_config.json").get("chat_format")

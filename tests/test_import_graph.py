@@ -1,0 +1,91 @@
+"""The package's imports go one way: applications → library → nothing of the applications; no cycles.
+
+Read from the source (every `import`, lazy ones inside functions included), not from what happens
+to be imported at run time, so a cycle hidden behind a function-level import is found too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nekomata_core"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The nekomata_core modules `path` imports, resolved to absolute names."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    # Imports under `if TYPE_CHECKING:` are never executed: they name types for readers and checkers.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            node.body = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [f"{target}.{alias.name}" for alias in node.names]
+            found.update(n if n in MODULES else target for n in names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in MODULES and name != module}
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+MODULES = {_module_name(path) for path in FILES}
+GRAPH = {_module_name(path): _imports(path) for path in FILES}
+
+
+LIBRARY = sorted(
+    m for m in MODULES if not m.startswith("nekomata_core.apps") and m != "nekomata_core.__main__"
+)
+
+
+@pytest.mark.parametrize("module", LIBRARY)
+def test_the_library_imports_nothing_from_the_applications(module):
+    assert not {m for m in GRAPH[module] if m.startswith("nekomata_core.apps")}
+
+
+def test_no_command_imports_the_dispatcher():
+    dispatcher = "nekomata_core.apps.cli"
+    # `python -m nekomata_core` (the package's __main__) is the dispatcher's one caller.
+    callers = [m for m, deps in GRAPH.items() if dispatcher in deps and m != "nekomata_core.__main__"]
+    assert callers == []
+
+
+def test_the_package_has_no_import_cycle():
+    # Package __init__ files re-export their modules; an edge into an __init__ is not a cycle by itself.
+    graph = {
+        m: {d for d in deps if d not in ("nekomata_core", "nekomata_core.apps")} for m, deps in GRAPH.items()
+    }
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep) :] + [dep]
+                pytest.fail("import cycle: " + " → ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
