@@ -541,7 +541,9 @@ def run_byte2token(args: argparse.Namespace) -> int:
                 "--tokenizer PATH (a checkpoint directory or a qwen.tiktoken file) to use a local one.",
                 EXIT_USAGE,
             ) from None
-        raise CLIError(f"--tokenizer {str(args.tokenizer)!r} could not be loaded: {exc}", EXIT_USAGE) from None
+        raise CLIError(
+            f"--tokenizer {str(args.tokenizer)!r} could not be loaded: {exc}", EXIT_USAGE
+        ) from None
     try:
         report = byte2token(
             args.paths,

@@ -181,7 +181,9 @@ def generate_steps(
     if params.stop_strings and tokenizer is None:
         raise GenerationInputError("stop_strings need the tokenizer: pass tokenizer=... to generate")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise GenerationInputError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise GenerationInputError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     input_ids = input_ids.to(model.device)
     mask = None if mask is None else mask.to(model.device)
     pad_id = params.pad_token_id

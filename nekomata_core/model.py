@@ -78,7 +78,11 @@ def check_attention_mask(attention_mask: torch.Tensor, batch: int, lengths: tupl
             "convert it with torch.tensor(mask)"
         )
     expected = " or ".join(f"[{batch}, {n}]" for n in dict.fromkeys(lengths))
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in lengths:
+    if (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != batch
+        or attention_mask.shape[1] not in lengths
+    ):
         raise InputError(
             f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected} "
             "(the shape of input_ids, or cached + new tokens)"

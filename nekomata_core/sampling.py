@@ -30,7 +30,6 @@ import torch
 
 from .errors import NekomataError
 
-
 # The lowest temperature sampling accepts. Below it sampling is greedy decoding in all but name, and
 # temperatures like 1e-40 are not even normal float32 numbers (1e-50 rounds to 0: a division by zero).
 # Above it, `apply_temperature` still guards the division against overflow to +inf.
