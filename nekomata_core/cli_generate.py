@@ -94,7 +94,9 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Chat on stdin/stdout. ChatML for Qwen-*-Chat, rinna's instruction template for "
             "nekomata-*-instruction (chosen from the checkpoint, or --format). /reset clears the "
-            "history, /exit (or end of input) quits."
+            "history, /exit or Ctrl-D (end of input) quits. Ctrl-C during a reply stops it and returns "
+            "to the prompt (the unfinished exchange is left out of the history); Ctrl-C at the prompt "
+            "quits (exit status 130)."
         ),
     )
     parser.add_argument("model", help="local checkpoint directory or Hub repo id")

@@ -123,8 +123,6 @@ def validate_generation_inputs(
         )
     if attention_mask is None:
         return input_ids.long(), None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1 and batch == 1:
-        attention_mask = attention_mask[None]
     check_attention_mask(attention_mask, batch, (prompt_len,))
     mask = attention_mask.bool()
     if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # a real token followed by padding

@@ -173,7 +173,7 @@ def load_generation_config(path: str | os.PathLike[str]) -> SamplingParams:
     try:
         return SamplingParams(**known)
     except ValueError as exc:
-        raise ValueError(f"{str(path)!r}: {exc}") from None
+        raise SamplingError(f"{str(path)!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------
