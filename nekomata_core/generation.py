@@ -94,11 +94,7 @@ def validate_generation_inputs(
     pad/eos ids inside the vocabulary, and the prompt inside max_position_embeddings.
     Returns the ids as torch.long [B, T] and the mask, or None when it marks no padding.
     """
-    if not isinstance(params, SamplingParams):
-        raise GenerationInputError(
-            f"params must be a SamplingParams, got {type(params).__name__}; "
-            "pass SamplingParams(...) or the fields as keyword arguments"
-        )
+    _check_params_type(params)
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
     vocab = config.vocab_size
@@ -264,7 +260,7 @@ def generate(
     Errors: every bad argument raises a NekomataError naming it (see `validate_generation_inputs`);
     NaN/inf logits raise NonFiniteLogitsError naming the step.
     """
-    params = (SamplingParams() if params is None else params).updated(**overrides)
+    params = _with_overrides(params, overrides)
     out = GenerationOutput(input_ids, [], [])
     for _ in generate_steps(
         model,
@@ -298,7 +294,7 @@ def stream(
     (one Japanese character often spans two or three tokens). Their concatenation equals
     `tokenizer.decode(new_tokens)`.
     """
-    params = (SamplingParams() if params is None else params).updated(**overrides)
+    params = _with_overrides(params, overrides)
     ids = _prompt_ids(tokenizer, prompt)
     decoder = tokenizer.incremental_decoder(skip_special_tokens=skip_special_tokens)
     out = output if output is not None else GenerationOutput(ids, [], [])
@@ -314,6 +310,20 @@ def stream(
     tail = decoder.flush()
     if tail:
         yield tail
+
+
+def _check_params_type(params: Any) -> None:
+    if not isinstance(params, SamplingParams):
+        raise GenerationInputError(
+            f"params must be a SamplingParams, got {type(params).__name__}; "
+            "pass SamplingParams(...) or the fields as keyword arguments"
+        )
+
+
+def _with_overrides(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    params = SamplingParams() if params is None else params
+    _check_params_type(params)
+    return params.updated(**overrides)
 
 
 def _prompt_ids(tokenizer: QwenTokenizer, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:

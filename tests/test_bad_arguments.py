@@ -370,3 +370,18 @@ def test_chat_sigint_during_a_real_reply_returns_to_the_prompt(cli_ckpt):
 def _one_line_error(err: str, command: str) -> bool:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     return "Traceback" not in err and len(lines) == 1 and lines[0].startswith(f"nekomata {command}: error:")
+
+
+def test_arguments_of_the_wrong_kind_are_refused_by_name(model, tokenizer):
+    with pytest.raises(NekomataError, match="params must be a SamplingParams, got dict"):
+        generate(model, ids(), params={"max_new_tokens": 2})
+    with pytest.raises(NekomataError, match=r"unknown generation argument\(s\) \['max_tokens'\]"):
+        generate(model, ids(), max_tokens=2)
+    with pytest.raises(NekomataError, match="generator must be a torch.Generator"):
+        generate(model, ids(), max_new_tokens=2, do_sample=True, generator=7)
+    with pytest.raises(NekomataError, match="the prompt must be a str, a list of token ids"):
+        "".join(stream(model, tokenizer, [1.5, 2]))
+    with pytest.raises(NekomataError, match="input_ids must be a torch.LongTensor"):
+        CompatCausalLM(model).generate([[1, 2]], max_new_tokens=2)
+    with pytest.raises(NekomataError, match="stop_strings must be non-empty strings, got 5"):
+        SamplingParams(stop_strings=5)
