@@ -8,6 +8,9 @@ positions. Nothing grows with `torch.cat`, so decode steps have fixed memory and
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from .config import QwenConfig
@@ -48,10 +51,23 @@ class KVCache:
             config.head_dim,
         )
         self.config = config
-        # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        device = torch.device(device)
+        # Refuse before allocating: a cache too large for the machine would otherwise end in an
+        # allocator traceback, or on Linux in the OOM killer once torch.zeros touches the pages.
+        needed = cache_nbytes(config, batch_size, max_length, dtype)
+        available = available_memory_bytes(device)
+        if available is not None and needed > available:
+            raise CacheError(_too_large(config, batch_size, max_length, dtype, device, needed, available))
+        try:
+            # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)
+            self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        except RuntimeError as exc:  # torch.OutOfMemoryError and CPU allocator failures alike
+            raise CacheError(
+                _too_large(config, batch_size, max_length, dtype, device, needed, available)
+                + f" (the allocator said: {str(exc).splitlines()[0]})"
+            ) from None
         self.ntk_alpha: torch.Tensor | None = None
         self.inv_freq: torch.Tensor | None = None  # [Bα, R/2] rotary frequencies for that alpha
         self.length = 0
@@ -104,3 +120,68 @@ class KVCache:
     def layer_view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions 0 … length-1 of one layer.   # 2 × [B, N, length, D]"""
         return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+
+
+def cache_nbytes(config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+    """Bytes of a KVCache: keys and values (L × 2 × B × N × T × D × itemsize) plus the key mask."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_position = config.num_hidden_layers * 2 * config.num_attention_heads * config.head_dim * itemsize
+    return batch_size * max_length * (per_position + 1)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can take now, or None where it cannot be told.
+
+    CUDA: the free memory the driver reports. CPU: MemAvailable from /proc/meminfo (else the free
+    physical pages), lowered to what the cgroup (container) limit leaves.
+    """
+    if device.type == "cuda":
+        try:
+            free = int(torch.cuda.mem_get_info(device)[0])
+            # torch's caching allocator reuses blocks it holds but no tensor uses; the driver counts
+            # those as taken.
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    available = _meminfo_available()
+    limit = _cgroup_headroom()
+    if limit is not None:
+        available = limit if available is None else min(available, limit)
+    return available
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cgroup_headroom() -> int | None:
+    """cgroup v2 memory.max − memory.current of this process's cgroup, or None without a limit."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def _too_large(config, batch_size, max_length, dtype, device, needed, available) -> str:
+    have = "an unknown amount" if available is None else f"{available / 2**30:.2f} GiB"
+    return (
+        f"the KV cache for {batch_size} sequence(s) of {max_length} positions needs "
+        f"{needed / 2**30:.2f} GiB ({config.num_hidden_layers} layers × 2 × {batch_size} × "
+        f"{config.num_attention_heads} heads × {max_length} × {config.head_dim} × "
+        f"{str(dtype).removeprefix('torch.')}) but {have} is available on {device}; "
+        "lower max_new_tokens, the prompt length or the batch size"
+    )

@@ -16,6 +16,7 @@ Hugging Face's own defaults (top_k 50, max_length 20), exactly as `transformers`
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import NekomataError
 from .generation import GenerationOutput, generate_steps
-from .model import QwenForCausalLM
+from .model import QwenForCausalLM, check_input_ids
 from .sampling import GENERATION_CONFIG_KEYS, SamplingParams, load_generation_config
 
 # What transformers' GenerationConfig uses for a key a generation_config.json does not set.
@@ -117,9 +119,15 @@ class CompatCausalLM(nn.Module):
             unused, {"use_cache", "num_beams", "num_return_sequences", "stop_strings", "tokenizer"}
         )
         if unused.get("num_beams", 1) != 1 or unused.get("num_return_sequences", 1) != 1:
-            raise ValueError("beam search and num_return_sequences > 1 are not supported; use num_beams=1")
+            raise CompatArgumentError(
+                "beam search and num_return_sequences > 1 are not supported; use num_beams=1"
+            )
         if input_ids is None:
-            raise ValueError("generate needs input_ids (a LongTensor [B, T] from the tokenizer)")
+            raise CompatArgumentError("generate needs input_ids (a LongTensor [B, T] from the tokenizer)")
+        # The ids are checked here only as far as max_length needs their length; everything else is
+        # checked once, for every entry point alike, by generation.validate_generation_inputs.
+        if not isinstance(input_ids, torch.Tensor):
+            check_input_ids(input_ids, self.config.vocab_size)
         del bos_token_id  # Qwen has no bos token; accepted for call-shape compatibility
         given = {
             "max_new_tokens": max_new_tokens,
@@ -140,6 +148,8 @@ class CompatCausalLM(nn.Module):
                 resolved[key] = value
         if "max_new_tokens" not in resolved:
             limit = max_length or self.generation_config.get("max_length") or HF_DEFAULTS["max_length"]
+            if not isinstance(limit, numbers.Integral) or isinstance(limit, bool) or limit < 1:
+                raise CompatArgumentError(f"max_length must be an integer ≥ 1, got {limit!r}")
             resolved["max_new_tokens"] = max(int(limit) - input_ids.shape[-1], 0)
         if isinstance(resolved.get("eos_token_id"), list):
             resolved["eos_token_id"] = tuple(resolved["eos_token_id"])
@@ -163,10 +173,15 @@ class CompatCausalLM(nn.Module):
         return self
 
 
+class CompatArgumentError(NekomataError, TypeError):
+    """An argument transformers would take that this shim does not support (a TypeError, as an
+    unexpected keyword argument is in Python)."""
+
+
 def _reject_unknown(unused: dict[str, Any], tolerated: set[str]) -> None:
     unknown = sorted(set(unused) - tolerated)
     if unknown:
-        raise TypeError(
+        raise CompatArgumentError(
             f"unsupported argument(s) {unknown}; nekomata_core supports the arguments listed in its README"
         )
 

@@ -23,11 +23,21 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import DECODE_MODES
+from .errors import NekomataError
 from .model import logn_scale
 
 if TYPE_CHECKING:
     from .cache import KVCache
     from .model import QwenForCausalLM
+
+
+class DecodeUnavailableError(NekomataError):
+    """The decode mode asked for cannot run this model here (device, dtype, modules); the message says
+    which mode to use instead."""
+
+
+class DecodeStateError(NekomataError, RuntimeError):
+    """A decoder was called with a cache it cannot continue (not prefilled)."""
 
 
 class StaticDecoder:
@@ -49,7 +59,7 @@ class StaticDecoder:
         if self._positions is None or self._positions.shape[0] < cache.max_length:
             self._positions = torch.arange(cache.max_length, device=cache.device)
         if cache.inv_freq is None:
-            raise RuntimeError(
+            raise DecodeStateError(
                 "StaticDecoder needs a prefilled cache: run the prompt through the model first"
             )
         cache.check_fits(tokens.shape[0], 1)
@@ -70,7 +80,9 @@ class NativeDecoder:
     def __init__(self, model: QwenForCausalLM) -> None:
         problem = native_decode_problem(model)
         if problem is not None:
-            raise ValueError(f"decode mode 'native' is unavailable: {problem}; use 'static' instead")
+            raise DecodeUnavailableError(
+                f"decode mode 'native' is unavailable: {problem}; use 'static' instead (--decode static, or auto)"
+            )
         from kernels.cpu_decode import BlockWeights, FusedDecodeStep
 
         self.model = model
@@ -106,7 +118,9 @@ class NativeDecoder:
                 self._batched = StaticDecoder(self.model)
             return self._batched(tokens, cache)
         if cache.inv_freq is None:
-            raise RuntimeError("NativeDecoder needs a prefilled cache: run the prompt through the model first")
+            raise DecodeStateError(
+                "NativeDecoder needs a prefilled cache: run the prompt through the model first"
+            )
         cache.check_fits(1, 1)
         position = cache.length
         if self._positions is None or self._positions.shape[0] < cache.max_length:
@@ -197,7 +211,7 @@ def make_decoder(model: QwenForCausalLM, mode: str = "auto"):
     """The decode_fn for a mode (see the module docstring): "auto", "eager" (plain forward), "static",
     "compiled" or "native"."""
     if mode not in DECODE_MODES:
-        raise ValueError(f"decode mode {mode!r}; choose one of {list(DECODE_MODES)}")
+        raise DecodeUnavailableError(f"decode mode {mode!r} is unknown; choose one of {list(DECODE_MODES)}")
     if mode == "eager":
         return None  # generate's default: model(tokens, cache=cache)
     if mode == "native" or (mode == "auto" and native_decode_problem(model) is None):

@@ -4,6 +4,7 @@
     loop:
         select_next(logits)    → next token per row (sampling.py: HF's pipeline and RNG use)
         stop checks            → eos ids, stop strings, max_new_tokens — per row
+        non-finite logits      → NonFiniteLogitsError naming the step (broken weights, fp16 overflow)
         decode_one(token)      → logits of the next position (the cache grows by one)
 
 Batches are left-padded (the attention mask marks padding) so that every row's next token sits in the
@@ -14,6 +15,7 @@ stays identical to HF's.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import QwenConfig
 from .errors import NekomataError
+from .model import check_attention_mask, check_input_ids
 from .sampling import SamplingParams, process_logits, select_next
 
 if TYPE_CHECKING:
@@ -36,6 +40,14 @@ FINISH_LENGTH = "length"
 
 class PromptTooLongError(NekomataError):
     """The prompt does not fit the model's context limit."""
+
+
+class GenerationInputError(NekomataError):
+    """A generation argument does not fit the model (an id outside the vocabulary, a missing tokenizer…)."""
+
+
+class NonFiniteLogitsError(NekomataError):
+    """The model produced NaN or infinite logits: there is no next token to choose."""
 
 
 @dataclass
@@ -66,39 +78,81 @@ class GenerationOutput:
 DecodeFn = Callable[[torch.Tensor, "KVCache"], torch.Tensor]
 
 
-def prepare_inputs(
-    model: QwenForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+def validate_generation_inputs(
+    config: QwenConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    params: SamplingParams,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate a generation batch: [B, T] ids, left padding only, fits the model's context."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch.LongTensor [B, T], got {type(input_ids).__name__}")
-    if input_ids.dim() == 1:
+    """Every check of a generation request against the model's config, made once before any work.
+
+    `generate`, `stream`, the compat shim's `model.generate` and the CLI all come through here (via
+    `generate_steps`), so a bad argument gets the same error whichever way it arrives. The checks of
+    `SamplingParams` itself (ranges, types) ran when it was built; these are the ones that need the
+    model: ids [B, T] (1-D is one row) inside the vocabulary, the attention mask as `model()` checks it
+    (a tensor of 0/1 of the same shape; lists are refused there and here alike) and left-padded,
+    pad/eos ids inside the vocabulary, and the prompt inside max_position_embeddings.
+    Returns the ids as torch.long [B, T] and the mask, or None when it marks no padding.
+    """
+    _check_params_type(params)
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [batch, length>0], got {tuple(input_ids.shape)}")
-    limit = model.config.max_position_embeddings
-    if input_ids.shape[1] > limit:
+    vocab = config.vocab_size
+    check_input_ids(input_ids, vocab)
+    batch, prompt_len = input_ids.shape
+    limit = config.max_position_embeddings
+    if prompt_len > limit or (prompt_len == limit and params.max_new_tokens > 0):
         raise PromptTooLongError(
-            f"the prompt has {input_ids.shape[1]} tokens but this model handles at most {limit} "
-            "(max_position_embeddings in config.json); shorten the prompt"
+            f"the prompt has {prompt_len} tokens but this model handles at most {limit} positions, "
+            "prompt and new tokens together (max_position_embeddings in config.json); shorten the prompt"
         )
-    input_ids = input_ids.to(model.device)
+    if params.pad_token_id is not None and params.pad_token_id >= vocab:
+        raise GenerationInputError(
+            f"pad_token_id {params.pad_token_id} is outside the vocabulary [0, {vocab}); "
+            "use the tokenizer's id, e.g. 151643 (<|endoftext|>) for Qwen"
+        )
+    outside = [e for e in params.eos_token_id if e >= vocab]
+    if outside:
+        raise GenerationInputError(
+            f"eos_token_id {outside[0]} is outside the vocabulary [0, {vocab}); "
+            "use the tokenizer's ids, e.g. 151643 (<|endoftext|>) for Qwen"
+        )
     if attention_mask is None:
-        return input_ids, None
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
-        )
-    mask = attention_mask.to(model.device)
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError(
+        return input_ids.long(), None
+    check_attention_mask(attention_mask, batch, (prompt_len,))
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):  # a real token followed by padding
+        raise GenerationInputError(
             "generation needs LEFT padding (padding before the prompt, so that every row's next token "
             "lands in the same column); this attention_mask has padding after real tokens. "
             "Pad with padding_side='left'."
         )
     if bool((mask.sum(dim=-1) == 0).any()):
-        raise ValueError("a row of the batch is all padding; every prompt needs at least one real token")
-    return input_ids, (None if bool(mask.all()) else mask)
+        raise GenerationInputError(
+            "a row of the attention_mask is all padding; every prompt needs at least one real token"
+        )
+    return input_ids.long(), (None if bool(mask.all()) else attention_mask)
+
+
+def new_token_budget(config: QwenConfig, prompt_len: int, max_new_tokens: int) -> int:
+    """How many tokens generation may add: max_new_tokens, cut so that prompt + new tokens stay within
+    max_position_embeddings (the original's logn table, and its rotary positions, end there)."""
+    return max(0, min(max_new_tokens, config.max_position_embeddings - prompt_len))
+
+
+def check_finite_logits(logits: torch.Tensor, step: int) -> None:
+    """Refuse NaN/inf logits [B, V] of `step` (0: the prefill, k: decode step k). Greedy decoding would
+    take token 0 from a NaN row forever and sampling would fail inside torch.multinomial."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    rows = (~finite).any(dim=-1).nonzero().flatten().tolist()
+    where = "the prefill (the prompt's last position)" if step == 0 else f"decode step {step}"
+    raise NonFiniteLogitsError(
+        f"the model produced non-finite logits (NaN or inf) at {where}, batch row(s) {rows[:8]}; "
+        "the checkpoint probably holds non-finite weights (`nekomata inspect MODEL` reports them), "
+        "or float16 overflowed (load it with dtype bfloat16 or float32)"
+    )
 
 
 def generate_steps(
@@ -116,15 +170,22 @@ def generate_steps(
 
     `output` (if given) is filled in as the loop runs; `generate` and `stream` are built on this.
     """
-    params = params or SamplingParams()
-    input_ids, mask = prepare_inputs(model, input_ids, attention_mask)
+    params = SamplingParams() if params is None else params
+    input_ids, mask = validate_generation_inputs(model.config, input_ids, attention_mask, params)
     if params.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need the tokenizer: pass tokenizer=... to generate")
+        raise GenerationInputError("stop_strings need the tokenizer: pass tokenizer=... to generate")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise GenerationInputError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    input_ids = input_ids.to(model.device)
+    mask = None if mask is None else mask.to(model.device)
     pad_id = params.pad_token_id
     if pad_id is None:  # HF falls back to the (first) eos id
         pad_id = params.eos_token_id[0] if params.eos_token_id else 0
     batch, prompt_len = input_ids.shape
-    total = prompt_len + params.max_new_tokens
+    steps = new_token_budget(model.config, prompt_len, params.max_new_tokens)
+    total = prompt_len + steps
     out = output if output is not None else GenerationOutput(input_ids, [], [])
     out.prompt_tokens = prompt_len
     out.new_tokens = [[] for _ in range(batch)]
@@ -132,7 +193,7 @@ def generate_steps(
     sequences = torch.full((batch, total), pad_id, dtype=torch.long, device=model.device)
     sequences[:, :prompt_len] = input_ids
     out.sequences = sequences[:, :prompt_len]
-    if params.max_new_tokens == 0:
+    if steps == 0:
         return
 
     unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
@@ -144,9 +205,10 @@ def generate_steps(
         started = _now(model)
         cache = model.allocate_cache(batch, total)
         logits = model(input_ids, mask, cache=cache, last_logits_only=True)[:, -1]
+        check_finite_logits(logits, 0)
         out.prefill_seconds = _now(model) - started
         started = _now(model)
-        for step in range(params.max_new_tokens):
+        for step in range(steps):
             cur = prompt_len + step
             scores = process_logits(logits, sequences[:, :cur], step, params)
             chosen = select_next(scores, params, generator)
@@ -168,10 +230,11 @@ def generate_steps(
                     out.finish_reasons[row] = FINISH_STOP_STRING
                     unfinished[row] = False
             yield chosen
-            if not bool(unfinished.any()) or step + 1 == params.max_new_tokens:
+            if not bool(unfinished.any()) or step + 1 == steps:
                 break
             logits = decode(chosen[:, None], cache)
             out.decode_steps += 1
+            check_finite_logits(logits, out.decode_steps)
         out.decode_seconds = _now(model) - started
 
 
@@ -189,8 +252,15 @@ def generate(
     """Generate for a (left-padded) batch. `overrides` are SamplingParams fields (e.g. max_new_tokens=…).
 
     Returns the full sequences, each row's new tokens and why each row stopped, plus timings.
+
+    Length: prompt + new tokens never exceed `config.max_position_embeddings`. A prompt longer than that
+    raises PromptTooLongError; when prompt + max_new_tokens is longer, generation stops at the limit
+    with finish reason "length" (the KV cache is allocated only up to the limit). A cache that cannot
+    fit in the device's available memory raises CacheError with its size, before anything is allocated.
+    Errors: every bad argument raises a NekomataError naming it (see `validate_generation_inputs`);
+    NaN/inf logits raise NonFiniteLogitsError naming the step.
     """
-    params = (params or SamplingParams()).updated(**overrides)
+    params = _with_overrides(params, overrides)
     out = GenerationOutput(input_ids, [], [])
     for _ in generate_steps(
         model,
@@ -224,11 +294,8 @@ def stream(
     (one Japanese character often spans two or three tokens). Their concatenation equals
     `tokenizer.decode(new_tokens)`.
     """
-    params = (params or SamplingParams()).updated(**overrides)
-    if isinstance(prompt, str):
-        ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
-    else:
-        ids = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+    params = _with_overrides(params, overrides)
+    ids = _prompt_ids(tokenizer, prompt)
     decoder = tokenizer.incremental_decoder(skip_special_tokens=skip_special_tokens)
     out = output if output is not None else GenerationOutput(ids, [], [])
     emitted = 0
@@ -243,6 +310,53 @@ def stream(
     tail = decoder.flush()
     if tail:
         yield tail
+
+
+def _check_params_type(params: Any) -> None:
+    if not isinstance(params, SamplingParams):
+        raise GenerationInputError(
+            f"params must be a SamplingParams, got {type(params).__name__}; "
+            "pass SamplingParams(...) or the fields as keyword arguments"
+        )
+
+
+def _with_overrides(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    params = SamplingParams() if params is None else params
+    _check_params_type(params)
+    return params.updated(**overrides)
+
+
+def _prompt_ids(tokenizer: QwenTokenizer, prompt: str | Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """One prompt as ids [1, T]: text is encoded, a list of ints converted, a tensor passed on as it is
+    (its dtype and range are checked by validate_generation_inputs, not silently cast)."""
+    if isinstance(prompt, str):
+        return torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() == 2 and prompt.shape[0] != 1:
+            raise GenerationInputError(
+                f"stream takes one prompt; got input_ids of shape {tuple(prompt.shape)} "
+                "(use generate for a batch)"
+            )
+        return prompt.reshape(1, -1) if prompt.dim() <= 2 else prompt
+    if not isinstance(prompt, Sequence) or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt
+    ):
+        raise GenerationInputError(
+            f"the prompt must be a str, a list of token ids (int) or a LongTensor, got {_describe(prompt)}"
+        )
+    try:
+        return torch.tensor([list(prompt)], dtype=torch.long)
+    except (OverflowError, RuntimeError):  # an id beyond int64
+        raise GenerationInputError(
+            f"a token id of the prompt is outside the vocabulary (got {max(prompt, key=abs)})"
+        ) from None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
+    return type(value).__name__
 
 
 def _default_decode(model: QwenForCausalLM) -> DecodeFn:

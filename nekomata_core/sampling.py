@@ -17,18 +17,36 @@ before a call reproduces HF's samples), or an explicit `torch.Generator`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from .errors import NekomataError
+
+# The lowest temperature sampling accepts. Below it sampling is greedy decoding in all but name, and
+# temperatures like 1e-40 are not even normal float32 numbers (1e-50 rounds to 0: a division by zero).
+# Above it, `apply_temperature` still guards the division against overflow to +inf.
+MIN_TEMPERATURE = 1e-4
+
+
+class SamplingError(NekomataError):
+    """A generation argument (SamplingParams field) is of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Every knob of next-token selection, validated on construction."""
+    """Every knob of next-token selection, validated on construction.
+
+    The checks here need no model; `generation.validate_generation_inputs` adds the ones that do
+    (ids inside the vocabulary, the context limit). Numbers are normalised to plain int/float, so numpy
+    scalars are accepted.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -42,59 +60,95 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.do_sample, bool):
-            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; "
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise SamplingError(f"do_sample must be True or False, got {self.do_sample!r}")
+        self._set("do_sample", bool(self.do_sample))
+        # temperature is checked even when greedy ignores it: a negative or NaN value is a mistake.
+        temperature = self._real("temperature", "a finite number ≥ 0 (1.0 leaves the scores as they are)")
+        if temperature < 0:
+            raise SamplingError(f"temperature must be ≥ 0, got {temperature!r}")
+        if self.do_sample and temperature < MIN_TEMPERATURE:
+            raise SamplingError(
+                f"temperature must be ≥ {MIN_TEMPERATURE} when sampling, got {temperature!r}; "
                 "for deterministic output use do_sample=False (greedy)"
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer ≥ 0 (0 disables it), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1.0 disables it), got {self.repetition_penalty!r}"
-            )
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer ≥ 0, got {self.max_new_tokens!r}")
-        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be an integer ≥ 0, got {self.min_new_tokens!r}")
+        self._int("top_k", "an integer ≥ 0 (0 disables it)")
+        top_p = self._real("top_p", "a number in (0, 1] (1 disables it)")
+        if not 0.0 < top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+        penalty = self._real("repetition_penalty", "a finite number > 0 (1.0 disables it)")
+        if penalty <= 0:
+            raise SamplingError(f"repetition_penalty must be > 0 (1.0 disables it), got {penalty!r}")
+        self._int("max_new_tokens", "an integer ≥ 0")
+        self._int("min_new_tokens", "an integer ≥ 0")
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+            raise SamplingError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+                f"({self.max_new_tokens}); lower min_new_tokens or raise max_new_tokens"
             )
         eos = self.eos_token_id
         if eos is None:
             eos = ()
         elif _is_int(eos):
-            eos = (int(eos),)
+            eos = (eos,)
+        elif isinstance(eos, (str, bytes)) or not isinstance(eos, Iterable):
+            eos = (eos,)  # refused below with the value named
+        eos = tuple(eos)
         if not all(_is_int(e) and e >= 0 for e in eos):
-            raise ValueError(
-                f"eos_token_id must be a non-negative id or a list of them, got {self.eos_token_id!r}"
+            raise SamplingError(
+                f"eos_token_id must be a non-negative token id or a list of them, got {self.eos_token_id!r}"
             )
-        object.__setattr__(self, "eos_token_id", tuple(int(e) for e in eos))
-        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or self.pad_token_id < 0):
-            raise ValueError(f"pad_token_id must be a non-negative id or None, got {self.pad_token_id!r}")
-        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings or ())
+        self._set("eos_token_id", tuple(int(e) for e in eos))
+        if self.pad_token_id is not None:
+            if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
+                raise SamplingError(
+                    f"pad_token_id must be a non-negative token id or None, got {self.pad_token_id!r}"
+                )
+            self._set("pad_token_id", int(self.pad_token_id))
+        stops = self.stop_strings
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str) or not isinstance(stops, Iterable):
+            stops = (stops,)
+        stops = tuple(stops)
         if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
-        object.__setattr__(self, "stop_strings", stops)
+            raise SamplingError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        self._set("stop_strings", stops)
 
     def updated(self, **changes: Any) -> SamplingParams:
         """A copy with the given fields replaced (None values are ignored: "not set")."""
+        unknown = sorted(set(changes) - GENERATION_CONFIG_KEYS)
+        if unknown:
+            raise SamplingError(
+                f"unknown generation argument(s) {unknown}; the known ones are {sorted(GENERATION_CONFIG_KEYS)}"
+            )
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    # -------------------------------------------------------------- field checks
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # the dataclass is frozen; this is construction
+
+    def _real(self, name: str, expected: str) -> float:
+        value = getattr(self, name)
+        if not _is_number(value) or not math.isfinite(float(value)):
+            raise SamplingError(f"{name} must be {expected}, got {value!r}")
+        self._set(name, float(value))
+        return float(value)
+
+    def _int(self, name: str, expected: str) -> int:
+        value = getattr(self, name)
+        if not _is_int(value) or value < 0:
+            raise SamplingError(f"{name} must be {expected}, got {value!r}")
+        self._set(name, int(value))
+        return int(value)
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 GENERATION_CONFIG_KEYS = {f.name for f in fields(SamplingParams)}
@@ -176,7 +230,7 @@ def load_generation_config(path: str | os.PathLike[str]) -> SamplingParams:
         known["stop_strings"] = tuple(known["stop_strings"])
     try:
         return SamplingParams(**known)
-    except ValueError as exc:  # SamplingParams names the key; add the file
+    except ValueError as exc:  # SamplingParams names the key; a bad file is a config problem: add its name
         raise ConfigError(f"{str(path)!r}: {exc}") from None
 
 
@@ -203,7 +257,15 @@ def mask_eos(scores: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    return scores if temperature == 1.0 else scores / temperature
+    """`scores / temperature`, as HF computes it. Where that overflows to +inf (a small temperature and
+    large logits) softmax would give NaN and `torch.multinomial` would fail; the same distribution is
+    then computed from `(scores - max) / temperature`, whose largest entry is 0."""
+    if temperature == 1.0:
+        return scores
+    scaled = scores / temperature
+    if temperature < 1.0 and bool(torch.isposinf(scaled).any()):
+        scaled = (scores - scores.amax(dim=-1, keepdim=True)) / temperature
+    return scaled
 
 
 def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:

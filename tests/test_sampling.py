@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from nekomata_core.sampling import (
+    SamplingError,
     SamplingParams,
     apply_repetition_penalty,
     apply_temperature,
@@ -105,6 +106,10 @@ def test_sampling_uses_the_global_rng_or_a_given_generator(scores):
         (dict(do_sample=True, temperature=0.0), "temperature"),
         (dict(do_sample=True, temperature=-1.0), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=-1.0), "temperature must be ≥ 0"),  # greedy ignores it, but it is a mistake
+        (dict(do_sample=True, temperature=1e-40), "temperature must be ≥ 0.0001 when sampling"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(top_p=float("nan")), "top_p"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
@@ -119,7 +124,7 @@ def test_sampling_uses_the_global_rng_or_a_given_generator(scores):
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(SamplingError, match=name):
         SamplingParams(**kwargs)
 
 

@@ -337,8 +337,12 @@ def run_bench(args: argparse.Namespace) -> int:
         return 0
     from .common import EXIT_USAGE, CLIError
 
-    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        raise CLIError("--runs must be ≥ 1, --new-tokens ≥ 2 and --prompt-tokens ≥ 1", EXIT_USAGE)
+    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.threads < 1:
+        raise CLIError(
+            "--runs must be ≥ 1, --new-tokens ≥ 2, --prompt-tokens ≥ 1 and --threads ≥ 1 "
+            f"(got {args.runs}, {args.new_tokens}, {args.prompt_tokens}, {args.threads})",
+            EXIT_USAGE,
+        )
     workdir = None
     if args.model in PRESETS and not Path(args.model).exists():
         from .checkpoint_builder import make_checkpoint

@@ -532,9 +532,22 @@ def run_byte2token(args: argparse.Namespace) -> int:
     from .common import EXIT_USAGE, CLIError
 
     try:
+        tokenizer = load_counter(args.tokenizer, qwen=True)
+    except (Byte2TokenError, VocabFileError, CheckpointNotFoundError, FileNotFoundError) as exc:
+        # The default tokenizer is a Hub id: name the option that points at a local one instead.
+        if args.tokenizer == DEFAULT_TOKENIZER:
+            raise CLIError(
+                f"the default tokenizer {DEFAULT_TOKENIZER!r} could not be loaded: {exc} Pass "
+                "--tokenizer PATH (a checkpoint directory or a qwen.tiktoken file) to use a local one.",
+                EXIT_USAGE,
+            ) from None
+        raise CLIError(
+            f"--tokenizer {str(args.tokenizer)!r} could not be loaded: {exc}", EXIT_USAGE
+        ) from None
+    try:
         report = byte2token(
             args.paths,
-            args.tokenizer,
+            tokenizer,
             args.compare,
             glob=args.glob,
             lang=args.lang,

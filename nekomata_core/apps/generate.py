@@ -29,16 +29,34 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling (unset values come from generation_config.json)")
+    group = parser.add_argument_group(
+        "sampling",
+        "An option left unset takes the checkpoint's generation_config.json value (nekomata-7b's: "
+        "sampling with top-p 0.8, top-k 0, max 512 new tokens, stop at <|endoftext|>); without that "
+        "file or key, the default shown. Generation also stops where prompt + new tokens reach the "
+        "model's max_position_embeddings.",
+    )
     mode = group.add_mutually_exclusive_group()
-    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None, help="sample")
+    mode.add_argument(
+        "--do-sample", dest="do_sample", action="store_true", default=None, help="sample (default: greedy)"
+    )
     mode.add_argument("--greedy", dest="do_sample", action="store_false", help="always take the argmax")
-    group.add_argument("--temperature", type=float, default=None)
-    group.add_argument("--top-k", type=int, default=None, help="0 disables")
-    group.add_argument("--top-p", type=float, default=None, help="1.0 disables")
-    group.add_argument("--repetition-penalty", type=float, default=None, help="1.0 disables")
-    group.add_argument("--max-new-tokens", type=int, default=None)
-    group.add_argument("--min-new-tokens", type=int, default=None)
+    group.add_argument(
+        "--temperature", type=float, default=None, metavar="T", help="sampling only; ≥ 1e-4 (default 1.0)"
+    )
+    group.add_argument("--top-k", type=int, default=None, metavar="K", help="0 disables (default 0)")
+    group.add_argument(
+        "--top-p", type=float, default=None, metavar="P", help="in (0, 1]; 1.0 disables (default 1.0)"
+    )
+    group.add_argument(
+        "--repetition-penalty", type=float, default=None, metavar="R", help="> 0; 1.0 disables (default 1.0)"
+    )
+    group.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N", help="new tokens at most (default 512)"
+    )
+    group.add_argument(
+        "--min-new-tokens", type=int, default=None, metavar="N", help="eos is blocked until N (default 0)"
+    )
     group.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)"
     )
@@ -50,13 +68,20 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="continue a prompt, streaming the text as it is generated",
         description=(
-            "Continue PROMPT with MODEL (default rinna/nekomata-7b), printing text as it is generated, "
+            f"Continue PROMPT with MODEL (default {DEFAULT_MODEL}), printing text as it is generated, "
             "then prefill and decode speed on stderr."
         ),
     )
+    # Two positionals, the first optional: the usage line reads "[MODEL] PROMPT" (one `nargs="+"`
+    # positional printed as "[MODEL] PROMPT [[MODEL] PROMPT ...]").
     parser.add_argument(
-        "words", nargs="+", metavar="[MODEL] PROMPT", help="optional model path or id, then the prompt"
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help=f"local checkpoint directory or Hub repo id (default {DEFAULT_MODEL})",
     )
+    parser.add_argument("prompt", metavar="PROMPT", help="the text to continue (quote it)")
     _add_model_options(parser)
     _add_sampling_options(parser)
     parser.set_defaults(run=run_generate)
@@ -69,7 +94,9 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Chat on stdin/stdout. ChatML for Qwen-*-Chat, rinna's instruction template for "
             "nekomata-*-instruction (chosen from the checkpoint, or --format). /reset clears the "
-            "history, /exit (or end of input) quits."
+            "history, /exit or Ctrl-D (end of input) quits. Ctrl-C during a reply stops it and returns "
+            "to the prompt (the unfinished exchange is left out of the history); Ctrl-C at the prompt "
+            "quits (exit status 130)."
         ),
     )
     parser.add_argument("model", help="local checkpoint directory or Hub repo id")
@@ -157,12 +184,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from ..generation import GenerationOutput, stream
     from .common import EXIT_USAGE, CLIError
 
-    if len(args.words) > 2:
-        raise CLIError("give at most two positional arguments: [MODEL] PROMPT (quote the prompt)", EXIT_USAGE)
-    model_name, prompt = (DEFAULT_MODEL, args.words[0]) if len(args.words) == 1 else args.words
+    prompt = args.prompt
     if not prompt:
         raise CLIError("the prompt is empty; give some text to continue", EXIT_USAGE)
-    _, model, tokenizer, defaults = _load(args, model_name)
+    _, model, tokenizer, defaults = _load(args, args.model)
     params = _params(args, defaults)
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -198,12 +223,20 @@ def run_chat(args: argparse.Namespace) -> int:
     decode_fn = make_decoder(model, args.decode)
     history: list[chat.Turn] = []
     system = args.system or chat.DEFAULT_SYSTEM
-    print(f"[{folder.name}: {fmt} format; /reset clears the history, /exit quits]", file=sys.stderr)
+    print(
+        f"[{folder.name}: {fmt} format; /reset clears the history, /exit or Ctrl-D quits, "
+        "Ctrl-C stops a reply]",
+        file=sys.stderr,
+    )
     while True:
         if sys.stdin.isatty():
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt (or a second one just after a reply stopped)
+            sys.stderr.write("\n")
+            return 130
         if not line or line.strip() == "/exit":
             return 0
         message = line.rstrip("\n")
@@ -219,9 +252,18 @@ def run_chat(args: argparse.Namespace) -> int:
         else:
             ids = chat.plain(tokenizer, message)
         result = GenerationOutput(torch.empty(0), [], [])
-        reply = _stream_to(
-            sys.stdout, stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn)
-        )
+        pieces = stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn)
+        try:
+            reply = _stream_to(sys.stdout, pieces)
+        except KeyboardInterrupt:
+            # Ctrl-C during a reply stops only the reply. The unfinished exchange is dropped from the
+            # history (the next prompt is built as if this message had not been sent), so that a cut-off
+            # answer does not steer the next one; the earlier turns stay.
+            pieces.close()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print("[reply stopped; this exchange was not added to the history]", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         if fmt == "chatml":
