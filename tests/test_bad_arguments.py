@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from nekomata_core import QwenForCausalLM, QwenTokenizer, generate, stream
+from nekomata_core.apps.cli import main
 from nekomata_core.cache import CacheError
-from nekomata_core.cli import main
 from nekomata_core.compat import CompatCausalLM
 from nekomata_core.errors import NekomataError
 from nekomata_core.generation import NonFiniteLogitsError, PromptTooLongError
