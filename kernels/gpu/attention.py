@@ -14,59 +14,24 @@ BLOCK_N keys at a time with an online softmax in fp32, in base 2 (exp2, log2(e) 
 Key blocks that every query of the program may see skip the mask; key blocks no query may see (after
 the diagonal, before key_start) are never loaded.
 
-Triton is imported lazily (in `_build`), so this module imports without it.
+Tested against a plain fp32 softmax attention with `nekomata_core.model`'s logn factors and masks.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from types import SimpleNamespace
 
 import torch
+import triton
+import triton.language as tl
 
-from .dispatch import require_triton, triton_helpers, triton_interpret_enabled
+from ..dispatch import require_triton, triton_interpret_enabled
+from .helpers import dot, to_dtype
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256  # tl.dot needs >= 16; beyond 256 the tiles leave registers
-
-# triton.language and the jit helpers called from kernels are module globals bound by `_build` (a lazy
-# import; the interpreter resolves names through module globals only, see kernels/dispatch.py).
-tl = to_dtype = dot = _attend_key_range = None
-
-
-def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    q_start: int = 0,
-    key_start: torch.Tensor | None = None,
-    logn_seq_length: int | None = None,
-    sm_scale: float | None = None,
-) -> torch.Tensor:
-    """Plain fp32 matmul/softmax attention with an explicit boolean mask; pad query rows give zeros."""
-    batch, _, seq_q, head_dim = q.shape
-    seq_k = k.shape[2]
-    positions = torch.arange(q_start, q_start + seq_q, device=q.device)  # absolute query positions
-    if logn_seq_length is not None:
-        # Qwen: math.log(p + 1, S) past S, else 1; a float32 table cast to the model dtype, then q * factor.
-        factors = [math.log(p + 1, logn_seq_length) if p + 1 > logn_seq_length else 1.0
-                   for p in positions.tolist()]
-        logn = torch.tensor(factors, dtype=torch.float32, device=q.device).to(q.dtype)
-        q = q * logn[:, None]  # [B, N, Tq, D] * [Tq, 1]
-    scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, N, Tq, Tk]
-    keys = torch.arange(seq_k, device=q.device)
-    visible = keys[None, :] <= positions[:, None]  # [Tq, Tk] causal
-    if key_start is not None:
-        not_padding = keys[None, :] >= key_start.to(q.device).long()[:, None]  # [B, Tk]
-        visible = visible[None, :, :] & not_padding[:, None, :]  # [B, Tq, Tk]
-    visible = visible.expand(batch, seq_q, seq_k)[:, None]  # [B, 1, Tq, Tk]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows with no key: zeros, not NaN
-    return (probs @ v.float()).to(q.dtype)
 
 
 def logn_scale_factors(positions: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -80,117 +45,107 @@ def logn_scale_factors(positions: torch.Tensor, seq_length: int, dtype: torch.dt
     return factors.to(torch.float32).to(dtype).to(torch.float32)
 
 
-@functools.cache
-def _build() -> SimpleNamespace:
-    global tl, to_dtype, dot, _attend_key_range
-    import triton
-    import triton.language as tl
+@triton.jit
+def _attend_key_range(
+    acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, key_start, seq_k, lo, hi, qk_scale,
+    MASKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with the key blocks in [lo, hi), base-2 logits."""
+    offs_d = tl.arange(0, D)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+        if MASKED:
+            in_bounds = (offs_n < seq_k)[:, None]
+            k = tl.load(k_ptrs, mask=in_bounds, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
+        if MASKED:
+            # Causal and left padding (keys past seq_k are only visible to the padding queries of the
+            # last block, which are never stored, and read as zeros).
+            visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] >= key_start)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead so that its
+            # exp2(-inf - m) is 0 rather than NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new  # every row sees at least one key of an unmasked block
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=in_bounds, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = dot(to_dtype(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
-    to_dtype, dot = triton_helpers().to_dtype, triton_helpers().dot
+# Lengths change with every prompt: do not compile a variant per length class.
+@triton.jit(do_not_specialize=["seq_q", "seq_k", "q_start"])
+def flash_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, key_start_ptr, logn_ptr,
+    stride_qb, stride_qn, stride_qt, stride_kb, stride_kn, stride_kt,
+    stride_vb, stride_vn, stride_vt, stride_ob, stride_on, stride_ot,
+    n_heads, seq_q, seq_k, q_start, qk_scale,
+    HAS_KEY_START: tl.constexpr, HAS_LOGN: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Causal work grows with the query block: launch the last (heaviest) blocks first.
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    row_ok = offs_m < seq_q
+    q_pos = q_start + offs_m  # absolute positions
 
-    @triton.jit
-    def _attend_key_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos, key_start, seq_k, lo, hi, qk_scale,
-        MASKED: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        """Online-softmax update of (acc, l_i, m_i) with the key blocks in [lo, hi), base-2 logits."""
-        offs_d = tl.arange(0, D)
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :]
-            v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
-            if MASKED:
-                in_bounds = (offs_n < seq_k)[:, None]
-                k = tl.load(k_ptrs, mask=in_bounds, other=0.0)
-            else:
-                k = tl.load(k_ptrs)
-            qk = dot(q, tl.trans(k), None, DOT_PRECISION) * qk_scale
-            if MASKED:
-                # Causal and left padding (keys past seq_k are only visible to the padding queries of the
-                # last block, which are never stored, and read as zeros).
-                visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] >= key_start)
-                qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            if MASKED:
-                # A row that has seen no key yet keeps m = -inf; subtract 0 instead so that its
-                # exp2(-inf - m) is 0 rather than NaN.
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_sub = m_new  # every row sees at least one key of an unmasked block
-            p = tl.math.exp2(qk - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if MASKED:
-                v = tl.load(v_ptrs, mask=in_bounds, other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = dot(to_dtype(p, v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-            m_i = m_new
-        return acc, l_i, m_i
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qn + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if HAS_LOGN:
+        # Qwen's logn scaling; the factor is already rounded to q's dtype, the product is rounded too.
+        logn = tl.load(logn_ptr + offs_m, mask=row_ok, other=1.0)
+        q = to_dtype(q.to(tl.float32) * logn[:, None], q.dtype)
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(key_start_ptr + b).to(tl.int32), 0)
 
-    # Lengths change with every prompt: do not compile a variant per length class.
-    @triton.jit(do_not_specialize=["seq_q", "seq_k", "q_start"])
-    def flash_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, key_start_ptr, logn_ptr,
-        stride_qb, stride_qn, stride_qt, stride_kb, stride_kn, stride_kt,
-        stride_vb, stride_vn, stride_vt, stride_ob, stride_on, stride_ot,
-        n_heads, seq_q, seq_k, q_start, qk_scale,
-        HAS_KEY_START: tl.constexpr, HAS_LOGN: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ):
-        # Causal work grows with the query block: launch the last (heaviest) blocks first.
-        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
-        bh = tl.program_id(1)
-        b = (bh // n_heads).to(tl.int64)
-        h = (bh % n_heads).to(tl.int64)
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        row_ok = offs_m < seq_q
-        q_pos = q_start + offs_m  # absolute positions
+    # Key blocks: [first, full_lo) holds key_start (masked), [full_lo, diag_lo) is visible to every
+    # query of the block (no mask), [diag_lo, end) crosses the diagonal (masked); later keys are unseen.
+    # When key_start reaches past diag_lo there is no mask-free part: one masked loop over all.
+    first_pos = q_start + m_block * BLOCK_M
+    end = tl.minimum(first_pos + BLOCK_M, seq_k)
+    first = (key_start // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(key_start, BLOCK_N) * BLOCK_N
+    diag_lo = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    has_free = full_lo < diag_lo
+    lead_hi = tl.where(has_free, full_lo, end)
+    free_hi = tl.where(has_free, diag_lo, full_lo)
+    tail_lo = tl.where(has_free, diag_lo, end)
 
-        q_ptrs = q_ptr + b * stride_qb + h * stride_qn + offs_m[:, None] * stride_qt + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        if HAS_LOGN:
-            # Qwen's logn scaling; the factor is already rounded to q's dtype, the product is rounded too.
-            logn = tl.load(logn_ptr + offs_m, mask=row_ok, other=1.0)
-            q = to_dtype(q.to(tl.float32) * logn[:, None], q.dtype)
-        key_start = 0
-        if HAS_KEY_START:
-            key_start = tl.maximum(tl.load(key_start_ptr + b).to(tl.int32), 0)
+    k_base = k_ptr + b * stride_kb + h * stride_kn
+    v_base = v_ptr + b * stride_vb + h * stride_vn
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
+                                      key_start, seq_k, first, lead_hi, qk_scale,
+                                      True, D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
+                                      key_start, seq_k, full_lo, free_hi, qk_scale,
+                                      False, D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
+                                      key_start, seq_k, tail_lo, end, qk_scale,
+                                      True, D, BLOCK_N, DOT_PRECISION)
 
-        # Key blocks: [first, full_lo) holds key_start (masked), [full_lo, diag_lo) is visible to every
-        # query of the block (no mask), [diag_lo, end) crosses the diagonal (masked); later keys are unseen.
-        # When key_start reaches past diag_lo there is no mask-free part: one masked loop over all.
-        first_pos = q_start + m_block * BLOCK_M
-        end = tl.minimum(first_pos + BLOCK_M, seq_k)
-        first = (key_start // BLOCK_N) * BLOCK_N
-        full_lo = tl.cdiv(key_start, BLOCK_N) * BLOCK_N
-        diag_lo = ((first_pos + 1) // BLOCK_N) * BLOCK_N
-        has_free = full_lo < diag_lo
-        lead_hi = tl.where(has_free, full_lo, end)
-        free_hi = tl.where(has_free, diag_lo, full_lo)
-        tail_lo = tl.where(has_free, diag_lo, end)
-
-        k_base = k_ptr + b * stride_kb + h * stride_kn
-        v_base = v_ptr + b * stride_vb + h * stride_vn
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
-                                          key_start, seq_k, first, lead_hi, qk_scale,
-                                          True, D, BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
-                                          key_start, seq_k, full_lo, free_hi, qk_scale,
-                                          False, D, BLOCK_N, DOT_PRECISION)
-        acc, l_i, m_i = _attend_key_range(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, q_pos,
-                                          key_start, seq_k, tail_lo, end, qk_scale,
-                                          True, D, BLOCK_N, DOT_PRECISION)
-
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0: a query with no key -> zeros
-        o_ptrs = o_ptr + b * stride_ob + h * stride_on + offs_m[:, None] * stride_ot + offs_d[None, :]
-        tl.store(o_ptrs, to_dtype(out, o_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-    return SimpleNamespace(flash_attention_kernel=flash_attention_kernel)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0: a query with no key -> zeros
+    o_ptrs = o_ptr + b * stride_ob + h * stride_on + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, to_dtype(out, o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _check_head_dim(head_dim: int, op: str) -> None:
@@ -226,7 +181,7 @@ def prefill_config(
     head_dim: int, dtype: torch.dtype, seq_q: int, capability: tuple[int, int] | None
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of compute `capability` (None: the interpreter)."""
-    small_m = max(16, triton_helpers().next_power_of_2(seq_q))  # tl.dot needs 16 rows; Tq = 1 is common
+    small_m = max(16, triton.next_power_of_2(seq_q))  # tl.dot needs 16 rows; Tq = 1 is common
     if capability is None:
         return min(32, small_m), 32, 4, 1  # interpreter: small tiles keep numpy quick
     if dtype == torch.float32:
@@ -306,7 +261,6 @@ def _flash_attention(
     if batch * n_heads > 65535:
         raise ValueError(f"{op}: B * N = {batch * n_heads} exceeds the grid limit of 65535")
     require_triton(q.device)
-    kernels = _build()
 
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty((batch, seq_q, n_heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -319,8 +273,8 @@ def _flash_attention(
     block_m, block_n, num_warps, num_stages = config or prefill_config(head_dim, q.dtype, seq_q,
                                                                          gpu_capability(q.device))
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    grid = (triton_helpers().cdiv(seq_q, block_m), batch * n_heads)
-    kernels.flash_attention_kernel[grid](
+    grid = (triton.cdiv(seq_q, block_m), batch * n_heads)
+    flash_attention_kernel[grid](
         q, k, v, out, key_start if key_start is not None else q, logn if logn is not None else q,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
