@@ -328,11 +328,10 @@ def format_result(result: Result) -> str:
     head = f"{status} sm_{result.arch} {result.kernel} {result.dtype} {result.config}"
     if result.error:
         return f"{head}: {result.error} [{_bucket_summary(result.cases)}]"
-    spills = (result.spill_stores or 0) + (result.spill_loads or 0)
+    problems = f" ({', '.join(result.problems)})" if result.problems else ""
     return (f"{head}: shared {result.shared}/{result.shared_limit} B, regs {result.registers}/{MAX_REGISTERS}, "
-            f"spill {result.spill_stores} B stored/{result.spill_loads} B loaded"
-            f"{' (' + ', '.join(result.problems) + ')' if not result.ok else ''}"
-            f"{'' if spills else ''} [{_bucket_summary(result.cases)}]")
+            f"spill {result.spill_stores} B stored/{result.spill_loads} B loaded{problems} "
+            f"[{_bucket_summary(result.cases)}]")
 
 
 def run(archs: list[int], reduced: bool, jobs: int, only: tuple[str, ...] = (), out=sys.stdout) -> list[Result]:

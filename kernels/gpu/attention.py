@@ -184,20 +184,28 @@ def prefill_config(
     small_m = max(16, triton.next_power_of_2(seq_q))  # tl.dot needs 16 rows; Tq = 1 is common
     if capability is None:
         return min(32, small_m), 32, 4, 1  # interpreter: small tiles keep numpy quick
+    # GPU configs are chosen so that every launch compiles without register spills and within shared
+    # memory, checked for D = 128 (the Qwen models) on sm_80 and sm_90 with tools/compile_kernels.py; they
+    # are not tuned for speed (not timed on a GPU yet). Per thread, the fp32 accumulator [BLOCK_M, D] and
+    # the scores [BLOCK_M, BLOCK_N] must share 255 registers.
     if dtype == torch.float32:
-        # Exact fp32 dots run on FMA units, not tensor cores, and need small tiles to (nearly) fit in
-        # registers. fp32 on a GPU is a correctness path; the model runs bf16/fp16 there.
+        # Exact fp32 dots run on FMA units, not tensor cores, and need small tiles to fit in registers
+        # (32 x 32 tiles spilled ~700 B on sm_90). fp32 on a GPU is a correctness path; the model runs
+        # bf16/fp16 there.
         if head_dim <= 64:
             return min(64, small_m), 32, 4, 2
-        return min(32 if head_dim <= 128 else 16, small_m), 32, 8, 2
+        return min(32 if head_dim <= 128 else 16, small_m), 16, 8, 2
     block_m = min(128 if head_dim <= 128 else 64, small_m)
-    block_n = 64 if head_dim <= 128 else 32
-    # Checked with ptxas (tools/bench_kernels.py --compile-only): no register spills, shared memory fits.
-    if capability[0] >= 9:  # Hopper: wgmma; one K and one V tile per stage out of 228 KB
-        num_warps = 8 if head_dim >= 128 and block_m >= 128 else 4
+    wide = head_dim >= 128
+    if capability[0] >= 9:  # Hopper: wgmma; one K and one V tile per stage out of 227 KB
+        # 64 keys per block spilled 32-104 B from 64 queries up at D = 128.
+        block_n = 32 if head_dim > 128 or (wide and block_m >= 64) else 64
+        num_warps = 8 if wide and block_m >= 128 else 4
         num_stages = 3 if block_m >= 64 else 2
-    else:  # Ampere/Ada: 8 warps keep a 128-row tile in registers; 100-164 KB of shared memory
-        num_warps = 8 if block_m >= 128 else 4
+    else:  # Ampere/Ada: 100-164 KB of shared memory
+        # At D = 128, 64 queries need 8 warps (4 spilled 12-36 B) and 128 queries 32-key blocks (64 spilled).
+        block_n = 32 if head_dim > 128 or (wide and block_m >= 128) else 64
+        num_warps = 8 if block_m >= 128 or (wide and block_m >= 64) else 4
         num_stages = 3 if head_dim <= 64 and block_m >= 64 else 2
     return block_m, block_n, num_warps, num_stages
 

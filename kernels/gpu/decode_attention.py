@@ -3,7 +3,7 @@
 Row b's query is the token at cache index p = kv_len[b] - 1 (it was just written there), and it attends
 to the cache entries j in [key_start[b], kv_len[b]) (key_start skips left padding). Qwen's logn scaling
 multiplies the query by log(p + 1) / log(S) when p + 1 > S, rounded like the original (see
-kernels/attention.py).
+kernels/gpu/attention.py).
 
 One query per (row, head) is far too little work for a GPU, so the key range of each row is cut into
 `num_splits` chunks handled by separate programs (split-K), each writing a normalised partial output and
@@ -151,7 +151,7 @@ def decode_config(
     if capability is None:
         return 32, 4, 1
     # 16 KB K and V tiles per iteration (64 keys at D = 128 in bf16) spread over 8 warps: ~80 registers
-    # per thread on sm_90 (see --compile-only), so many programs per SM keep loads in flight. The loads
+    # per thread on sm_90 (tools/compile_kernels.py), so many programs per SM keep loads in flight. The loads
     # do not feed a tl.dot, so triton does not software-pipeline them: num_stages does not matter.
     block_n = max(16, min(128, 16384 // (head_dim * dtype.itemsize)))
     return block_n, 8 if block_n * head_dim >= 4096 else 4, 2
