@@ -1,16 +1,18 @@
-"""Fused Triton kernels for nekomata_core. Triton is imported lazily, only when a kernel is used.
+"""Kernels for nekomata_core, in two halves: `gpu/` (Triton) and the CPU C kernels (`cpu_gemv`,
+`cpu_decode`). `dispatch` decides whether the Triton kernels may run; it imports neither triton nor them.
 
-One module per op, each with its Triton kernel, its launcher and a plain PyTorch `*_reference`:
+The Triton launchers (one module per op in `gpu/`, each importing triton at its top):
 
-- `rmsnorm.rms_norm(x, weight, eps)`: Qwen RMSNorm (cast to the dtype before the weight)
-- `swiglu.swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)
-- `rope.apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
-- `attention.flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
-- `decode_attention.decode_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
-- `dispatch.resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
+- `rms_norm(x, weight, eps)`: Qwen RMSNorm (cast to the dtype before the weight)
+- `swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)
+- `apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
+- `flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
+- `decode_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
+- `resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
 
-The names below are re-exported lazily (module `__getattr__`), so `import kernels` stays cheap and
-works without triton installed.
+The names below are re-exported lazily (module `__getattr__`), so `import kernels` stays cheap and works
+without triton installed; asking for a launcher where triton cannot be imported raises
+`KernelUnavailableError` with the reason.
 """
 
 from __future__ import annotations
@@ -19,16 +21,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "rms_norm": "rmsnorm",
-    "rms_norm_reference": "rmsnorm",
-    "swiglu": "swiglu",
-    "swiglu_reference": "swiglu",
-    "apply_rope": "rope",
-    "apply_rope_reference": "rope",
-    "flash_attention": "attention",
-    "attention_reference": "attention",
-    "decode_attention": "decode_attention",
-    "decode_attention_reference": "decode_attention",
+    "rms_norm": "gpu.rmsnorm",
+    "swiglu": "gpu.swiglu",
+    "apply_rope": "gpu.rope",
+    "flash_attention": "gpu.attention",
+    "decode_attention": "gpu.decode_attention",
     "BACKENDS": "dispatch",
     "KernelUnavailableError": "dispatch",
     "resolve_backend": "dispatch",
@@ -41,7 +38,15 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = _EXPORTS[name]
+    if module.startswith("gpu."):
+        dispatch = importlib.import_module(".dispatch", __name__)
+        error = dispatch._triton_import_error()
+        if error is not None:
+            raise dispatch.KernelUnavailableError(
+                f"{name} needs triton, which cannot be imported ({error}); install it with "
+                "`pip install triton`, or use the 'sdpa' or 'eager' backend.")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 def __dir__() -> list[str]:

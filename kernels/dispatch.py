@@ -1,8 +1,9 @@
 """Backend selection: may the Triton kernels run on this device, and which attention backend to use.
 
 Nothing here imports triton at module import time; `triton_unavailable_reason` imports it on demand.
-The Triton kernels run on CUDA GPUs, or on CPU tensors inside the Triton interpreter
-(``TRITON_INTERPRET=1``), which is exact but slow and is what the CPU test-suite uses.
+The Triton kernels (`kernels/gpu/`, imported only once this module said yes) run on CUDA GPUs, or on
+CPU tensors inside the Triton interpreter (``TRITON_INTERPRET=1``), which is exact but slow and is what
+the CPU test-suite uses.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from types import SimpleNamespace
+import sys
 
 import torch
 
@@ -39,11 +40,15 @@ def _triton_import_error() -> str | None:
 
 
 def _triton_imported_for_interpreter() -> bool:
-    """Whether triton's own @jit library functions were built for the interpreter.
+    """Whether triton's @jit library functions, and our kernels if imported, were built for the interpreter.
 
-    triton decides that when it is imported, by reading TRITON_INTERPRET, so setting the variable later
-    yields kernels that fail with "Cannot call @triton.jit'd outside of the scope of a kernel".
+    triton decides that when it is imported, by reading TRITON_INTERPRET (and for our kernels when
+    `kernels/gpu/` is imported), so setting the variable later yields kernels that fail with "Cannot call
+    @triton.jit'd outside of the scope of a kernel".
     """
+    ours = sys.modules.get(f"{__package__}.gpu.helpers")
+    if ours is not None and not ours.INTERPRETED:
+        return False
     try:
         import triton.language as tl
         from triton.runtime.interpreter import InterpretedFunction
@@ -80,8 +85,8 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
             if not _triton_imported_for_interpreter():
                 return (
                     "TRITON_INTERPRET=1 was set after triton was imported, so triton built its own functions "
-                    "for the compiler; set TRITON_INTERPRET=1 before triton is first imported (e.g. in the "
-                    "environment of the process)."
+                    "for the compiler; set TRITON_INTERPRET=1 before triton and kernels.gpu are first "
+                    "imported (e.g. in the environment of the process)."
                 )
             return None
         return (
@@ -139,72 +144,3 @@ def require_triton(device: torch.device) -> None:
     reason = _cached_unavailable_reason(device.type, device.index, triton_interpret_enabled())
     if reason is not None:
         raise KernelUnavailableError(f"cannot run the Triton kernel on {device}: {reason}")
-
-
-# --- Shared Triton building blocks -------------------------------------------------------------------
-# Each kernel module defines its @triton.jit functions inside a cached `_build()` that runs on the first
-# launch, so triton is imported only then. The jit bodies look names up in their module's globals (the
-# interpreter ignores closures), so `_build` binds `tl` and the helpers below as module globals: a lazy
-# import. triton decides between interpreter and compiler when it is imported (for its own library) and
-# when a function is decorated, so TRITON_INTERPRET must be set before triton is first imported.
-
-tl = None  # triton.language, bound by `triton_helpers()`
-
-
-@functools.cache
-def triton_helpers() -> SimpleNamespace:
-    """Import triton and return a namespace of small @triton.jit helpers shared by the kernels.
-
-    `to_dtype(x, dtype)`: round an fp32 tensor to `dtype` to nearest even, the way torch's `.to()` does.
-    `dot(a, b, acc, input_precision)`: `tl.dot` with an fp32 accumulator (acc may be None).
-    `exp(x)`: fp32 exp as accurate as torch's (`tl.exp` is a fast approximation on NVIDIA GPUs).
-    The interpreter versions work around interpreter bugs; on the GPU they are plain triton/libdevice ops.
-    """
-    global tl
-    import triton
-    import triton.language as tl
-
-    if triton_interpret_enabled():
-        # The interpreter's fp32 -> bf16 cast truncates (and its "rtne" mode neither rounds ties to even
-        # nor carries into the exponent), unlike the GPU's cvt.rn. Round to nearest even by hand so the
-        # interpreter (the CPU tests) sees the bits the GPU produces.
-        @triton.jit
-        def to_dtype(x, dtype: tl.constexpr):
-            if dtype == tl.bfloat16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-            else:
-                y = x.to(dtype)
-            return y
-
-        # The interpreter's dot multiplies the raw uint16 storage of bf16 operands: widen them first
-        # (exact), which is what the tensor cores do before accumulating in fp32 anyway.
-        @triton.jit
-        def dot(a, b, acc, input_precision: tl.constexpr):
-            if a.dtype == tl.bfloat16:
-                a = a.to(tl.float32)
-            if b.dtype == tl.bfloat16:
-                b = b.to(tl.float32)
-            return tl.dot(a, b, acc, input_precision=input_precision)
-
-        @triton.jit
-        def exp(x):
-            return tl.exp(x)  # numpy's exp
-    else:
-        import triton.language.extra.libdevice  # noqa: F401  (makes tl.extra.libdevice usable in kernels)
-
-        @triton.jit
-        def to_dtype(x, dtype: tl.constexpr):
-            return x.to(dtype)  # cvt.rn: round to nearest even
-
-        @triton.jit
-        def dot(a, b, acc, input_precision: tl.constexpr):
-            return tl.dot(a, b, acc, input_precision=input_precision)
-
-        @triton.jit
-        def exp(x):
-            return tl.extra.libdevice.exp(x)  # __nv_expf, the expf torch's CUDA kernels call
-
-    return SimpleNamespace(to_dtype=to_dtype, dot=dot, exp=exp, next_power_of_2=triton.next_power_of_2,
-                           cdiv=triton.cdiv)

@@ -150,7 +150,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton:
-            from kernels.rmsnorm import rms_norm
+            from kernels.gpu.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 for accuracy, whatever the model dtype: x · rsqrt(mean(x²) + eps).
@@ -276,7 +276,7 @@ class Attention(nn.Module):
         n, d = self.num_heads, self.head_dim
         v = qkv[..., 2 * hidden :].view(batch, length, n, d)  # [B, T, N, D]
         if self.rope_backend == "triton":
-            from kernels.rope import apply_rope
+            from kernels.gpu.rope import apply_rope
 
             q = qkv[..., :hidden].view(batch, length, n, d)
             k = qkv[..., hidden : 2 * hidden].view(batch, length, n, d)
@@ -326,7 +326,7 @@ class Attention(nn.Module):
     def _triton_attention(self, q, k, v, ctx: AttentionInputs) -> torch.Tensor:
         logn_s = self.seq_length if ctx.logn is not None else None
         if q.shape[2] == 1 and ctx.cache is not None:
-            from kernels.decode_attention import decode_attention
+            from kernels.gpu.decode_attention import decode_attention
 
             # The query's own position + 1 keys are valid (static decode passes it as a tensor).
             kv_len = ctx.start + 1 if ctx.write_index is None else (ctx.write_index + 1).expand(q.shape[0])
@@ -338,7 +338,7 @@ class Attention(nn.Module):
                 key_start=ctx.key_start,
                 logn_seq_length=logn_s,
             )
-        from kernels.attention import flash_attention
+        from kernels.gpu.attention import flash_attention
 
         return flash_attention(q, k, v, q_start=ctx.start, key_start=ctx.key_start, logn_seq_length=logn_s)
 
@@ -365,7 +365,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_triton:
-            from kernels.swiglu import swiglu
+            from kernels.gpu.swiglu import swiglu
 
             return self.c_proj(swiglu(self.w1(x), self.w2(x)))
         # Qwen quirk 2 (cont.): w1(x) * silu(w2(x)) — not silu(w1(x)) * w2(x) as in LLaMA naming.

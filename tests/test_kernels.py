@@ -1,4 +1,8 @@
-"""The Triton kernels of `kernels/` agree with their plain-PyTorch references, and dispatch is sane.
+"""The Triton kernels of `kernels/gpu/` agree with the ops of `nekomata_core.model`, and dispatch is sane.
+
+References: `model.RMSNorm` for rms_norm, `model.apply_rotary` for apply_rope, MLP's `a * silu(b)` for
+swiglu; attention has no standalone op in model.py, so a plain fp32 softmax attention here (with
+`model.logn_scale` and the causal/padding mask) is the reference of both attention kernels.
 
 On CPU (CI) the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set for this module only),
 which is exact but slow, so shapes are small. With NEKOMATA_TEST_DEVICE=cuda the same tests run compiled
@@ -25,9 +29,10 @@ import torch
 DEVICE = torch.device(os.environ.get("NEKOMATA_TEST_DEVICE", "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 
-# triton decides between interpreter and compiler for its own library functions when it is imported, so
-# on CPU TRITON_INTERPRET=1 must be set before the first `import triton` of the process. Set it around
-# that import only (the `triton_interpreter` fixture sets it again while this module's tests run).
+# triton decides between interpreter and compiler for its own library functions when it is imported, and
+# for each kernel when it is decorated (when kernels.gpu.* is imported), so on CPU TRITON_INTERPRET=1 must
+# be set before the first `import triton` of the process and around the kernel imports. Set it around
+# those imports only (the `triton_interpreter` fixture sets it again while this module's tests run).
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -38,18 +43,19 @@ try:
     # False when another module imported triton before us without the variable: then the kernel tests
     # run in a fresh process instead (test_kernels_in_a_fresh_interpreter_process).
     KERNELS_RUN = ON_GPU or dispatch.triton_unavailable_reason(DEVICE) is None
+    from kernels.gpu.attention import _flash_attention, flash_attention
+    from kernels.gpu.decode_attention import decode_attention
+    from kernels.gpu.rmsnorm import rms_norm
+    from kernels.gpu.rope import apply_rope
+    from kernels.gpu.swiglu import swiglu
 finally:
     if _saved_interpret is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _saved_interpret
 
-from kernels.attention import _flash_attention, attention_reference, flash_attention  # noqa: E402
-from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from kernels.dispatch import KernelUnavailableError, resolve_backend, triton_unavailable_reason  # noqa: E402
-from kernels.rmsnorm import rms_norm, rms_norm_reference  # noqa: E402
-from kernels.rope import apply_rope, apply_rope_reference  # noqa: E402
-from kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+from nekomata_core.model import RMSNorm, apply_rotary, logn_scale  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -112,6 +118,79 @@ def assert_reduced_op_matches(actual: torch.Tensor, expected: torch.Tensor, cpu_
         assert_nearly_bit_exact(actual, expected)
     else:
         assert_matches(actual, expected, max_ulp=cpu_max_ulp)
+
+
+# --- References: the ops of nekomata_core.model, or plain fp32 formulas where it has none ----------------
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`model.RMSNorm` with `weight` (of x's dtype, as in a loaded model)."""
+    norm = RMSNorm(x.shape[-1], eps).to(device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return norm(x)
+
+
+def apply_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.apply_rotary` on q and k; the rotary dim is the tables' last dim."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`model.MLP`'s product w1(x) * silu(w2(x)), with a = w1(x) and b = w2(x) (the gate)."""
+    return a * torch.nn.functional.silu(b)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int = 0,
+    key_start: torch.Tensor | None = None,
+    logn_seq_length: int | None = None,
+) -> torch.Tensor:
+    """Plain fp32 matmul/softmax attention with an explicit boolean mask; pad query rows give zeros.
+
+    The logn factors are `model.logn_scale`'s, rounded to the dtype and multiplied in as the model does.
+    """
+    batch, _, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    positions = torch.arange(q_start, q_start + seq_q, device=q.device)  # absolute query positions
+    if logn_seq_length is not None:
+        q = q * logn_scale(positions, logn_seq_length).to(q.dtype)[:, None]  # [B, N, Tq, D] * [Tq, 1]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * head_dim**-0.5  # [B, N, Tq, Tk]
+    keys = torch.arange(seq_k, device=q.device)
+    visible = keys[None, :] <= positions[:, None]  # [Tq, Tk] causal
+    if key_start is not None:
+        not_padding = keys[None, :] >= key_start.to(q.device).long()[:, None]  # [B, Tk]
+        visible = visible[None, :, :] & not_padding[:, None, :]  # [B, Tq, Tk]
+    visible = visible.expand(batch, seq_q, seq_k)[:, None]  # [B, 1, Tq, Tk]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows with no key: zeros, not NaN
+    return (probs @ v.float()).to(q.dtype)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    kv_len: torch.Tensor | int,
+    key_start: torch.Tensor | None = None,
+    logn_seq_length: int | None = None,
+) -> torch.Tensor:
+    """Row by row, the query at position kv_len - 1 over cache entries [0, kv_len): `attention_reference`."""
+    batch = q.shape[0]
+    lengths = [kv_len] * batch if isinstance(kv_len, int) else [int(n) for n in kv_len.tolist()]
+    rows = []
+    for b, length in enumerate(lengths):
+        start = None if key_start is None else key_start[b:b + 1]
+        rows.append(attention_reference(q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
+                                        q_start=length - 1, key_start=start, logn_seq_length=logn_seq_length))
+    return torch.cat(rows)
 
 
 def assert_attention_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -238,7 +317,7 @@ def test_rope_matches_reference_within_one_ulp(dtype, case):
     q, k = qkv[:, :, 0], qkv[:, :, 1]  # strided views
     cos, sin = rope_tables(table_rows, seq, rotary_dim)
     q_out, k_out = apply_rope(q, k, cos, sin, rotary_dim=rotary_dim)
-    q_ref, k_ref = apply_rope_reference(q, k, cos, sin, rotary_dim=rotary_dim)
+    q_ref, k_ref = apply_rope_reference(q, k, cos, sin)
     assert_matches(q_out, q_ref)
     assert_matches(k_out, k_ref)
     assert torch.equal(q_out[..., rotary_dim:], q[..., rotary_dim:])  # pass-through dims untouched
@@ -254,7 +333,7 @@ def test_rope_writes_rotated_k_into_the_cache(table_rows):
     cos, sin = rope_tables(table_rows, seq, 24)
     k_cache = torch.zeros(batch, heads, cache_len, head_dim, dtype=torch.bfloat16, device=DEVICE)
     q_out, k_out = apply_rope(q, k, cos, sin, rotary_dim=24, k_cache=k_cache, cache_start=start)
-    q_ref, k_ref = apply_rope_reference(q, k, cos, sin, rotary_dim=24)
+    q_ref, k_ref = apply_rope_reference(q, k, cos, sin)
     assert k_out is None
     assert_matches(q_out, q_ref)
     assert_matches(k_cache[:, :, start:start + seq], k_ref.transpose(1, 2))
@@ -489,23 +568,22 @@ def test_auto_backend_is_triton_on_a_supported_gpu():
     assert resolve_backend("auto", DEVICE) == "triton"
 
 
-def test_importing_kernels_does_not_import_triton_and_works_without_it():
+def test_importing_kernels_does_not_import_triton_and_the_launchers_say_so_without_it():
     script = """
 import sys
-import kernels, kernels.attention, kernels.decode_attention, kernels.rmsnorm, kernels.rope, kernels.swiglu
+import kernels, kernels.dispatch, kernels.gpu
 assert "triton" not in sys.modules, "importing kernels imported triton"
-assert callable(kernels.flash_attention) and "triton" not in sys.modules
 sys.modules["triton"] = None  # now behave as if triton were not installed
 import torch
-from kernels import KernelUnavailableError, resolve_backend, rms_norm, triton_unavailable_reason
+from kernels import KernelUnavailableError, resolve_backend, triton_unavailable_reason
 assert "pip install triton" in triton_unavailable_reason(torch.device("cpu"))
 assert resolve_backend("auto", "cpu") == "sdpa"
 try:
-    rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6)
+    from kernels import rms_norm
 except KernelUnavailableError as exc:
     assert "pip install triton" in str(exc)
 else:
-    raise AssertionError("rms_norm ran without triton")
+    raise AssertionError("kernels.rms_norm was importable without triton")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True)

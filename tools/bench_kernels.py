@@ -1,28 +1,24 @@
 #!/usr/bin/env python
-"""Benchmark the Triton kernels of `kernels/` against their PyTorch counterparts at nekomata-7b shapes.
+"""Benchmark the Triton kernels of `kernels/gpu/` against their PyTorch counterparts at nekomata-7b shapes.
 
     python tools/bench_kernels.py                 # GPU: table of ours vs torch (median of do_bench)
     python tools/bench_kernels.py --json out.json # ... and the rows as JSON
     python tools/bench_kernels.py --sweep         # instead: time alternative attention launch configs
     python tools/bench_kernels.py --smoke         # tiny shapes; runs on CPU in the Triton interpreter
-    python tools/bench_kernels.py --compile-only  # no GPU needed: compile every launch for sm_80 / sm_90
+    python tools/bench_kernels.py --compile-only  # no GPU needed: tools/compile_kernels.py (sm_80, sm_90)
 
 Counterparts: prefill attention vs `F.scaled_dot_product_attention(is_causal=True)` on the flash backend;
 decode attention vs SDPA on the cache sliced to its valid length; rmsnorm, rope and swiglu vs the eager
-PyTorch formulas (the `*_reference` functions). Bandwidth is counted as the bytes each op must move at
+ops of `nekomata_core.model` (`RMSNorm`, `apply_rotary`, MLP's `a * silu(b)`). Bandwidth is counted as the bytes each op must move at
 least once; the roofline is the GPU's HBM bandwidth, detected from its name.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,10 +39,6 @@ _DEVICE_PEAKS = (
     ("A100-SXM4-80GB", 2.039, 312.0),
     ("A100", 1.555, 312.0),
 )
-
-# Shared memory per block (bytes) by compute capability, for --compile-only.
-_SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-
 
 def device_peaks(device: torch.device) -> tuple[str, float | None, float | None]:
     if device.type != "cuda":
@@ -83,11 +75,12 @@ def _flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
     """The benchmark problems: name, shape text, our fn, torch fn, bytes moved, flops."""
-    from kernels.attention import flash_attention
-    from kernels.decode_attention import decode_attention
-    from kernels.rmsnorm import rms_norm, rms_norm_reference
-    from kernels.rope import apply_rope, apply_rope_reference
-    from kernels.swiglu import swiglu, swiglu_reference
+    from kernels.gpu.attention import flash_attention
+    from kernels.gpu.decode_attention import decode_attention
+    from kernels.gpu.rmsnorm import rms_norm
+    from kernels.gpu.rope import apply_rope
+    from kernels.gpu.swiglu import swiglu
+    from nekomata_core.model import RMSNorm, apply_rotary
 
     dtype = torch.bfloat16
     heads, head_dim = (2, 16) if smoke else (32, 128)
@@ -123,10 +116,10 @@ def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
             ))
 
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    weight = torch.randn(hidden, device=device, dtype=dtype)
+    norm = RMSNorm(hidden, 1e-6).to(device=device, dtype=dtype).requires_grad_(False)
     cases.append(dict(
         op="rmsnorm", shape=f"[{tokens}, {hidden}]",
-        ours=lambda: rms_norm(x, weight, 1e-6), torch=lambda: rms_norm_reference(x, weight, 1e-6),
+        ours=lambda: rms_norm(x, norm.weight, 1e-6), torch=lambda: norm(x),
         bytes=2 * x.numel() * x.element_size(), flops=None,
     ))
 
@@ -137,7 +130,7 @@ def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
     cases.append(dict(
         op="rope (q+k)", shape=f"[1, {tokens}, {heads}, {head_dim}] x2",
         ours=lambda: apply_rope(q_view, k_view, cos, sin),
-        torch=lambda: apply_rope_reference(q_view, k_view, cos, sin),
+        torch=lambda: (apply_rotary(q_view, cos, sin), apply_rotary(k_view, cos, sin)),
         bytes=4 * q_view.numel() * q_view.element_size() + 2 * cos.numel() * 4, flops=None,
     ))
 
@@ -145,7 +138,7 @@ def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
         a, b = (torch.randn(tokens, width, device=device, dtype=dtype) for _ in range(2))
         cases.append(dict(
             op="swiglu", shape=f"[{tokens}, {width}]",
-            ours=lambda a=a, b=b: swiglu(a, b), torch=lambda a=a, b=b: swiglu_reference(a, b),
+            ours=lambda a=a, b=b: swiglu(a, b), torch=lambda a=a, b=b: a * F.silu(b),
             bytes=3 * a.numel() * a.element_size(), flops=None,
         ))
     return cases
@@ -186,8 +179,8 @@ def print_row(row: dict) -> None:
 
 def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
     """Time alternative launch configs of the two attention kernels (to tune the heuristics)."""
-    from kernels.attention import _flash_attention, gpu_capability, prefill_config
-    from kernels.decode_attention import _decode_attention, decode_config, default_num_splits
+    from kernels.gpu.attention import _flash_attention, gpu_capability, prefill_config
+    from kernels.gpu.decode_attention import _decode_attention, decode_config, default_num_splits
 
     dtype = torch.bfloat16
     heads, head_dim, seq, cache = (2, 32, 64, 100) if smoke else (32, 128, 8192, 16384)
@@ -237,125 +230,6 @@ def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
     return rows
 
 
-# --- Offline compilation (no GPU) ----------------------------------------------------------------------
-
-
-def compile_offline(archs: list[int]) -> bool:
-    """Compile every kernel launch the GPU runs would make, for each arch, without a GPU.
-
-    The launchers run on small CPU tensors with the GPU launch configs, their kernel launches are
-    recorded instead of executed, and each is compiled the way JITFunction.run would (same argument
-    specialisation), then `ptxas -v` reports registers and spills. Uses private triton APIs (3.x).
-    Returns False when a kernel fails to compile or needs more shared memory than the arch has; register
-    spills are reported ("note") but only cost speed.
-    """
-    if os.environ.pop("TRITON_INTERPRET", None):
-        print("note: TRITON_INTERPRET ignored for --compile-only")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    from kernels import attention, decode_attention, rmsnorm, rope, swiglu
-
-    recorded: list[tuple[str, object, tuple, dict]] = []
-
-    class Recorder:
-        def __init__(self, name: str, fn: object) -> None:
-            self.name, self.fn = name, fn
-
-        def __getitem__(self, grid: tuple) -> Callable:
-            return lambda *args, **kwargs: recorded.append((self.name, self.fn, args, kwargs))
-
-    modules = (attention, decode_attention, rmsnorm, rope, swiglu)
-    for module in modules:
-        namespace = module._build()
-        for name, fn in list(vars(namespace).items()):
-            setattr(namespace, name, Recorder(name, fn))
-        module.require_triton = lambda device: None  # CPU tensors stand in for GPU ones
-
-    ok = True
-    for arch in archs:
-        recorded.clear()
-        capability = divmod(arch, 10)
-        _record_launches(capability)
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        print(f"\n== sm_{arch}: {len(recorded)} launches ==")
-        for name, fn, args, kwargs in recorded:
-            kwargs = dict(kwargs, debug=False)
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound_args, specialization, _ = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization,
-                                                                  None)
-            consts = {k: v for k, v in kwargs.items() if k.isupper()}
-            label = f"{name} {consts} warps={options.num_warps} stages={options.num_stages}"
-            try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                          options=options.__dict__)
-            except Exception as exc:
-                print(f"FAIL {label}: {type(exc).__name__}: {exc}")
-                ok = False
-                continue
-            regs, spills = _ptxas_usage(get_ptxas(arch).path, compiled.asm["ptx"], arch)
-            shared = compiled.metadata.shared
-            too_big = shared > _SHARED_LIMIT.get(arch, 101376)  # the launch would fail: out of resources
-            ok = ok and not too_big
-            status = "FAIL" if too_big else "note" if spills else "ok  "  # spills cost speed, not correctness
-            print(f"{status} {label}: shared={shared} B (limit {_SHARED_LIMIT.get(arch, 101376)}) "
-                  f"regs={regs} spill stores={spills} B")
-    return ok
-
-
-def _record_launches(capability: tuple[int, int]) -> None:
-    """Call every launcher with the launch configs it would use on a GPU of `capability`."""
-    from kernels.attention import _flash_attention, prefill_config
-    from kernels.decode_attention import _decode_attention, decode_config
-    from kernels.rmsnorm import rms_norm
-    from kernels.rope import apply_rope
-    from kernels.swiglu import swiglu
-
-    for dtype, head_dims in ((torch.bfloat16, (64, 128)), (torch.float32, (128,))):
-        for head_dim in head_dims:
-            seq = 256
-            q, k, v = (torch.randn(1, 2, seq, head_dim, dtype=dtype) for _ in range(3))
-            for key_start, logn in ((None, None), (torch.zeros(1, dtype=torch.int32), 8)):
-                _flash_attention(q, k, v, key_start=key_start, logn_seq_length=logn,
-                                 config=prefill_config(head_dim, dtype, seq, capability))
-            _flash_attention(q[:, :, :1], k[:, :, :1], v[:, :, :1],  # Tq = 1: the smallest tile
-                             config=prefill_config(head_dim, dtype, 1, capability))
-            q1 = torch.randn(2, 2, 1, head_dim, dtype=dtype)
-            kv_len = torch.tensor([seq, 3], dtype=torch.int32)
-            for splits in (1, 16):
-                _decode_attention(q1, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), kv_len=kv_len,
-                                  key_start=kv_len * 0, logn_seq_length=8, num_splits=splits,
-                                  config=decode_config(head_dim, dtype, capability))
-            _decode_attention(q1, k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), kv_len=seq,
-                              config=decode_config(head_dim, dtype, capability))
-        x = torch.randn(4, 4096, dtype=dtype)
-        rms_norm(x, x[0], 1e-6)
-        swiglu(x, x)
-        qkv = torch.randn(1, 4, 3, 32, 128, dtype=dtype)
-        angles = torch.randn(1, 4, 128)
-        apply_rope(qkv[:, :, 0], qkv[:, :, 1], angles.cos(), angles.sin())
-
-
-def _ptxas_usage(ptxas: str, ptx: str, arch: int) -> tuple[int | None, int | None]:
-    """(registers, spill-store bytes) reported by `ptxas -v` for the kernel in `ptx`."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        Path(path).write_text(ptx)
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", path + ".o"],
-                                capture_output=True, text=True)
-    registers = re.search(r"Used (\d+) registers", result.stderr)
-    spills = re.search(r"(\d+) bytes spill stores", result.stderr)
-    return (int(registers.group(1)) if registers else None, int(spills.group(1)) if spills else None)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,21 +238,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny shapes; on CPU it runs in the Triton interpreter")
     parser.add_argument("--sweep", action="store_true",
                         help="instead of the comparison, time alternative attention launch configs")
-    parser.add_argument("--compile-only", nargs="?", const="90", metavar="ARCHS",
-                        help="compile all kernels for these compute capabilities, e.g. 80,90 (default 90); "
-                        "no GPU needed, a few minutes per arch")
+    parser.add_argument("--compile-only", nargs="?", const="80,90", metavar="ARCHS",
+                        help="instead: tools/compile_kernels.py --arch ARCHS (default 80,90); no GPU needed")
     args = parser.parse_args(argv)
 
     if args.compile_only:
-        with contextlib.redirect_stderr(io.StringIO()):  # triton's deprecation chatter
-            ok = compile_offline([int(a) for a in args.compile_only.split(",")])
-        print("\ncompile-only:", "all kernels compiled cleanly" if ok else "PROBLEMS (see above)")
-        return 0 if ok else 1
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import compile_kernels
+
+        return compile_kernels.main(["--arch", args.compile_only])
 
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel build
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels.gpu
         device = torch.device("cpu")
     else:
         print("no CUDA GPU: use --smoke (CPU, Triton interpreter) or --compile-only", file=sys.stderr)

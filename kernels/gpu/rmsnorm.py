@@ -4,60 +4,43 @@
 
 Qwen quirk: the normalised value is cast back to the input dtype BEFORE it is multiplied by the weight,
 and that product (of two x.dtype values) is rounded to x.dtype again. In bf16 this differs from the
-usual "multiply in fp32, round once", so the kernel reproduces both roundings.
-
-Triton is imported lazily (in `_build`), so this module imports without it.
+usual "multiply in fp32, round once", so the kernel reproduces both roundings. Tested against
+`nekomata_core.model.RMSNorm`.
 """
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-
 import torch
+import triton
+import triton.language as tl
 
-from .dispatch import require_triton, triton_helpers
+from ..dispatch import require_triton
+from .helpers import to_dtype
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HIDDEN = 65536  # one row must fit in one program's registers
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain PyTorch RMSNorm exactly as Qwen computes it."""
-    x_float = x.float()
-    normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + eps)
-    # Qwen quirk: back to the input dtype first, then the weight (rounded product).
-    return normed.to(x.dtype) * weight
+@triton.jit
+def rms_norm_kernel(x_ptr, w_ptr, y_ptr, x_row_stride, y_row_stride, H, eps, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    mean_square = tl.div_rn(tl.sum(x * x, axis=0), H * 1.0)  # IEEE division (`/` is approximate)
+    rstd = tl.rsqrt(mean_square + eps)
+    normed = to_dtype(x * rstd, y_ptr.dtype.element_ty)  # first rounding (Qwen casts before the weight)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    # The product of two x.dtype numbers is exact in fp32, so rounding it once matches torch's `*`.
+    y = to_dtype(normed.to(tl.float32) * w.to(tl.float32), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * y_row_stride + cols, y, mask=mask)
 
 
-# triton.language and the jit helpers called from kernels are module globals bound by `_build` (a lazy
-# import; the interpreter resolves names through module globals only, see kernels/dispatch.py).
-tl = to_dtype = None
-
-
-@functools.cache
-def _build() -> SimpleNamespace:
-    global tl, to_dtype
-    import triton
-    import triton.language as tl
-
-    to_dtype = triton_helpers().to_dtype
-
-    @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, y_ptr, x_row_stride, y_row_stride, H, eps, BLOCK_H: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < H
-        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        mean_square = tl.div_rn(tl.sum(x * x, axis=0), H * 1.0)  # IEEE division (`/` is approximate)
-        rstd = tl.rsqrt(mean_square + eps)
-        normed = to_dtype(x * rstd, y_ptr.dtype.element_ty)  # first rounding (Qwen casts before the weight)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        # The product of two x.dtype numbers is exact in fp32, so rounding it once matches torch's `*`.
-        y = to_dtype(normed.to(tl.float32) * w.to(tl.float32), y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row * y_row_stride + cols, y, mask=mask)
-
-    return SimpleNamespace(rms_norm_kernel=rms_norm_kernel)
+def launch_config(hidden: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) for rows of `hidden` features: one row per program, ~16 bytes per thread
+    per load (vectorised), 1..16 warps."""
+    block_h = triton.next_power_of_2(hidden)
+    return block_h, min(max(block_h * dtype.itemsize // (16 * 32 * 2), 1), 16)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,7 +65,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not 0 < hidden <= _MAX_HIDDEN:
         raise ValueError(f"rms_norm supports 1 <= H <= {_MAX_HIDDEN}, got H={hidden}")
     require_triton(x.device)
-    kernels = _build()
 
     x2d = x.reshape(-1, hidden)  # [M, H]; a view when possible
     if x2d.stride(-1) != 1:
@@ -93,10 +75,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x2d.shape[0]
     if rows == 0:
         return out
-    block_h = triton_helpers().next_power_of_2(hidden)
-    # ~16 bytes per thread per load keeps the loads vectorised; 1..16 warps.
-    num_warps = min(max(block_h * x.element_size() // (16 * 32 * 2), 1), 16)
-    kernels.rms_norm_kernel[(rows,)](
+    block_h, num_warps = launch_config(hidden, x.dtype)
+    rms_norm_kernel[(rows,)](
         x2d, weight, out2d, x2d.stride(0), out2d.stride(0), hidden, eps,
         BLOCK_H=block_h, num_warps=num_warps, enable_fp_fusion=False,  # bit parity with eager torch
     )

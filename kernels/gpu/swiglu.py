@@ -6,55 +6,36 @@ a = w1(x) (linear branch) and b = w2(x) (gate branch).
 Rounding matches eager PyTorch in bf16/fp16: `silu(b)` is computed in fp32 and rounded to the dtype
 (torch's silu kernel), then the product of the two dtype values is computed in fp32 and rounded (torch's
 `*`). Rows may be strided, so `a` and `b` can be the two halves of one fused [..., 2F] projection.
-
-Triton is imported lazily (in `_build`), so this module imports without it.
+Tested against the expression of `nekomata_core.model.MLP`.
 """
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-
 import torch
+import triton
+import triton.language as tl
 
-from .dispatch import require_triton, triton_helpers
+from ..dispatch import require_triton
+from .helpers import exp, to_dtype
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements (16 bytes of bf16)
-
-# triton.language and the jit helpers called from kernels are module globals bound by `_build` (a lazy
-# import; the interpreter resolves names through module globals only, see kernels/dispatch.py).
-tl = to_dtype = exp = None
+BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements (16 bytes of bf16)
+NUM_WARPS = 4
 
 
-def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch: a * silu(b), where b is the gate (Qwen's w2 branch)."""
-    return a * torch.nn.functional.silu(b)
-
-
-@functools.cache
-def _build() -> SimpleNamespace:
-    global tl, to_dtype, exp
-    import triton
-    import triton.language as tl
-
-    to_dtype, exp = triton_helpers().to_dtype, triton_helpers().exp
-
-    @triton.jit
-    def swiglu_kernel(a_ptr, b_ptr, out_ptr, a_row_stride, b_row_stride, out_row_stride, n_cols,
-                      BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        # silu(b) = b / (1 + exp(-b)) in fp32 with an accurate exp and an IEEE division, as torch's silu
-        # kernel computes it, then rounded to the dtype.
-        silu_b = to_dtype(tl.div_rn(b, 1.0 + exp(-b)), out_ptr.dtype.element_ty).to(tl.float32)
-        out = to_dtype(a * silu_b, out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * out_row_stride + cols, out, mask=mask)
-
-    return SimpleNamespace(swiglu_kernel=swiglu_kernel)
+@triton.jit
+def swiglu_kernel(a_ptr, b_ptr, out_ptr, a_row_stride, b_row_stride, out_row_stride, n_cols,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    a = tl.load(a_ptr + row * a_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row * b_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    # silu(b) = b / (1 + exp(-b)) in fp32 with an accurate exp and an IEEE division, as torch's silu
+    # kernel computes it, then rounded to the dtype.
+    silu_b = to_dtype(tl.div_rn(b, 1.0 + exp(-b)), out_ptr.dtype.element_ty).to(tl.float32)
+    out = to_dtype(a * silu_b, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * out_row_stride + cols, out, mask=mask)
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -81,16 +62,15 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() == 0:
         raise ValueError("swiglu needs tensors with at least one dimension [..., F]")
     require_triton(a.device)
-    kernels = _build()
 
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     a2d, b2d, out2d = _as_rows(a), _as_rows(b), out.view(-1, a.shape[-1])  # [M, F]
     n_rows, n_cols = out2d.shape
-    grid = (n_rows, triton_helpers().cdiv(n_cols, _BLOCK))
-    kernels.swiglu_kernel[grid](
+    grid = (n_rows, triton.cdiv(n_cols, BLOCK))
+    swiglu_kernel[grid](
         a2d, b2d, out2d, a2d.stride(0), b2d.stride(0), out2d.stride(0), n_cols,
-        BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=False,  # bit parity with eager torch
+        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,  # bit parity with eager torch
     )
     return out

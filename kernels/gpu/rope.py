@@ -10,93 +10,70 @@ row has its own dynamic-NTK alpha). One program handles one token and a block of
 so every cos/sin row is read once. q and k may be strided views (e.g. slices of a fused qkv projection
 [B, T, 3, N, D]); optionally the rotated k is written straight into a KV cache [B, N, T_max, D].
 
-Triton is imported lazily (in `_build`), so this module imports without it.
+Tested against `nekomata_core.model.apply_rotary`.
 """
 
 from __future__ import annotations
 
-import functools
-from types import SimpleNamespace
-
 import torch
+import triton
+import triton.language as tl
 
-from .dispatch import require_triton, triton_helpers
+from ..dispatch import require_triton
+from .helpers import to_dtype
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# triton.language and the jit helpers called from kernels are module globals bound by `_build` (a lazy
-# import; the interpreter resolves names through module globals only, see kernels/dispatch.py).
-tl = to_dtype = _rotate_heads = None
+
+@triton.jit
+def _rotate_heads(x_ptr, out_ptr, x_base, out_base, x_head_stride, out_head_stride, heads, dims,
+                  partner, sign, cos, sin, n_heads, D: tl.constexpr, R: tl.constexpr):
+    """Rotate a [BLOCK_N heads, BLOCK_D] tile of one token; features >= R are copied."""
+    head_mask = (heads < n_heads)[:, None]
+    in_rot = (dims < R)[None, :]
+    x_ptrs = x_ptr + x_base + heads[:, None] * x_head_stride
+    x = tl.load(x_ptrs + dims[None, :], mask=head_mask & (dims < D)[None, :], other=0.0).to(tl.float32)
+    # The rotate-half partner of feature d (-x2 for the first half, x1 for the second), loaded directly.
+    x_partner = tl.load(x_ptrs + partner[None, :], mask=head_mask & in_rot, other=0.0).to(tl.float32)
+    # Two products and a sum, each rounded like the three eager torch ops (launched without FMA fusion).
+    rotated = x * cos[None, :] + (sign[None, :] * x_partner) * sin[None, :]
+    out = tl.where(in_rot, rotated, x)
+    out_ptrs = out_ptr + out_base + heads[:, None] * out_head_stride + dims[None, :]
+    tl.store(out_ptrs, to_dtype(out, out_ptr.dtype.element_ty), mask=head_mask & (dims < D)[None, :])
+
+@triton.jit
+def rope_kernel(
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    T, n_heads,
+    q_stride_b, q_stride_t, q_stride_n, k_stride_b, k_stride_t, k_stride_n,
+    cos_stride_b, cos_stride_t, sin_stride_b, sin_stride_t,
+    qo_stride_b, qo_stride_t, qo_stride_n, ko_stride_b, ko_stride_t, ko_stride_n, ko_t_offset,
+    D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    token = tl.program_id(0)
+    b = (token // T).to(tl.int64)
+    t = (token % T).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    half: tl.constexpr = R // 2
+    partner = tl.where(dims < half, dims + half, dims - half)
+    sign = tl.where(dims < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + b * cos_stride_b + t * cos_stride_t + dims, mask=dims < R, other=1.0)
+    sin = tl.load(sin_ptr + b * sin_stride_b + t * sin_stride_t + dims, mask=dims < R, other=0.0)
+    _rotate_heads(q_ptr, q_out_ptr, b * q_stride_b + t * q_stride_t, b * qo_stride_b + t * qo_stride_t,
+                  q_stride_n, qo_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
+    # k goes to k_out [B, T, N, D], or into the cache [B, N, T_max, D] at time offset ko_t_offset.
+    _rotate_heads(k_ptr, k_out_ptr, b * k_stride_b + t * k_stride_t,
+                  b * ko_stride_b + (t + ko_t_offset) * ko_stride_t,
+                  k_stride_n, ko_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
 
 
-def apply_rope_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch rotate-half RoPE on the first `rotary_dim` dims of q and k ([B, T, N, D])."""
-    rotary_dim = q.shape[-1] if rotary_dim is None else rotary_dim
-    cos = cos[:, :, None, :]  # [Bc, T, 1, R]: broadcast over heads
-    sin = sin[:, :, None, :]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x_rot, x_pass = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-        x1, x2 = x_rot.chunk(2, dim=-1)
-        rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-        return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
-
-    return rotate(q), rotate(k)
-
-
-@functools.cache
-def _build() -> SimpleNamespace:
-    global tl, to_dtype, _rotate_heads
-    import triton
-    import triton.language as tl
-
-    to_dtype = triton_helpers().to_dtype
-
-    @triton.jit
-    def _rotate_heads(x_ptr, out_ptr, x_base, out_base, x_head_stride, out_head_stride, heads, dims,
-                      partner, sign, cos, sin, n_heads, D: tl.constexpr, R: tl.constexpr):
-        """Rotate a [BLOCK_N heads, BLOCK_D] tile of one token; features >= R are copied."""
-        head_mask = (heads < n_heads)[:, None]
-        in_rot = (dims < R)[None, :]
-        x_ptrs = x_ptr + x_base + heads[:, None] * x_head_stride
-        x = tl.load(x_ptrs + dims[None, :], mask=head_mask & (dims < D)[None, :], other=0.0).to(tl.float32)
-        # The rotate-half partner of feature d (-x2 for the first half, x1 for the second), loaded directly.
-        x_partner = tl.load(x_ptrs + partner[None, :], mask=head_mask & in_rot, other=0.0).to(tl.float32)
-        # Two products and a sum, each rounded like the three eager torch ops (launched without FMA fusion).
-        rotated = x * cos[None, :] + (sign[None, :] * x_partner) * sin[None, :]
-        out = tl.where(in_rot, rotated, x)
-        out_ptrs = out_ptr + out_base + heads[:, None] * out_head_stride + dims[None, :]
-        tl.store(out_ptrs, to_dtype(out, out_ptr.dtype.element_ty), mask=head_mask & (dims < D)[None, :])
-
-    @triton.jit
-    def rope_kernel(
-        q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
-        T, n_heads,
-        q_stride_b, q_stride_t, q_stride_n, k_stride_b, k_stride_t, k_stride_n,
-        cos_stride_b, cos_stride_t, sin_stride_b, sin_stride_t,
-        qo_stride_b, qo_stride_t, qo_stride_n, ko_stride_b, ko_stride_t, ko_stride_n, ko_t_offset,
-        D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        token = tl.program_id(0)
-        b = (token // T).to(tl.int64)
-        t = (token % T).to(tl.int64)
-        heads = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, BLOCK_D)
-        half: tl.constexpr = R // 2
-        partner = tl.where(dims < half, dims + half, dims - half)
-        sign = tl.where(dims < half, -1.0, 1.0)
-        cos = tl.load(cos_ptr + b * cos_stride_b + t * cos_stride_t + dims, mask=dims < R, other=1.0)
-        sin = tl.load(sin_ptr + b * sin_stride_b + t * sin_stride_t + dims, mask=dims < R, other=0.0)
-        _rotate_heads(q_ptr, q_out_ptr, b * q_stride_b + t * q_stride_t, b * qo_stride_b + t * qo_stride_t,
-                      q_stride_n, qo_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
-        # k goes to k_out [B, T, N, D], or into the cache [B, N, T_max, D] at time offset ko_t_offset.
-        _rotate_heads(k_ptr, k_out_ptr, b * k_stride_b + t * k_stride_t,
-                      b * ko_stride_b + (t + ko_t_offset) * ko_stride_t,
-                      k_stride_n, ko_stride_n, heads, dims, partner, sign, cos, sin, n_heads, D, R)
-
-    return SimpleNamespace(rope_kernel=rope_kernel)
+def launch_config(n_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N heads per program, num_warps): ~4K elements per program per tensor, i.e. all 32
+    heads of a 128-dim model in one program."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = min(triton.next_power_of_2(n_heads), max(4096 // block_d, 1))
+    return block_d, block_n, 4 if block_n * block_d <= 2048 else 8
 
 
 def _check_qk(name: str, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -163,8 +140,6 @@ def apply_rope(
             raise ValueError(f"apply_rope: cache_start={cache_start} with T={seq} does not fit the cache of "
                              f"length {k_cache.shape[2]}")
     require_triton(q.device)
-    kernels = _build()
-    helpers = triton_helpers()
 
     q_out = torch.empty((batch, seq, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if k_cache is None:
@@ -180,21 +155,19 @@ def apply_rope(
     if q_out.numel() == 0:
         return q_out, k_out
 
-    block_d = helpers.next_power_of_2(head_dim)
-    # ~4K elements per program per tensor: all 32 heads of a 128-dim model in one program.
-    block_n = min(helpers.next_power_of_2(n_heads), max(4096 // block_d, 1))
+    block_d, block_n, num_warps = launch_config(n_heads, head_dim)
     # Bc = 1: every row reads table row 0 (stride 0).
     cos_stride_b = cos.stride(0) if cos.shape[0] == batch else 0
     sin_stride_b = sin.stride(0) if sin.shape[0] == batch else 0
-    grid = (batch * seq, helpers.cdiv(n_heads, block_n))
-    kernels.rope_kernel[grid](
+    grid = (batch * seq, triton.cdiv(n_heads, block_n))
+    rope_kernel[grid](
         q, k, cos, sin, q_out, k_target,
         seq, n_heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos_stride_b, cos.stride(1), sin_stride_b, sin.stride(1),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), *ko_strides, ko_t_offset,
         D=head_dim, R=rotary_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=4 if block_n * block_d <= 2048 else 8,
+        num_warps=num_warps,
         enable_fp_fusion=False,  # keep x*cos + r*sin as two rounded products and a rounded sum, like torch
     )
     return q_out, k_out
