@@ -12,6 +12,7 @@ import base64
 import copy
 import hashlib
 import random
+import shutil
 import unicodedata
 from pathlib import Path
 
