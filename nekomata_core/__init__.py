@@ -22,7 +22,7 @@ _EXPORTS = {
     "KVCache": ".cache",
     "PRESETS": ".config",
     "QwenConfig": ".config",
-    "QwenForCausalLM": ".model",
+    "QwenForCausalLM": ".pretrained",
     "QwenTokenizer": ".tokenizer",
     "SamplingParams": ".sampling",
     "generate": ".generation",
@@ -61,6 +61,6 @@ if TYPE_CHECKING:
     from .compat import AutoModelForCausalLM, AutoTokenizer
     from .config import PRESETS, QwenConfig
     from .generation import GenerationOutput, generate, stream
-    from .model import QwenForCausalLM
+    from .pretrained import QwenForCausalLM
     from .sampling import SamplingParams
     from .tokenizer import QwenTokenizer

@@ -1,9 +1,13 @@
-"""The static KV cache: preallocated key/value buffers plus the per-sequence state decoding needs.
+"""The static KV cache: preallocated key/value buffers plus the per-sequence state generation needs.
 
 One `KVCache` belongs to one batch of sequences being generated, not to the model, so a single
 model can serve several independent generations. Buffers are allocated once, at their final size
 (`[B, N, T_max, D]` per layer); each forward call writes its new keys/values into the next free
-positions. Nothing grows with `torch.cat`, so decode steps have fixed memory and no reallocation.
+positions. Nothing grows with `torch.cat`, so steps have fixed memory and no reallocation.
+
+The cache owns the writes and the record of which positions hold real tokens (`update`,
+`record_keys`); the model only asks it for the keys and values to attend to (mlx-lm's
+`update_and_fetch`, gpt-fast's `KVCache.update`).
 """
 
 from __future__ import annotations
@@ -111,15 +115,52 @@ class KVCache:
                 f"{self.length + new_tokens})."
             )
 
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        """Store new keys/values [B, N, T_new, D] at positions start … start+T_new-1."""
-        end = start + keys.shape[2]
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
+    def record_keys(self, attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor | None:
+        """Note which of the next `new_tokens` positions hold real tokens (mask 1) or padding (0).
 
-    def layer_view(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions 0 … length-1 of one layer.   # 2 × [B, N, length, D]"""
-        return self.keys[layer, :, :, :length], self.values[layer, :, :, :length]
+        `attention_mask` [B, T_new] covers the new tokens, or [B, length + T_new] the whole sequence as
+        in Hugging Face (then earlier positions are rewritten too); None marks every new token real.
+        Returns the key mask [B, length + T_new] of every position a query may attend to, or None
+        when all of them are real (plain causal attention suffices).
+        """
+        start, total = self.length, self.length + new_tokens
+        if attention_mask is None:
+            self.key_mask[:, start:total] = True
+        else:
+            mask = attention_mask.to(device=self.device, dtype=torch.bool)
+            if mask.shape[1] == total and start > 0:
+                self.key_mask[:, :start] = mask[:, :start]
+            self.key_mask[:, start:total] = mask[:, -new_tokens:]
+        full = self.key_mask[:, :total]
+        return None if bool(full.all()) else full
+
+    def next_position(self) -> int:
+        """For a fixed-shape step of one token per row: check it fits, mark it real, return its position.
+
+        The caller runs the step and then advances `length` by one.
+        """
+        self.check_fits(self.batch_size, 1)
+        self.key_mask[:, self.length] = True
+        return self.length
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, at: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys/values [B, N, T_new, D] and return what attention reads.
+
+        `at` an int: the positions at … at+T_new-1; returns positions 0 … at+T_new-1 (2 × [B, N, T, D]).
+        `at` a tensor of positions (a fixed-shape step): written with `index_copy_`, and the whole
+        buffer is returned (2 × [B, N, T_max, D]) so that no shape depends on the step; the step's
+        mask hides the positions not yet written.
+        """
+        if isinstance(at, torch.Tensor):
+            self.keys[layer].index_copy_(2, at, keys)
+            self.values[layer].index_copy_(2, at, values)
+            return self.keys[layer], self.values[layer]
+        end = at + keys.shape[2]
+        self.keys[layer, :, :, at:end] = keys
+        self.values[layer, :, :, at:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 def cache_nbytes(config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:

@@ -27,7 +27,8 @@ from torch import nn
 
 from .errors import NekomataError
 from .generation import GenerationOutput, generate_steps
-from .model import QwenForCausalLM, check_input_ids
+from .inputs import check_input_ids
+from .pretrained import QwenForCausalLM
 from .sampling import GENERATION_CONFIG_KEYS, SamplingParams, load_generation_config
 
 # What transformers' GenerationConfig uses for a key a generation_config.json does not set.
@@ -168,8 +169,10 @@ class CompatCausalLM(nn.Module):
 
     # transformers' models are called with .eval()/.to(); .to is limited to what the model supports
     def to(self, *args: Any, **kwargs: Any) -> CompatCausalLM:
+        from .accelerate import accelerate
+
         self.model.to(*args, **kwargs)
-        self.model.set_backends()
+        accelerate(self.model)  # the fast modules of the new device, with the same choices
         return self
 
 

@@ -18,7 +18,6 @@ from .safe_files import SMALL_JSON_MAX_BYTES, json_value_problem, read_json_file
 
 # The decode paths (nekomata_core.decode.make_decoder), defined here, torch-free, so that the CLI parsers
 # can list them without importing torch.
-DECODE_MODES = ("auto", "eager", "static", "compiled", "native")
 
 
 class ConfigError(NekomataError):

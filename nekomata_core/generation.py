@@ -25,7 +25,7 @@ import torch
 
 from .config import QwenConfig
 from .errors import NekomataError
-from .model import check_attention_mask, check_input_ids
+from .inputs import check_attention_mask, check_input_ids
 from .sampling import SamplingParams, process_logits, select_next
 
 if TYPE_CHECKING:
@@ -360,26 +360,12 @@ def _describe(value: Any) -> str:
 
 
 def _default_decode(model: QwenForCausalLM) -> DecodeFn:
-    """The native C step where it applies (CPU, float32/bfloat16/int8 weights; batch-1 steps), else the
-    plain forward. Both compute the same function (tests/test_decode.py); the native one is faster."""
-    from .decode import NativeDecoder, native_decode_problem
+    """The "auto" step of `nekomata_core.accelerate.make_step`: the native C step for batch-1 steps
+    where it applies (CPU, float32/bfloat16/int8 weights), else the model's fixed-shape step. Both
+    compute the same function as the plain forward (tests/test_steps.py)."""
+    from .accelerate import make_step
 
-    if native_decode_problem(model) is None:
-        native = NativeDecoder(model)
-        plain = _plain_decode(model)
-
-        def decode(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-            return native(tokens, cache) if tokens.shape[0] == 1 else plain(tokens, cache)
-
-        return decode
-    return _plain_decode(model)
-
-
-def _plain_decode(model: QwenForCausalLM) -> DecodeFn:
-    def decode_one(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return model(tokens, cache=cache)[:, -1]
-
-    return decode_one
+    return make_step(model, "auto")
 
 
 def _now(model: QwenForCausalLM) -> float:

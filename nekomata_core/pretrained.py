@@ -5,15 +5,13 @@ init), then stream the weights in."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
+from .accelerate import accelerate, check_choices
 from .config import QwenConfig
 from .hub import resolve_model_dir
-
-if TYPE_CHECKING:
-    from .model import QwenForCausalLM
+from .model import QwenForCausalLM as Architecture
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,7 +63,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: QwenConfig, device: torch.de
 
 
 def load_pretrained(
-    cls: type[QwenForCausalLM],
+    cls: type[Architecture],
     path_or_repo_id: str | os.PathLike[str],
     *,
     dtype: str | torch.dtype = "auto",
@@ -76,7 +74,7 @@ def load_pretrained(
     progress: bool = True,
     quantize: str | None = None,
     allow_pickle: bool = False,
-) -> QwenForCausalLM:
+) -> Architecture:
     """`QwenForCausalLM.from_pretrained`. `allow_pickle=True` also reads checkpoints that only have
     pickled `pytorch_model*.bin` weights (with `torch.load(weights_only=True)`); they are refused
     otherwise, with the command that converts them to safetensors."""
@@ -85,6 +83,7 @@ def load_pretrained(
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
+    check_choices(attention_backend, ops_backend)
     folder = resolve_model_dir(path_or_repo_id, revision=revision)
     config = QwenConfig.from_json_file(folder / "config.json")
     # Before anything is built from the config: a hostile num_hidden_layers would otherwise build
@@ -96,7 +95,7 @@ def load_pretrained(
     # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,
     # and the loader replaces every parameter with the checkpoint's tensor in the target dtype.
     with torch.device("meta"):
-        model = cls(config, attention_backend=attention_backend, ops_backend=ops_backend)
+        model = cls(config)
     if saved_quantization is not None:  # int8 weights on disk: load them as they are
         convert_to_int8_structure(model, target_dtype)
     # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
@@ -110,6 +109,46 @@ def load_pretrained(
         after_tensor=on_load,
         allow_pickle=allow_pickle,
     )
-    model.set_backends()
+    # The architecture is plain PyTorch; the fast modules for this device are swapped in from outside.
+    accelerate(model, attention=attention_backend, ops=ops_backend)
     model.checkpoint_dir = folder
     return model.eval().requires_grad_(False)
+
+
+class QwenForCausalLM(Architecture):
+    """The model of `nekomata_core.model` plus loading from checkpoint files or the Hub.
+
+    The architecture itself knows nothing about files; this subclass adds only `from_pretrained`.
+    """
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike[str],
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        revision: str | None = None,
+        attention_backend: str = "auto",
+        ops_backend: str = "auto",
+        progress: bool = True,
+        quantize: str | None = None,
+        allow_pickle: bool = False,
+    ) -> QwenForCausalLM:
+        """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
+
+        quantize="int8" stores every linear layer as int8 with per-channel scales (nekomata_core.quantize);
+        the backends are `nekomata_core.accelerate` choices.
+        """
+        return load_pretrained(
+            cls,
+            path_or_repo_id,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            attention_backend=attention_backend,
+            ops_backend=ops_backend,
+            progress=progress,
+            quantize=quantize,
+            allow_pickle=allow_pickle,
+        )

@@ -69,8 +69,6 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
-    native_gemv = False  # one-row calls on CPU go to kernels.cpu_gemv (set by set_backends)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native_gemv and x.numel() == x.shape[-1]:
             from kernels import cpu_gemv

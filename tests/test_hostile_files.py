@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nekomata_core import QwenForCausalLM
 from nekomata_core.apps.cli import main
 from nekomata_core.config import ConfigError, QwenConfig
 from nekomata_core.errors import NekomataError
@@ -36,7 +37,6 @@ from nekomata_core.loader import (
     save_safetensors,
     verify_checkpoint,
 )
-from nekomata_core.model import QwenForCausalLM
 from nekomata_core.safe_files import INDEX_JSON_MAX_BYTES, MAX_JSON_DEPTH, SMALL_JSON_MAX_BYTES
 from nekomata_core.sampling import load_generation_config
 from tools.make_tiny_checkpoint import make_checkpoint

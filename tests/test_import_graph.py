@@ -89,3 +89,25 @@ def test_the_package_has_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_the_model_file_is_the_architecture_only():
+    """model.py imports PyTorch and the config/cache/input checks, nothing that makes it fast."""
+    tree = ast.parse((PACKAGE / "model.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert imported <= {
+        "__future__",
+        "math",
+        "dataclasses",
+        "torch",
+        "torch.nn.functional",
+        "torch.nn",
+        ".cache",
+        ".config",
+        ".inputs",
+    }, imported

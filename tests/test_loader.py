@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from nekomata_core import QwenForCausalLM
 from nekomata_core.config import QwenConfig
 from nekomata_core.loader import (
     SAFETENSORS_DTYPES,
@@ -32,7 +33,6 @@ from nekomata_core.loader import (
     save_safetensors,
     verify_checkpoint,
 )
-from nekomata_core.model import QwenForCausalLM
 from tools.make_tiny_checkpoint import make_checkpoint
 
 OVERRIDES = {"vocab_size": 512}

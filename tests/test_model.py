@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nekomata_core import QwenConfig, QwenForCausalLM
+from nekomata_core.accelerate import accelerate
 from nekomata_core.cache import CacheError
 from nekomata_core.model import InputError
 from tests.hf_reference import qwen2_reference_from_checkpoint
@@ -62,7 +63,7 @@ def random_ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_fp32_logits_match_transformers_qwen2(pair, backend):
     ours, ref = pair
-    ours.set_backends(attention=backend, ops="eager")
+    accelerate(ours, attention=backend, ops="eager")
     ids = random_ids(ours.config.vocab_size, (2, 37))
     with torch.no_grad():
         assert_close(ours(ids), ref(ids).logits)
@@ -84,7 +85,7 @@ def test_left_padded_batch_matches_transformers_on_real_tokens(pair):
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_prefill_then_token_by_token_decode_equals_full_forward(pair, backend):
     ours, _ = pair
-    ours.set_backends(attention=backend, ops="eager")
+    accelerate(ours, attention=backend, ops="eager")
     ids = random_ids(ours.config.vocab_size, (2, 30), seed=2)
     with torch.no_grad():
         full = ours(ids)
@@ -99,7 +100,7 @@ def test_prefill_then_token_by_token_decode_equals_full_forward(pair, backend):
 
 def test_padded_decode_with_full_or_new_only_mask_forms_agree(pair):
     ours, ref = pair
-    ours.set_backends(attention="sdpa", ops="eager")
+    accelerate(ours, attention="sdpa", ops="eager")
     ids = random_ids(ours.config.vocab_size, (2, 16), seed=3)
     mask = torch.ones(2, 16, dtype=torch.long)
     mask[0, :6] = 0
@@ -180,8 +181,8 @@ def test_bad_inputs_give_one_clear_error(pair):
         ours(torch.tensor([[1], [2]]), cache=cache)
     with pytest.raises(CacheError, match="Allocate a larger cache"):
         ours(torch.tensor([[1, 2, 3, 4, 5]]), cache=cache)
-    with pytest.raises(ValueError, match="attention_backend"):
-        ours.set_backends(attention="flash")
+    with pytest.raises(ValueError, match="attention='flash' is unknown"):
+        accelerate(ours, attention="flash")
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(pair, monkeypatch):
@@ -191,5 +192,5 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(pair, monkeypatch)
     from kernels.dispatch import KernelUnavailableError
 
     with pytest.raises(KernelUnavailableError):
-        ours.set_backends(attention="triton")
-    ours.set_backends(attention="sdpa", ops="eager")
+        accelerate(ours, attention="triton")
+    accelerate(ours, attention="sdpa", ops="eager")

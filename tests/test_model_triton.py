@@ -27,7 +27,8 @@ eager = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", p
                                         attention_backend="eager", ops_backend="eager")
 fused = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False,
                                         attention_backend="triton", ops_backend="triton")
-assert fused.attention_backend == "triton" and fused.ops_backend == "triton"
+from nekomata_core.accelerate import describe
+assert describe(fused)["attention"] == "triton" and describe(fused)["ops"] == "triton"
 ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(0))
 mask = torch.ones_like(ids)
 mask[1, :6] = 0  # left padding

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from nekomata_core.accelerate import accelerate
 from nekomata_core.config import QwenConfig
 from nekomata_core.model import QwenForCausalLM, ntk_alpha
 
@@ -83,7 +84,7 @@ def reference_logits(
 def tiny():
     cfg = QwenConfig.from_preset("tiny", vocab_size=300, seq_length=S, num_hidden_layers=2)
     torch.manual_seed(0)
-    model = QwenForCausalLM(cfg, attention_backend="sdpa", ops_backend="eager").eval()
+    model = QwenForCausalLM(cfg).eval()  # plain PyTorch modules: SDPA attention
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(0, 0.15)
@@ -170,7 +171,7 @@ def test_padded_batch_decode_through_cache(tiny):
 def test_logn_switches_off_without_the_flag(tiny):
     cfg, _, sd = tiny
     plain_cfg = QwenConfig.from_dict({**cfg.to_dict(), "use_logn_attn": False, "use_dynamic_ntk": False})
-    model = QwenForCausalLM(plain_cfg, attention_backend="eager", ops_backend="eager").eval()
+    model = accelerate(QwenForCausalLM(plain_cfg), attention="eager", ops="eager").eval()
     model.load_state_dict(sd)
     ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nekomata_core.accelerate import make_step
 from nekomata_core.apps.cli import main as cli_main
 from nekomata_core.apps.parity import (
     DEFAULT_THRESHOLDS,
@@ -147,17 +148,19 @@ def test_greedy_is_compared_past_seq_length_with_the_prefill_alpha(folder):
 
 def test_a_port_that_rechooses_alpha_while_decoding_fails_past_seq_length(folder, monkeypatch):
     """The bug this check exists for: alpha re-picked from the growing length at every decode step."""
-    from nekomata_core.model import QwenForCausalLM
+    from nekomata_core import QwenForCausalLM
+    from nekomata_core import model as architecture
 
-    real = QwenForCausalLM._attention_inputs
+    real = architecture.step_inputs
 
-    def rechoose(self, key_mask, batch, start, length, total, cache):
+    def rechoose(config, cache, key_mask, start, length, dtype, device):
         if cache is not None:
             cache.ntk_alpha = None  # forget the prefill's alpha: chosen again from `total`
-        return real(self, key_mask, batch, start, length, total, cache)
+        return real(config, cache, key_mask, start, length, dtype, device)
 
-    monkeypatch.setattr(QwenForCausalLM, "_attention_inputs", rechoose)
-    monkeypatch.setattr("nekomata_core.decode.native_decode_problem", lambda model: "the plain path")
+    monkeypatch.setattr(architecture, "step_inputs", rechoose)
+    # The plain forward for every step, so that each step goes through `step_inputs`.
+    monkeypatch.setattr("nekomata_core.generation._default_decode", lambda model: make_step(model, "eager"))
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     report = parity_report(folder, model=model, input_ids=[list(range(40, 100))], max_new_tokens=24)
     assert report.first_divergence == "greedy continuation", report.to_table()
@@ -266,7 +269,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from nekomata_core.config import QwenConfig
-from nekomata_core.model import QwenForCausalLM
+from nekomata_core import QwenForCausalLM
 
 from .configuration_qwen import QWenConfig
 

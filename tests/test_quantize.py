@@ -103,8 +103,9 @@ def test_quantize_on_load_equals_quantizing_the_loaded_model(checkpoint_factory,
 
 
 def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monkeypatch):
+    from torch.nn import Linear
+
     from nekomata_core import loader
-    from nekomata_core.model import Linear
 
     folder = checkpoint_factory("tiny", seed=13, vocab_size=256)
     real_load = loader.load_weights

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import DECODE_MODES, PRESETS, QwenConfig
+from ..backends import STEP_MODES
+from ..config import PRESETS, QwenConfig
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -113,9 +114,9 @@ def _prompt(config: QwenConfig, length: int):
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from ..decode import make_decoder
+    from ..accelerate import make_step
     from ..generation import generate
-    from ..model import QwenForCausalLM
+    from ..pretrained import QwenForCausalLM
 
     torch.set_num_threads(args.threads)
     # The first meta-device module imports torch's meta kernels (seconds, once per process):
@@ -130,7 +131,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     load_seconds = time.perf_counter() - start
     peak_after_load = _peak_rss_bytes()
     ids = _prompt(model.config, args.prompt_tokens)
-    decoder = make_decoder(model, args.decode)
+    decoder = make_step(model, args.decode)
     reader = ReadBandwidth(args.bandwidth_gib)
     prefill, decode, bandwidth = [], [], []
     for i in range(args.warmup + args.runs):
@@ -155,11 +156,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _decode_label(mode: str, decoder) -> str:
-    from ..decode import NativeDecoder
+    from ..accelerate import NativeStep
 
     if mode != "auto":
         return mode
-    return "auto: native" if isinstance(decoder, NativeDecoder) else "auto: static"
+    return "auto: native" if isinstance(decoder, NativeStep) else "auto: static"
 
 
 def _embedding_bytes(model) -> int:
@@ -263,7 +264,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--decode", default="auto", choices=list(DECODE_MODES))
+    parser.add_argument("--decode", default="auto", choices=list(STEP_MODES))
     parser.add_argument("--quantize", default=None, choices=["int8"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from ..config import DECODE_MODES
+from ..backends import ATTENTION_CHOICES, STEP_MODES
 
 DEFAULT_MODEL = "rinna/nekomata-7b"
 
@@ -17,11 +17,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: auto)")
     group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
-    group.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "sdpa", "eager"])
+    group.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_CHOICES))
     group.add_argument(
         "--decode",
         default="auto",
-        choices=list(DECODE_MODES),
+        choices=list(STEP_MODES),
         help="decode step: auto (native where it applies, else static), plain forward (eager), fixed-shape "
         "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, batch 1)",
     )
@@ -117,7 +117,7 @@ def _load(args: argparse.Namespace, model_name: str):
         folder = resolve_model_dir(model_name, revision=args.revision)
     except (CheckpointNotFoundError, ValueError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
-    from ..model import QwenForCausalLM
+    from ..pretrained import QwenForCausalLM
     from ..sampling import load_generation_config
     from ..tokenizer import QwenTokenizer
 
@@ -180,7 +180,7 @@ def _report_speed(result, err: TextIO) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..decode import make_decoder
+    from ..accelerate import make_step
     from ..generation import GenerationOutput, stream
     from .common import EXIT_USAGE, CLIError
 
@@ -195,7 +195,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sys.stdout.write(prompt)
     _stream_to(
         sys.stdout,
-        stream(model, tokenizer, prompt, params, output=result, decode_fn=make_decoder(model, args.decode)),
+        stream(model, tokenizer, prompt, params, output=result, decode_fn=make_step(model, args.decode)),
     )
     sys.stdout.write("\n")
     _report_speed(result, sys.stderr)
@@ -206,7 +206,7 @@ def run_chat(args: argparse.Namespace) -> int:
     import torch
 
     from .. import chat
-    from ..decode import make_decoder
+    from ..accelerate import make_step
     from ..generation import GenerationOutput, stream
 
     folder, model, tokenizer, defaults = _load(args, args.model)
@@ -220,7 +220,7 @@ def run_chat(args: argparse.Namespace) -> int:
     params = _params(args, defaults, eos_token_id=chat.stop_ids(tokenizer, fmt))
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    decode_fn = make_decoder(model, args.decode)
+    decode_fn = make_step(model, args.decode)
     history: list[chat.Turn] = []
     system = args.system or chat.DEFAULT_SYSTEM
     print(

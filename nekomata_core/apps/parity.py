@@ -72,12 +72,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..backends import ATTENTION_CHOICES, OPS_CHOICES
 from ..errors import NekomataError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..model import QwenForCausalLM
+    from ..pretrained import QwenForCausalLM
 
 # torch is imported inside the functions that use it, so that registering this command in the CLI
 # does not slow down `nekomata --help`.
@@ -732,6 +733,13 @@ def _run(fn: Callable[[], Any], dtype: torch.dtype, device: torch.device, what: 
         raise
 
 
+def _ours_label(model) -> str:
+    from ..accelerate import describe
+
+    running = describe(model)
+    return f"nekomata_core QwenForCausalLM (attention {running['attention']}, ops {running['ops']})"
+
+
 def parity_report(
     model_dir: str | os.PathLike[str],
     *,
@@ -765,8 +773,7 @@ def parity_report(
     import torch
 
     from ..hub import CHECKPOINT_PATTERNS, resolve_model_dir
-    from ..model import QwenForCausalLM
-    from ..pretrained import resolve_device, resolve_dtype
+    from ..pretrained import QwenForCausalLM, resolve_device, resolve_dtype
 
     if reference not in REFERENCES:
         raise ParityError(f"reference={reference!r}; choose one of {list(REFERENCES)}")
@@ -943,9 +950,7 @@ def parity_report(
         reference=reference,
         reference_dir=str(ref_folder),
         reference_label=ref.label,
-        ours_label=(
-            f"nekomata_core QwenForCausalLM (attention {model.attention_backend}, ops {model.ops_backend})"
-        ),
+        ours_label=_ours_label(model),
         dtype=dtype_name,
         device=str(target_device),
         thresholds=thresholds,
@@ -1127,8 +1132,8 @@ def add_parity_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="bf16/fp16: skip the float32 reference (less memory; the verdict uses the fixed bounds only)",
     )
-    parser.add_argument("--attention-backend", default="auto", help="ours: auto, triton, sdpa or eager")
-    parser.add_argument("--ops-backend", default="auto", help="ours: auto, triton or eager")
+    parser.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_CHOICES), help="ours")
+    parser.add_argument("--ops-backend", default="auto", choices=list(OPS_CHOICES), help="ours")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run_parity)
 
@@ -1164,7 +1169,7 @@ def run_parity(args: argparse.Namespace) -> int:
             "(modeling_qwen.py); use it only with checkpoints you trust",
             file=sys.stderr,
         )
-    from ..model import InputError
+    from ..inputs import InputError
 
     try:
         report = parity_report(

@@ -206,7 +206,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if stride > window:
         raise CLIError(f"--stride ({stride}) must not exceed the window ({window})")
 
-    from ..model import QwenForCausalLM
+    from ..pretrained import QwenForCausalLM
     from ..tokenizer import QwenTokenizer
 
     if not (folder / "qwen.tiktoken").is_file():

@@ -1,0 +1,209 @@
+"""Step functions: what `generate` calls for every token after the prefill, `(tokens [B, 1], cache) →
+next-token logits [B, V]`.
+
+A step reads every weight once to produce one token per row, so at batch 1 it is bound by memory
+bandwidth; what is left to win is overhead — Python dispatch, per-step allocation and shape changes.
+
+- `StaticStep`: the model's fixed-shape form (`model(tokens, cache=cache, position=p)`): attention
+  covers the whole preallocated cache under a mask, keys go in with `index_copy_`, so no shape changes
+  from step to step and `torch.compile` (CUDA graphs on GPUs) can capture it once (`compile=True`).
+- `NativeStep`: on x86-64 CPUs at batch 1, the whole step in one C call (kernels/cpu/step.c): the same
+  computation with the same rounding points and no per-operation overhead. Batches go to a StaticStep.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..errors import NekomataError
+from ..model import (
+    MLP,
+    Attention,
+    Block,
+    EagerAttention,
+    RMSNorm,
+    Rotary,
+    ScaledDotProductAttention,
+    fixed_step_inputs,
+)
+from ..quantize import Int8Linear
+from .modules import CpuInt8Linear, CpuLinear, TritonAttention, TritonMLP, TritonRMSNorm, TritonRotary
+
+if TYPE_CHECKING:
+    from ..cache import KVCache
+    from ..model import QwenForCausalLM
+
+
+class StepUnavailableError(NekomataError):
+    """The step mode asked for cannot run this model here (device, dtype, modules); the message says
+    which mode to use instead."""
+
+
+class StepStateError(NekomataError, RuntimeError):
+    """A step was called with a cache it cannot continue (not prefilled)."""
+
+
+def _require_prefilled(cache: KVCache, who: str) -> None:
+    if cache.inv_freq is None:
+        raise StepStateError(f"{who} needs a prefilled cache: run the prompt through the model first")
+
+
+class StaticStep:
+    """The fixed-shape step, optionally under torch.compile (mode "reduce-overhead" on CUDA)."""
+
+    def __init__(self, model: QwenForCausalLM, *, compile: bool = False, mode: str | None = None) -> None:
+        self.model = model
+        self.compiled = compile
+        forward = model.forward
+        if compile:
+            if mode is None:
+                mode = "reduce-overhead" if model.device.type == "cuda" else None
+            forward = torch.compile(forward, mode=mode, fullgraph=True, dynamic=False)
+        self._forward = forward
+        self._positions: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        _require_prefilled(cache, "StaticStep")
+        if self._positions is None or self._positions.shape[0] < cache.max_length:
+            self._positions = torch.arange(cache.max_length, device=cache.device)
+        cache.check_fits(tokens.shape[0], 1)
+        position = cache.next_position()
+        logits = self._forward(tokens, cache=cache, position=self._positions[position : position + 1])
+        cache.length = position + 1
+        return logits[:, -1]
+
+
+class NativeStep:
+    """Each batch-1 step as one C call (kernels/cpu/step); batches of several rows go to a StaticStep.
+
+    The C step is bound to the model's weight tensors when it is made: make a new one after replacing
+    parameters (in-place updates are seen).
+    """
+
+    def __init__(self, model: QwenForCausalLM) -> None:
+        problem = native_step_problem(model)
+        if problem is not None:
+            raise StepUnavailableError(
+                f"step mode 'native' is unavailable: {problem}; use 'static' instead (--decode static, or auto)"
+            )
+        from kernels.cpu.step import BlockWeights, FusedStep
+
+        self.model = model
+        config = model.config
+        blocks = [
+            BlockWeights(
+                ln_1=block.ln_1.weight,
+                c_attn=_linear_weights(block.attn.c_attn),
+                attn_c_proj=_linear_weights(block.attn.c_proj),
+                ln_2=block.ln_2.weight,
+                w1=_linear_weights(block.mlp.w1),
+                w2=_linear_weights(block.mlp.w2),
+                mlp_c_proj=_linear_weights(block.mlp.c_proj),
+            )
+            for block in model.transformer.h
+        ]
+        self._step = FusedStep(
+            embedding=model.transformer.wte.weight,
+            blocks=blocks,
+            ln_f=model.transformer.ln_f.weight,
+            lm_head=_linear_weights(model.lm_head),
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            rotary_dim=config.rotary_dim,
+            eps=config.layer_norm_epsilon,
+        )
+        self._batched: StaticStep | None = None
+        self._positions: torch.Tensor | None = None
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if tokens.shape[0] != 1:
+            if self._batched is None:
+                self._batched = StaticStep(self.model)
+            return self._batched(tokens, cache)
+        _require_prefilled(cache, "NativeStep")
+        if self._positions is None or self._positions.shape[0] < cache.max_length:
+            self._positions = torch.arange(cache.max_length)
+        position = cache.next_position()
+        # The rotary and logn inputs of the model's own fixed-shape step (Qwen quirks 3 and 4).
+        inputs = fixed_step_inputs(self.model.config, cache, self._positions[position : position + 1], cache.dtype)
+        logn = None
+        if inputs.logn is not None and position + 1 > self.model.config.seq_length:
+            logn = float(inputs.logn)
+        logits = self._step.step(
+            int(tokens[0, 0]),
+            position,
+            cos=inputs.cos.reshape(-1),
+            sin=inputs.sin.reshape(-1),
+            logn=logn,
+            keys=cache.keys,
+            values=cache.values,
+            key_mask=cache.key_mask,
+        )
+        cache.length = position + 1
+        return logits[None]
+
+
+def _linear_weights(module):
+    from kernels.cpu.step import LinearWeights
+
+    return LinearWeights(module.weight, module.bias, getattr(module, "scales", None))
+
+
+_LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear)
+_NORMS = (RMSNorm, TritonRMSNorm)
+# The classes the C step may stand in for (it reads their weights and runs their maths itself), by the
+# module's name in the model: the model's own and the `accelerate` versions computing the same function.
+_NATIVE_STANDS_IN_FOR: dict[str, tuple[type, ...]] = {
+    "wte": (nn.Embedding,),
+    "ln_f": _NORMS,
+    "ln_1": _NORMS,
+    "ln_2": _NORMS,
+    "lm_head": _LINEARS,
+    "c_attn": _LINEARS,
+    "c_proj": _LINEARS,
+    "w1": _LINEARS,
+    "w2": _LINEARS,
+    "attn": (Attention,),
+    "mlp": (MLP, TritonMLP),
+    "rotary": (Rotary, TritonRotary),
+    "attend": (ScaledDotProductAttention, EagerAttention, TritonAttention),
+}
+
+
+def native_step_problem(model: QwenForCausalLM) -> str | None:
+    """None when the native (C) step can run this model, else why not."""
+    if model.device.type != "cpu":
+        return f"the model is on {model.device}, the native step runs on the CPU"
+    weights = {p.dtype for p in model.parameters()}
+    if not weights <= {torch.float32, torch.bfloat16, torch.int8}:
+        return f"the native step reads float32, bfloat16 or int8 weights, this model has {sorted(map(str, weights))}"
+    from kernels.cpu import step
+
+    if model.config.head_dim > step.MAX_HEAD_DIM:
+        return f"head_dim {model.config.head_dim} is above the native step's {step.MAX_HEAD_DIM}"
+    unusual = _unusual_module(model)
+    if unusual is not None:
+        return unusual
+    if not step.available():
+        return str(step.unavailable_reason())
+    return None
+
+
+def _unusual_module(model: QwenForCausalLM) -> str | None:
+    """The native step reads the weights of the standard modules and runs their maths itself: a module
+    replaced by another class, or a forward hook, would be bypassed silently. Name the first one."""
+    from torch.nn.modules import module as module_state
+
+    if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
+        return "global module forward hooks are registered (the C step would skip them)"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or 'model'} has forward hooks (the C step would skip them)"
+        leaf = name.rpartition(".")[2]
+        allowed = (Block,) if leaf.isdigit() else _NATIVE_STANDS_IN_FOR.get(leaf, ())
+        if allowed and type(module) not in allowed:
+            return f"module {name} is a {type(module).__name__}, not one of the model's own classes"
+    return None
