@@ -1,7 +1,13 @@
-"""Kernels for nekomata_core, in two halves: `gpu/` (Triton) and the CPU C kernels (`cpu_gemv`,
-`cpu_decode`). `dispatch` decides whether the Triton kernels may run; it imports neither triton nor them.
+"""Kernels for nekomata_core, in two halves that know nothing of the model:
 
-The Triton launchers (one module per op in `gpu/`, each importing triton at its top):
+- `gpu/`: Triton, one module per op, each importing triton at its top and imported only when chosen;
+  `dispatch` decides whether they may run (it imports neither triton nor them).
+- `cpu/`: C for x86-64 (AVX2), `gemv.c` (one-row bf16/int8 GEMVs) and `step.c` (a whole batch-1 step
+  in one call) sharing `common.h`, compiled into one library on first use by `cpu/build.py`, the one
+  build/cache module; `cpu/gemv.py` and `cpu/step.py` are their Python bindings. (`cpu_gemv` and
+  `cpu_decode` are temporary aliases of those two under their old names.)
+
+The Triton launchers:
 
 - `rms_norm(x, weight, eps)`: Qwen RMSNorm (cast to the dtype before the weight)
 - `swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)

@@ -1,4 +1,4 @@
-"""The AVX2 GEMV kernels of `kernels/cpu_gemv` agree with float64 PyTorch, and their build is sane.
+"""The AVX2 GEMV kernels of `kernels/cpu/gemv` agree with float64 PyTorch, and their build is sane.
 
 Accuracy contract (what is asserted, exactly): let ref be the float64 result and
 e = 2e-6 * (sum_k |w_k x_k| * |scale| + |bias|) the fp32 accumulation bound (see REL_TOL).
@@ -12,14 +12,16 @@ e = 2e-6 * (sum_k |w_k x_k| * |scale| + |bias|) the fp32 accumulation bound (see
   round(ref) on at most 2% of the outputs.
 
 Results are also bit-identical with 1 and 2 threads (every row is summed the same way whatever the
-split). The build tests use fresh cache directories (XDG_CACHE_HOME) and a fake or missing compiler
-(NEKOMATA_CC). The whole module skips, with the reason, where the kernels cannot run (not x86-64 Linux,
+split). The build tests (of `kernels/cpu/build`, which builds the GEMVs and the fused step as one
+library) use fresh cache directories (XDG_CACHE_HOME) and a fake or missing compiler (NEKOMATA_CC); the
+ABI values of `kernels/cpu/abi` are checked against those common.h declares. The whole module skips, with the reason, where the kernels cannot run (not x86-64 Linux,
 no AVX2/FMA/F16C, no compiler), except the tests of that very reporting.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,12 +31,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_gemv
+from kernels.cpu import abi, build, gemv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 requires_kernels = pytest.mark.skipif(
-    not cpu_gemv.available(), reason=f"CPU GEMV kernels unavailable: {cpu_gemv.unavailable_reason()}"
+    not gemv.available(), reason=f"CPU GEMV kernels unavailable: {gemv.unavailable_reason()}"
 )
 
 KS = (1, 7, 31, 32, 33, 1024, 2816, 4097)
@@ -62,9 +64,9 @@ def threads():
 @pytest.fixture
 def fresh_state():
     """Make the module build/load again inside the test, and again (from the normal cache) after it."""
-    cpu_gemv._reset_state()
+    build.reset()
     yield
-    cpu_gemv._reset_state()
+    build.reset()
 
 
 def _ordinal(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ def test_bf16_matches_float64(k, n, with_bias, threads):
         results = []
         for nt in (1, 2):
             threads(nt)
-            y = cpu_gemv.linear_bf16(x, w, bias)
+            y = gemv.linear_bf16(x, w, bias)
             assert y.dtype == x_dtype and y.shape == (n,)
             _check(y, ref, bound)
             results.append(y)
@@ -135,7 +137,7 @@ def test_int8_matches_float64(k, n, with_bias, threads):
         results = []
         for nt in (1, 2):
             threads(nt)
-            y = cpu_gemv.linear_int8(x, q, scales, bias)
+            y = gemv.linear_int8(x, q, scales, bias)
             assert y.dtype == x_dtype and y.shape == (n,)
             _check(y, ref, bound)
             results.append(y)
@@ -147,11 +149,11 @@ def test_leading_dims_and_strided_x():
     w = torch.randn(5, 40).to(torch.bfloat16)
     x = torch.randn(40, 3)[:, 1]  # a non-contiguous single row is copied, not refused
     assert not x.is_contiguous()
-    y = cpu_gemv.linear_bf16(x.reshape(1, 1, 40), w)
+    y = gemv.linear_bf16(x.reshape(1, 1, 40), w)
     assert y.shape == (1, 1, 5)
-    assert torch.equal(y.flatten(), cpu_gemv.linear_bf16(x.contiguous(), w))
+    assert torch.equal(y.flatten(), gemv.linear_bf16(x.contiguous(), w))
     q = torch.randint(-127, 128, (5, 40), dtype=torch.int8)
-    y8 = cpu_gemv.linear_int8(x.reshape(1, 40), q, torch.ones(5))
+    y8 = gemv.linear_int8(x.reshape(1, 40), q, torch.ones(5))
     assert y8.shape == (1, 5)
 
 
@@ -176,21 +178,21 @@ def test_nan_and_inf_propagate(k):
     cases.append((x, wi))
     for xs, ws in cases:
         ref = F.linear(xs.double(), ws.double()).float()
-        y = cpu_gemv.linear_bf16(xs, ws)
+        y = gemv.linear_bf16(xs, ws)
         assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isposinf(), ref.isposinf())
         assert torch.equal(y.isneginf(), ref.isneginf())
         ref8 = (xs.double() @ q.double().T).float()
-        y8 = cpu_gemv.linear_int8(xs, q, scales)
+        y8 = gemv.linear_int8(xs, q, scales)
         assert torch.equal(y8.isnan(), ref8.isnan()) and torch.equal(y8.isposinf(), ref8.isposinf())
 
 
 @requires_kernels
 def test_empty_shapes():
-    assert cpu_gemv.linear_bf16(torch.randn(8), torch.zeros(0, 8, dtype=torch.bfloat16)).shape == (0,)
+    assert gemv.linear_bf16(torch.randn(8), torch.zeros(0, 8, dtype=torch.bfloat16)).shape == (0,)
     bias = torch.randn(3)
-    y = cpu_gemv.linear_bf16(torch.randn(0), torch.zeros(3, 0, dtype=torch.bfloat16), bias)
+    y = gemv.linear_bf16(torch.randn(0), torch.zeros(3, 0, dtype=torch.bfloat16), bias)
     assert torch.equal(y, bias)
-    y8 = cpu_gemv.linear_int8(torch.randn(0), torch.zeros(3, 0, dtype=torch.int8), torch.ones(3), bias)
+    y8 = gemv.linear_int8(torch.randn(0), torch.zeros(3, 0, dtype=torch.int8), torch.ones(3), bias)
     assert torch.equal(y8, bias)
 
 
@@ -216,7 +218,7 @@ def test_bad_inputs_raise_value_error():
     ]
     for kwargs in bad_bf16:
         with pytest.raises(ValueError):
-            cpu_gemv.linear_bf16(**kwargs)
+            gemv.linear_bf16(**kwargs)
     bad_int8 = [
         dict(x=torch.randn(1, 2, k), qweight=q, scales=s),
         dict(x=x, qweight=w, scales=s),  # bf16 weight given as int8
@@ -228,37 +230,87 @@ def test_bad_inputs_raise_value_error():
     ]
     for kwargs in bad_int8:
         with pytest.raises(ValueError):
-            cpu_gemv.linear_int8(**kwargs)
+            gemv.linear_int8(**kwargs)
     with pytest.raises(ValueError, match="exactly one row"):
-        cpu_gemv.linear_bf16(torch.randn(3, k), w)
+        gemv.linear_bf16(torch.randn(3, k), w)
     with pytest.raises(ValueError, match="inference-only"):
-        cpu_gemv.linear_bf16(x.requires_grad_(), w)
+        gemv.linear_bf16(x.requires_grad_(), w)
     with torch.no_grad():
-        cpu_gemv.linear_bf16(x, w)
+        gemv.linear_bf16(x, w)
 
 
 @requires_kernels
-def test_build_is_cached_and_keyed_by_source(tmp_path, monkeypatch, fresh_state):
+def test_build_is_cached_and_keyed_by_every_source_and_the_header(tmp_path, monkeypatch, fresh_state):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    built = cpu_gemv._build_count
-    assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
-    path = cpu_gemv.library_path()
+    built = build._build_count
+    assert gemv.available(), gemv.unavailable_reason()
+    path = gemv.library_path()
     assert path is not None and path.parent == tmp_path / "cache" / "nekomata_core"
-    assert cpu_gemv._build_count == built + 1
+    assert build._build_count == built + 1
     mtime = path.stat().st_mtime_ns
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
-    cpu_gemv._reset_state()  # as a new process would: the cached library is reused, not rebuilt
-    assert cpu_gemv.available()
-    assert cpu_gemv.library_path() == path and path.stat().st_mtime_ns == mtime
-    assert cpu_gemv._build_count == built + 1
+    build.reset()  # as a new process would: the cached library is reused, not rebuilt
+    assert gemv.available()
+    assert gemv.library_path() == path and path.stat().st_mtime_ns == mtime
+    assert build._build_count == built + 1
 
-    edited = tmp_path / "cpu_gemv.c"  # an edited source gets a library of its own
-    edited.write_bytes(cpu_gemv._SOURCES[0].read_bytes() + b"\n/* edited */\n")
-    monkeypatch.setattr(cpu_gemv, "_SOURCES", (edited, *cpu_gemv._SOURCES[1:]))
-    cpu_gemv._reset_state()
-    assert cpu_gemv.available()
-    assert cpu_gemv.library_path() != path and cpu_gemv._build_count == built + 2
+    # An edited file gets a library of its own, whichever it is: each source, and the header.
+    seen = {path}
+    for which, original in (("SOURCES", 0), ("SOURCES", 1), ("HEADERS", 0)):
+        files = list(getattr(build, which))
+        edited = tmp_path / which / files[original].name
+        edited.parent.mkdir(exist_ok=True)
+        edited.write_bytes(files[original].read_bytes() + b"\n/* edited */\n")
+        files[original] = edited
+        with monkeypatch.context() as patch:
+            patch.setattr(build, which, tuple(files))
+            build.reset()
+            assert gemv.available(), gemv.unavailable_reason()
+            assert gemv.library_path() not in seen
+            seen.add(gemv.library_path())
+    assert build._build_count == built + 4
+
+
+def test_the_cache_key_covers_the_flags(monkeypatch):
+    files = build.read_sources()
+    assert set(files) == {"gemv.c", "step.c", "common.h"}
+    name = build.library_name(files)
+    monkeypatch.setattr(build, "CFLAGS", (*build.CFLAGS, "-DPF=512"))
+    assert build.library_name(files) != name
+
+
+def _header_values() -> dict[str, int]:
+    """The enum constants and integer #defines of common.h, by name."""
+    text = re.sub(r"/\*.*?\*/", "", (ROOT / "kernels" / "cpu" / "common.h").read_text(), flags=re.S)
+    values = {name: int(v) for name, v in re.findall(r"^#define\s+(\w+)\s+(\d+)\s*$", text, flags=re.M)}
+    for body in re.findall(r"enum\s*\{([^}]*)\}", text):
+        for name, v in re.findall(r"(\w+)\s*=\s*(\d+)", body):
+            values[name] = int(v)
+    return values
+
+
+def test_the_python_abi_is_the_one_common_h_declares():
+    header = _header_values()
+    assert header["NK_ABI_VERSION"] == abi.ABI_VERSION
+    assert header["NK_MAX_HEAD_DIM"] == abi.MAX_HEAD_DIM
+    dtype_names = {torch.float32: "DT_F32", torch.bfloat16: "DT_BF16", torch.float16: "DT_F16"}
+    assert {header[dtype_names[d]]: d for d in dtype_names} == {c: d for d, c in abi.DTYPE_CODES.items()}
+    assert sorted(n for n in header if n.startswith("DT_")) == sorted(dtype_names.values())
+    kind_names = {torch.bfloat16: "KIND_BF16", torch.int8: "KIND_INT8", torch.float32: "KIND_F32"}
+    assert {header[kind_names[d]]: d for d in kind_names} == {c: d for d, c in abi.WEIGHT_KINDS.items()}
+    assert sorted(n for n in header if n.startswith("KIND_")) == sorted(kind_names.values())
+
+
+def test_the_old_module_paths_are_aliases_of_the_new():
+    from kernels import cpu_decode, cpu_gemv
+    from kernels.cpu import step
+
+    for name in cpu_gemv.__all__:
+        assert getattr(cpu_gemv, name) is getattr(gemv, name), name
+    for name in cpu_decode.__all__:
+        new = "FusedStep" if name == "FusedDecodeStep" else name
+        assert getattr(cpu_decode, name) is getattr(step, new), name
 
 
 def _isolate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -270,12 +322,12 @@ def _isolate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_compiler_is_reported(tmp_path, monkeypatch, fresh_state):
     _isolate_cache(tmp_path, monkeypatch)
     monkeypatch.setenv("NEKOMATA_CC", str(tmp_path / "no-such-cc"))
-    assert cpu_gemv.available() is False
-    reason = cpu_gemv.unavailable_reason()
+    assert gemv.available() is False
+    reason = gemv.unavailable_reason()
     assert reason and ("no C compiler" in reason or "x86-64" in reason or "lacks" in reason)
-    assert cpu_gemv.library_path() is None
+    assert gemv.library_path() is None
     with pytest.raises(RuntimeError, match="unavailable"):
-        cpu_gemv.linear_bf16(torch.randn(4), torch.zeros(2, 4, dtype=torch.bfloat16))
+        gemv.linear_bf16(torch.randn(4), torch.zeros(2, 4, dtype=torch.bfloat16))
 
 
 @requires_kernels
@@ -285,25 +337,26 @@ def test_failing_compiler_is_reported(tmp_path, monkeypatch, fresh_state):
     fake.write_text("#!/bin/sh\necho 'fatal: the compiler is broken' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("NEKOMATA_CC", str(fake))
-    assert cpu_gemv.available() is False
-    reason = cpu_gemv.unavailable_reason()
+    assert gemv.available() is False
+    reason = gemv.unavailable_reason()
     assert "exit 3" in reason and "the compiler is broken" in reason
     assert not any((tmp_path / "cache" / "nekomata_core").iterdir())  # no half-built library left
 
 
 def test_unsupported_cpu_and_opt_out_are_reported(monkeypatch, fresh_state):
-    monkeypatch.setattr(cpu_gemv, "_cpu_flags", lambda: {"sse2"})
-    assert not cpu_gemv.available()
-    assert "x86-64" in cpu_gemv.unavailable_reason() or "avx2" in cpu_gemv.unavailable_reason()
-    cpu_gemv._reset_state()
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse2"})
+    assert not gemv.available()
+    assert "x86-64" in gemv.unavailable_reason() or "avx2" in gemv.unavailable_reason()
+    build.reset()
     monkeypatch.setenv("NEKOMATA_CPU_GEMV", "0")
-    assert not cpu_gemv.available() and "NEKOMATA_CPU_GEMV=0" in cpu_gemv.unavailable_reason()
+    assert not gemv.available() and "NEKOMATA_CPU_GEMV=0" in gemv.unavailable_reason()
 
 
 def test_import_compiles_nothing(tmp_path):
     code = (
-        "import kernels.cpu_gemv as g, os, sys\n"
-        "assert not g._loaded and g._build_count == 0\n"
+        "import kernels.cpu.gemv, kernels.cpu.step, kernels.cpu_gemv, kernels.cpu_decode, os, sys\n"
+        "from kernels.cpu import build as b\n"
+        "assert not b._loaded and b._build_count == 0\n"
         "assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'nekomata_core'))\n"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}

@@ -66,14 +66,14 @@ def test_unknown_decode_mode_and_unprefilled_cache_are_refused(model):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, quantize):
-    """bf16 decode through kernels.cpu_gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
+    """bf16 decode through kernels.cpu.gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
 
     Both accumulate in fp32 and round once to bf16, in different orders: logits agree to bf16 noise.
     """
-    from kernels import cpu_gemv
+    from kernels.cpu import gemv
 
-    if not cpu_gemv.available():
-        pytest.skip(cpu_gemv.unavailable_reason())
+    if not gemv.available():
+        pytest.skip(gemv.unavailable_reason())
     folder = checkpoint_factory("tiny", seed=9, init_std=0.1, vocab_size=512, dtype=torch.bfloat16)
     kwargs = dict(dtype="bfloat16", device="cpu", progress=False, quantize=quantize)
     native = QwenForCausalLM.from_pretrained(folder, **kwargs)
@@ -93,14 +93,14 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
 
 
 # ---------------------------------------------------------------------------------------------- native
-# The native step (kernels/cpu_decode.c) runs the whole batch-1 step in C. It must compute what the
+# The native step (kernels/cpu/step.c) runs the whole batch-1 step in C. It must compute what the
 # PyTorch model computes: fp32 to a few ulps (only summation orders differ), half precision to the
 # same accuracy as PyTorch's own half-precision step.
 
-from kernels import cpu_decode  # noqa: E402
+from kernels.cpu import step as cpu_step  # noqa: E402
 from nekomata_core.decode import NativeDecoder, native_decode_problem  # noqa: E402
 
-needs_native = pytest.mark.skipif(not cpu_decode.available(), reason=str(cpu_decode.unavailable_reason()))
+needs_native = pytest.mark.skipif(not cpu_step.available(), reason=str(cpu_step.unavailable_reason()))
 
 
 def prefilled(model, ids, length):
@@ -259,13 +259,13 @@ def test_native_decoder_errors_are_clear(model):
 
 
 def test_stream_read_reads_every_line(tmp_path):
-    if not cpu_decode.available():
-        pytest.skip(cpu_decode.unavailable_reason())
+    if not cpu_step.available():
+        pytest.skip(cpu_step.unavailable_reason())
     words = torch.arange(1, 64 * 1001 // 4 + 1, dtype=torch.int32)  # 1001 lines of 64 bytes (16 words)
     for threads in (1, 2, 3):
-        assert cpu_decode.stream_read(words.data_ptr(), words.numel() * 4, threads) == int(words.sum())
+        assert cpu_step.stream_read(words.data_ptr(), words.numel() * 4, threads) == int(words.sum())
         # a trailing partial line is not read
         partial = words.numel() * 4 - 40
-        assert cpu_decode.stream_read(words.data_ptr(), partial, threads) == int(words[:-16].sum())
+        assert cpu_step.stream_read(words.data_ptr(), partial, threads) == int(words[:-16].sum())
     with pytest.raises(ValueError, match="num_threads"):
-        cpu_decode.stream_read(words.data_ptr(), 64, 0)
+        cpu_step.stream_read(words.data_ptr(), 64, 0)

@@ -1,4 +1,4 @@
-"""Native code is loaded only from where nobody else could have put it (`kernels.native_build`).
+"""Native code is loaded only from where nobody else could have put it (`kernels.cpu.build`).
 
 A planted library is a real shared object whose constructor writes a marker file the moment anything
 dlopens it (checked once in a subprocess, so the tests below can fail). It is planted in every place an
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from kernels import cpu_gemv, native_build
+from kernels.cpu import build
 
 requires_kernels = pytest.mark.skipif(
-    not cpu_gemv.available(), reason=f"CPU GEMV kernels unavailable: {cpu_gemv.unavailable_reason()}"
+    not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}"
 )
 
 PLANTED_C = r"""
@@ -32,7 +32,7 @@ __attribute__((constructor)) static void planted(void) {
     const char *marker = getenv("NEKOMATA_TEST_MARKER");
     if (marker) { FILE *f = fopen(marker, "w"); if (f) { fputs("loaded", f); fclose(f); } }
 }
-int nekomata_gemv_abi_version(void) { return 2; }
+int nekomata_abi_version(void) { return 3; }
 """
 
 OTHER_UID = 65534  # nobody
@@ -63,16 +63,16 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    monkeypatch.setattr(native_build, "_private", None)
+    monkeypatch.setattr(build, "_private", None)
     marker = tmp_path / "marker"
     monkeypatch.setenv("NEKOMATA_TEST_MARKER", str(marker))
-    cpu_gemv._reset_state()
+    build.reset()
     yield marker
-    cpu_gemv._reset_state()
+    build.reset()
 
 
 def _library_name() -> str:
-    return cpu_gemv._library_name(cpu_gemv._read_sources())
+    return build.library_name(build.read_sources())
 
 
 def _plant(planted: Path, tmp_path: Path, where: str) -> tuple[Path, str]:
@@ -134,11 +134,11 @@ def test_a_planted_library_is_never_loaded(planted_library, isolated, tmp_path, 
     planted, refusal = _plant(planted_library, tmp_path, where)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+        assert build.available(), build.unavailable_reason()
     assert not isolated.exists(), f"the library planted in the {where} was loaded"
-    used = cpu_gemv.library_path()
-    assert native_build.library_problem(used) is None
-    assert native_build.folder_problem(used.parent) is None
+    used = build.library_path()
+    assert build.library_problem(used) is None
+    assert build.folder_problem(used.parent) is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if refusal:  # the refusal is said, naming the path and the problem
         assert any(refusal in m and str(planted.parent) in m for m in messages), messages
@@ -148,42 +148,42 @@ def test_a_planted_library_is_never_loaded(planted_library, isolated, tmp_path, 
         assert any("private folder" in m and "XDG_CACHE_HOME" in m for m in messages), messages
     else:  # a trusted cache folder: the library is rebuilt there, replacing the bad file
         assert used == tmp_path / "home-cache" / "nekomata_core" / _library_name()
-        assert not used.is_symlink() and native_build.library_problem(used) is None
+        assert not used.is_symlink() and build.library_problem(used) is None
     # And a later process does not load it either (a fresh state, the same folders).
-    cpu_gemv._reset_state()
-    assert cpu_gemv.available() and not isolated.exists()
+    build.reset()
+    assert build.available() and not isolated.exists()
 
 
 def test_the_checks_name_the_path_and_the_problem(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir(mode=0o700)
-    assert native_build.folder_problem(folder) is None
+    assert build.folder_problem(folder) is None
     os.chmod(folder, 0o777)
-    assert f"{folder} is writable by group or others (mode 0777)" in native_build.folder_problem(folder)
+    assert f"{folder} is writable by group or others (mode 0777)" in build.folder_problem(folder)
     os.chmod(folder, 0o700)
     library = folder / "x.so"
     library.write_bytes(b"")
     os.chmod(library, 0o644)
-    assert native_build.library_problem(library) is None
+    assert build.library_problem(library) is None
     os.chmod(library, 0o646)
-    assert "writable by group or others" in native_build.library_problem(library)
+    assert "writable by group or others" in build.library_problem(library)
     (folder / "dir.so").mkdir()
-    assert "not a regular file" in native_build.library_problem(folder / "dir.so")
-    assert "cannot check" in native_build.library_problem(folder / "missing.so")
+    assert "not a regular file" in build.library_problem(folder / "dir.so")
+    assert "cannot check" in build.library_problem(folder / "missing.so")
 
 
 def test_a_relative_xdg_cache_home_is_ignored(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
-    assert native_build.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "nekomata_core"
+    assert build.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "nekomata_core"
 
 
 @requires_kernels
 def test_a_build_is_renamed_into_place_with_a_safe_mode_whatever_the_umask(isolated, tmp_path):
     old = os.umask(0o000)  # a compiler honouring this umask writes a world-writable file
     try:
-        assert cpu_gemv.available(), cpu_gemv.unavailable_reason()
+        assert build.available(), build.unavailable_reason()
     finally:
         os.umask(old)
-    used = cpu_gemv.library_path()
+    used = build.library_path()
     assert (used.stat().st_mode & 0o777) == 0o755
     assert [p.name for p in used.parent.iterdir()] == [used.name]  # no temporary name left behind

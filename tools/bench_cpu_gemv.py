@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the CPU GEMV kernels (`kernels/cpu_gemv`) against PyTorch at batch-1 decode shapes.
+"""Benchmark the CPU GEMV kernels (`kernels/cpu/gemv`) against PyTorch at batch-1 decode shapes.
 
     python tools/bench_cpu_gemv.py                  # 1 and 2 threads, the table below
     python tools/bench_cpu_gemv.py --threads 2 --runs 15
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import cpu_gemv  # noqa: E402
+from kernels.cpu import gemv  # noqa: E402
 
 METHODS = ("torch bf16", "ours bf16", "torch int8", "ours int8")
 
@@ -61,9 +61,9 @@ def _runner(method: str, mats: list[dict[str, torch.Tensor]]) -> Callable[[], No
     int8pack = torch.ops.aten._weight_int8pack_mm
     one: Callable[[dict[str, torch.Tensor]], object] = {
         "torch bf16": lambda m: F.linear(m["x"], m["bf16"]),
-        "ours bf16": lambda m: cpu_gemv.linear_bf16(m["x"], m["bf16"]),
+        "ours bf16": lambda m: gemv.linear_bf16(m["x"], m["bf16"]),
         "torch int8": lambda m: int8pack(m["x"], m["int8"], m["scales"]),
-        "ours int8": lambda m: cpu_gemv.linear_int8(m["x"], m["int8"], m["scales"]),
+        "ours int8": lambda m: gemv.linear_int8(m["x"], m["int8"], m["scales"]),
     }[method]
 
     def run() -> None:
@@ -111,9 +111,9 @@ def _call_overhead_us(runs: int) -> dict[str, float]:
 
     fns = {
         "torch bf16": repeat(lambda: F.linear(x, w)),
-        "ours bf16": repeat(lambda: cpu_gemv.linear_bf16(x, w)),
+        "ours bf16": repeat(lambda: gemv.linear_bf16(x, w)),
         "torch int8": repeat(lambda: int8pack(x, q, s)),
-        "ours int8": repeat(lambda: cpu_gemv.linear_int8(x, q, s)),
+        "ours int8": repeat(lambda: gemv.linear_int8(x, q, s)),
     }
     return {name: t / calls * 1e6 for name, t in _time_interleaved(fns, runs, warmup=1).items()}
 
@@ -122,12 +122,12 @@ def _check_agreement(mats: list[dict[str, torch.Tensor]]) -> None:
     """Refuse to time kernels that disagree with PyTorch (a broken build would look very fast)."""
     m = mats[0]
     ref = F.linear(m["x"].double(), m["bf16"].double())
-    got = cpu_gemv.linear_bf16(m["x"], m["bf16"]).double()
+    got = gemv.linear_bf16(m["x"], m["bf16"]).double()
     bound = F.linear(m["x"].double().abs(), m["bf16"].double().abs())
     if not torch.all((got - ref).abs() <= 1e-2 * bound + 1e-6):
         raise SystemExit("ours bf16 disagrees with F.linear; not benchmarking")
     ref8 = (m["x"].double() @ m["int8"].double().T) * m["scales"].double()
-    got8 = cpu_gemv.linear_int8(m["x"], m["int8"], m["scales"]).double()
+    got8 = gemv.linear_int8(m["x"], m["int8"], m["scales"]).double()
     if not torch.all((got8 - ref8).abs() <= 1e-2 * ref8.abs().max()):
         raise SystemExit("ours int8 disagrees with the float64 reference; not benchmarking")
 
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    if not cpu_gemv.available():
-        print(f"CPU GEMV kernels unavailable: {cpu_gemv.unavailable_reason()}", file=sys.stderr)
+    if not gemv.available():
+        print(f"CPU GEMV kernels unavailable: {gemv.unavailable_reason()}", file=sys.stderr)
         return 1
     threads = [int(t) for t in args.threads.split(",")]
     if args.smoke:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "lm_head": _make_weights([(vocab, hidden)], seed=1),
     }
     _check_agreement(workloads["layers"])
-    print(f"library: {cpu_gemv.library_path()}")
+    print(f"library: {gemv.library_path()}")
     print(
         f"torch {torch.__version__}; workloads: layers = {layers} x [{inter},{hidden}] + {layers} x "
         f"[{hidden},{inter}], lm_head = [{vocab},{hidden}]; median of {args.runs} runs"

@@ -12,23 +12,12 @@
  * after the bias (and, for int8, the row scale) has been applied in fp32. Every row is summed in the
  * same order whatever the thread count, so results do not depend on it.
  *
- * Plain C with C linkage: built at first use by kernels/cpu_gemv.py with
- * `cc -O3 -mavx2 -mfma -mf16c -fopenmp -fPIC -shared` and called through ctypes (which releases the GIL).
+ * Plain C with C linkage, built at first use by kernels/cpu/build.py together with step.c (see common.h
+ * for the command and the declarations they share) and called through ctypes (which releases the GIL).
  * OpenMP splits the output rows into one contiguous slab per thread (static schedule): rows are long
  * (K >= 1024 in the models we care about) and equally expensive, so a static split has no imbalance.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* Bumped whenever an exported signature or a semantic changes: the Python loader refuses a library whose
- * version differs from the one it was written for (a stale build picked up from an old cache). */
-#define NEKOMATA_GEMV_ABI_VERSION 2
-
-/* Dtype codes shared with kernels/cpu_gemv.py (x, bias, scales and y may each be any of these). */
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+#include "common.h"
 
 /* Output rows handled together: each x vector load serves ROWS rows, which cuts the L1 load traffic per
  * weight, and 4 rows x 2 accumulators = 8 independent FMA chains, enough to cover the FMA latency.
@@ -46,55 +35,10 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
  * team costs, so small products run single-threaded. */
 #define MIN_WEIGHTS_PER_THREAD 65536
 
-int nekomata_gemv_abi_version(void) { return NEKOMATA_GEMV_ABI_VERSION; }
+NK_EXPORT int nekomata_abi_version(void) { return NK_ABI_VERSION; }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Scalar conversions (tails, bias, scales, outputs).                                                   */
-
-static inline float bf16_to_f32(uint16_t bits) {
-    uint32_t u = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round-to-nearest-even, NaN kept quiet: the same rule as c10::BFloat16's float constructor. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float f16_to_f32(uint16_t bits) { return _cvtsh_ss(bits); }
-
-static inline uint16_t f32_to_f16(float f) { return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
-
-static inline float load_scalar(const void* p, int dtype, int64_t i) {
-    switch (dtype) {
-        case DT_BF16: return bf16_to_f32(((const uint16_t*)p)[i]);
-        case DT_F16: return f16_to_f32(((const uint16_t*)p)[i]);
-        default: return ((const float*)p)[i];
-    }
-}
-
-static inline void store_scalar(void* p, int dtype, int64_t i, float v) {
-    switch (dtype) {
-        case DT_BF16: ((uint16_t*)p)[i] = f32_to_bf16(v); break;
-        case DT_F16: ((uint16_t*)p)[i] = f32_to_f16(v); break;
-        default: ((float*)p)[i] = v; break;
-    }
-}
-
-/* Horizontal sum in the same order as hsum8x4 below, ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), so that a
- * row gives bit-identical results whichever kernel (4 rows or 1) handles it, hence whatever the
- * thread count. */
-static inline float hsum8(__m256 v) {
-    __m256 t = _mm256_hadd_ps(v, v);
-    t = _mm256_hadd_ps(t, t);
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
-}
+/* Horizontal sums (hsum8, the one-row form, is in common.h).                                          */
 
 /* The four horizontal sums of a, b, c, d at once (3 hadds instead of 4 separate reductions): the row
  * epilogue is not negligible next to a 1024-weight int8 row. */
@@ -122,7 +66,7 @@ static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
 static __thread float* xbuf = NULL;
 static __thread int64_t xbuf_len = 0;
 
-static float* xbuf_get(int64_t K) {
+float* nk_xbuf_get(int64_t K) {
     if (K > xbuf_len) {
         free(xbuf);
         int64_t len = (K + 63) & ~(int64_t)63;
@@ -155,7 +99,7 @@ static inline void load16(const void* x, int x_dtype, int64_t i, __m256* c0, __m
 /* x converted to fp32 into dst: in natural order (split = 0, int8), or split (split = 1, bf16: every
  * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones); the tail after the last
  * block of 16 stays in natural order. Vectorised, as it runs serially on every call. */
-static void load_x(float* dst, const void* x, int x_dtype, int64_t K, int split) {
+void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int split) {
     int64_t full = K - K % 16;
     for (int64_t j = 0; j < full; j += 16) {
         __m256 c0, c1;
@@ -184,9 +128,7 @@ static int team_size(int64_t N, int64_t K, int nthreads) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
-/* Dot products of ROWS rows with x. Each row pointer advances independently (see gemv_slab).            */
-
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2 };
+/* Dot products of ROWS rows with x. Each row pointer advances independently (see nk_gemv_rows).         */
 
 static inline void bf16_rows(const uint16_t* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
@@ -277,7 +219,7 @@ static inline float int8_row(const int8_t* w, int64_t K, const float* xp) {
     return s;
 }
 
-/* fp32 weights (used by the fused decode step of cpu_decode.c for fp32 models): x in natural order. */
+/* fp32 weights (used by the fused step of step.c for fp32 models): x in natural order. */
 static inline void f32_rows(const float* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     __m256 a0[ROWS], a1[ROWS];
     for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
@@ -311,19 +253,6 @@ static inline float f32_row(const float* w, int64_t K, const float* xp) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* Driver                                                                                               */
 
-typedef struct {
-    int kind;
-    const void* W;
-    const float* xp;
-    const void* scales; /* int8 only */
-    int scales_dtype;
-    const void* bias;
-    int bias_dtype;
-    void* y;
-    int y_dtype;
-    int64_t N, K;
-} gemv_args;
-
 /* Scale (int8), bias, one rounding to the output dtype. With both a scale and a bias, acc * scale + bias
  * is one fused multiply-add (spelled out, so it does not depend on the compiler's contraction choice). */
 static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
@@ -343,7 +272,7 @@ static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
  * track poorly. q is made odd so that the streams are not a large power of two bytes apart (same DRAM
  * bank and cache sets, which measurably slows e.g. N=2^k, K=1024); the rows left after the sub-ranges
  * (at most 2 * ROWS - 1) are done one at a time. */
-static void gemv_slab(const gemv_args* a, int64_t begin, int64_t end) {
+void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
     const int64_t K = a->K, len = end - begin;
     int64_t q = len / ROWS;
     if (q > 0 && q % 2 == 0) q -= 1;
@@ -376,43 +305,36 @@ static void gemv_slab(const gemv_args* a, int64_t begin, int64_t end) {
 
 static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads) {
     if (a->N <= 0) return 0;
-    float* xp = xbuf_get(a->K > 0 ? a->K : 1);
+    float* xp = nk_xbuf_get(a->K > 0 ? a->K : 1);
     if (!xp) return -1;
-    load_x(xp, x, x_dtype, a->K, a->kind == KIND_BF16);
+    nk_load_x(xp, x, x_dtype, a->K, a->kind == KIND_BF16);
     a->xp = xp;
     int team = team_size(a->N, a->K, nthreads);
     if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
-        gemv_slab(a, 0, a->N);
+        nk_gemv_rows(a, 0, a->N);
         return 0;
     }
     /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
      * and threads share no cache line of W and only the boundary line of y. */
 #pragma omp parallel for schedule(static) num_threads(team)
-    for (int t = 0; t < team; t++) gemv_slab(a, a->N * t / team, a->N * (t + 1) / team);
+    for (int t = 0; t < team; t++) nk_gemv_rows(a, a->N * t / team, a->N * (t + 1) / team);
     return 0;
 }
 
-/* The dtype codes and the thread count travel packed in one int, `flags`: every argument costs time in
- * ctypes (a few hundred ns each), and these calls are short. Bits 0-3: x dtype, 4-7: bias dtype, 8-11:
- * y dtype, 12-15: scales dtype (int8 only), 16-31: number of threads. */
-#define FLAG_X(f) ((f) & 15)
-#define FLAG_BIAS(f) (((f) >> 4) & 15)
-#define FLAG_Y(f) (((f) >> 8) & 15)
-#define FLAG_SCALES(f) (((f) >> 12) & 15)
-#define FLAG_THREADS(f) ((f) >> 16)
+/* `flags` packs the dtype codes and the thread count (FLAG_* in common.h). */
 
 /* y[n] = sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
-int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* bias, void* y, int64_t N, int64_t K,
-                       int flags) {
+NK_EXPORT int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* bias, void* y, int64_t N,
+                                 int64_t K, int flags) {
     gemv_args a = {KIND_BF16, W, NULL, NULL, DT_F32, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
 
 /* y[n] = scales[n] * sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
-int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
-                       int64_t N, int64_t K, int flags) {
+NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
+                                 int64_t N, int64_t K, int flags) {
     gemv_args a = {KIND_INT8, W, NULL, scales, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
@@ -420,12 +342,12 @@ int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const
 /* ---------------------------------------------------------------------------------------------------- */
 /* Plain fp32 entry points (x, bias, scales and y all fp32).                                            */
 
-void gemv_bf16(const uint16_t* W, const float* x, const float* bias, float* y, int64_t N, int64_t K,
-               int nthreads) {
+NK_EXPORT void gemv_bf16(const uint16_t* W, const float* x, const float* bias, float* y, int64_t N, int64_t K,
+                         int nthreads) {
     nekomata_gemv_bf16(W, x, bias, y, N, K, nthreads << 16);
 }
 
-void gemv_int8(const int8_t* W, const float* scales, const float* x, const float* bias, float* y, int64_t N,
-               int64_t K, int nthreads) {
+NK_EXPORT void gemv_int8(const int8_t* W, const float* scales, const float* x, const float* bias, float* y,
+                         int64_t N, int64_t K, int nthreads) {
     nekomata_gemv_int8(W, scales, x, bias, y, N, K, nthreads << 16);
 }

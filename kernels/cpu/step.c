@@ -1,8 +1,9 @@
 /*
- * One whole batch-1 decode step of a Qwen v1 model in one call: every block, the final norm and lm_head.
+ * One whole batch-1 step of a Qwen v1 model in one call (one token in, its logits out): every block, the
+ * final norm and lm_head.
  *
- * Compiled in the same translation unit as cpu_gemv.c (kernels/cpu_gemv.py concatenates the two files),
- * so it reuses that file's GEMV row kernels, conversions and activation layout.
+ * Built with gemv.c into one library (kernels/cpu/build.py); it reuses gemv.c's GEMV rows and activation
+ * layout (nk_gemv_rows, nk_load_x, declared in common.h) and the header's conversions.
  *
  * Why a whole step in C: at batch 1 a step reads every weight once, and the GEMVs alone run close to
  * DRAM bandwidth; what kept PyTorch's step far from the roofline was the ~60 small operations per block
@@ -14,7 +15,7 @@
  * rather than one fixed slab per thread: on a shared VM one core is often a little slower than the
  * other, and with fixed slabs the faster one then idles at every barrier (measured: ~3 ms of a 45 ms
  * step on the 2-core CI VM, ~1 ms with chunks). Which thread computes a row does not change its value
- * (see gemv_slab), so results do not depend on the thread count or the schedule.
+ * (see nk_gemv_rows), so results do not depend on the thread count or the schedule.
  *
  * Numerics: the computation is that of nekomata_core.model in the model dtype ("act" below: fp32, bf16
  * or fp16), with the same rounding points. Every value that PyTorch would hold in an act-dtype tensor is
@@ -28,6 +29,8 @@
  * them identically from the shared GEMV outputs, which is cheaper than one more barrier per update.
  */
 #include <omp.h>
+
+#include "common.h"
 
 typedef struct {
     int kind;           /* KIND_F32 (weights in fp32), KIND_BF16 or KIND_INT8 */
@@ -66,11 +69,9 @@ typedef struct {
     void* keys;               /* [L, 1, N, T_max, D] act dtype */
     void* values;
     void* logits; /* [V] act dtype, output */
-    void* scratch; /* nekomata_decode_scratch_bytes(model) bytes, shared by the team */
+    void* scratch; /* nekomata_step_scratch_bytes(model) bytes, shared by the team */
     int nthreads;
 } nk_step;
-
-#define NK_MAX_HEAD_DIM 512
 
 static inline float round_act(float v, int act) {
     switch (act) {
@@ -88,7 +89,7 @@ typedef struct {
 } nk_buffers;
 
 /* Lays the buffers out in `scratch` (each on a 64-byte boundary) and returns the bytes they take; the
- * one place that knows the layout, so that nekomata_decode_scratch_bytes cannot disagree with it. */
+ * one place that knows the layout, so that nekomata_step_scratch_bytes cannot disagree with it. */
 static size_t carve(const nk_model* m, char* scratch, nk_buffers* b) {
     const size_t e = act_size(m->act);
     const int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width,
@@ -102,7 +103,7 @@ static size_t carve(const nk_model* m, char* scratch, nk_buffers* b) {
     return offset;
 }
 
-int64_t nekomata_decode_scratch_bytes(const nk_model* m) {
+NK_EXPORT int64_t nekomata_step_scratch_bytes(const nk_model* m) {
     nk_buffers unused;
     return (int64_t)carve(m, NULL, &unused);
 }
@@ -133,10 +134,10 @@ static void rms_norm(const float* x, const void* w, int act, int64_t H, float ep
     for (int64_t i = 0; i < H; i++) out[i] = round_act(round_act(x[i] * r, act) * load_scalar(w, act, i), act);
 }
 
-/* Rows [begin, end) of y = lin(x), x given as the prepared vector xp (see load_x in cpu_gemv.c). */
+/* Rows [begin, end) of y = lin(x), x given as the prepared vector xp (see nk_load_x). */
 static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t begin, int64_t end) {
     gemv_args a = {l->kind, l->W, xp, l->scales, act, l->bias, act, y, act, l->N, l->K};
-    if (end > begin) gemv_slab(&a, begin, end);
+    if (end > begin) nk_gemv_rows(&a, begin, end);
 }
 
 static inline int split_for(const nk_linear* l) { return l->kind == KIND_BF16; }
@@ -276,18 +277,18 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
         const nk_layer* L = &m->layers[l];
         /* x + attn(ln_1(x)) */
         rms_norm(x, L->ln_1, act, H, m->eps, a);
-        load_x(xp, a, DT_F32, H, split_for(&L->c_attn));
+        nk_load_x(xp, a, DT_F32, H, split_for(&L->c_attn));
         linear_team(&L->c_attn, xp, b->qkv, act, team);
 #pragma omp barrier
         attention_heads(m, s, b, l, scores);
 #pragma omp barrier
-        load_x(xp, b->attn, act, H, split_for(&L->attn_proj));
+        nk_load_x(xp, b->attn, act, H, split_for(&L->attn_proj));
         linear_team(&L->attn_proj, xp, b->o, act, team);
 #pragma omp barrier
         add_residual(x, b->o, act, H);
         /* x + mlp(ln_2(x)): w1 and w2 of the same rows in one chunk, so SwiGLU follows at once */
         rms_norm(x, L->ln_2, act, H, m->eps, a);
-        load_x(xp, a, DT_F32, H, split_for(&L->w1));
+        nk_load_x(xp, a, DT_F32, H, split_for(&L->w1));
         {
             /* (w1 and w2 have the same weight kind, so the same prepared x: checked by the caller) */
             int64_t c = chunk_rows(F, team), n = (F + c - 1) / c;
@@ -300,19 +301,19 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
             }
         }
 #pragma omp barrier
-        load_x(xp, b->g, act, F, split_for(&L->mlp_proj));
+        nk_load_x(xp, b->g, act, F, split_for(&L->mlp_proj));
         linear_team(&L->mlp_proj, xp, b->m, act, team);
 #pragma omp barrier
         add_residual(x, b->m, act, H);
     }
     rms_norm(x, m->ln_f, act, H, m->eps, a);
-    load_x(xp, a, DT_F32, H, split_for(&m->lm_head));
+    nk_load_x(xp, a, DT_F32, H, split_for(&m->lm_head));
     linear_team(&m->lm_head, xp, s->logits, act, team);
 }
 
-/* Runs one decode step; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim above
+/* Runs one step; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim above
  * NK_MAX_HEAD_DIM (the caller checks both before calling). */
-int nekomata_decode_step(const nk_model* m, const nk_step* s) {
+NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
     if (m->head_dim > NK_MAX_HEAD_DIM) return -2;
     nk_buffers b;
     carve(m, (char*)s->scratch, &b);
@@ -325,7 +326,7 @@ int nekomata_decode_step(const nk_model* m, const nk_step* s) {
         float* x = tl_get(0, m->hidden);
         float* a = tl_get(1, m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = xbuf_get(widest);
+        float* xp = nk_xbuf_get(widest);
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;
@@ -349,7 +350,7 @@ int nekomata_decode_step(const nk_model* m, const nk_step* s) {
 #define STREAM_WAYS 4
 #define STREAM_PF 512
 
-int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nthreads) {
+NK_EXPORT int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nthreads) {
     int64_t lines = nbytes / 64, total = 0;
     int team = nthreads < 1 ? 1 : nthreads;
 #pragma omp parallel num_threads(team) reduction(+ : total)

@@ -1,0 +1,23 @@
+"""The contract between the Python bindings and the C library: the one Python definition of each value.
+
+Each is mirrored in ``common.h`` (named in the comment beside it); ``tests/test_cpu_gemv.py`` parses the
+header and checks that the two agree. Change both, and bump the ABI version, whenever one changes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ABI_VERSION", "DTYPE_CODES", "MAX_HEAD_DIM", "WEIGHT_KINDS"]
+
+#: NK_ABI_VERSION: a library reporting another version is a stale build and is not used.
+ABI_VERSION = 3
+
+#: DT_F32, DT_BF16, DT_F16: the dtypes of activations, biases, scales and outputs.
+DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+#: KIND_BF16, KIND_INT8, KIND_F32: the weight dtypes of a GEMV (int8 comes with per-row scales).
+WEIGHT_KINDS: dict[torch.dtype, int] = {torch.bfloat16: 0, torch.int8: 1, torch.float32: 2}
+
+#: NK_MAX_HEAD_DIM: the widest attention head the fused step supports.
+MAX_HEAD_DIM = 512

@@ -1,0 +1,136 @@
+/*
+ * What the CPU kernels' translation units share: gemv.c (the GEMV row kernels and the exported GEMVs)
+ * and step.c (the whole batch-1 step of a Qwen v1 model in one call, built on gemv.c's row kernels).
+ * kernels/cpu/build.py compiles both, each including this header, into one shared library:
+ *
+ *     cc -O3 -mavx2 -mfma -mf16c -fopenmp -ffp-contract=off -fvisibility=hidden -fPIC -shared
+ *        gemv.c step.c -o <cache>/nekomata_cpu-<hash of sources, header and flags>.so -lm
+ *
+ * Numerics, for every file: every float operation is an ordinary IEEE fp32 (or, where said, double)
+ * operation, and -ffp-contract=off keeps `a * b + c` two roundings, as in PyTorch's elementwise ops;
+ * fused multiply-adds are written out (fmaf, _mm256_fmadd_ps) where they are wanted.
+ *
+ * Symbols: -fvisibility=hidden keeps everything inside the library unless marked NK_EXPORT (the entry
+ * points Python calls through ctypes); NK_INTERNAL functions are shared between the two files only.
+ */
+#ifndef NEKOMATA_CPU_COMMON_H
+#define NEKOMATA_CPU_COMMON_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NK_EXPORT __attribute__((visibility("default")))
+#define NK_INTERNAL __attribute__((visibility("hidden")))
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* The contract with Python. Each value here is mirrored in kernels/cpu/abi.py (tests/test_cpu_gemv.py  */
+/* parses this header and checks that the two agree): change both, and bump NK_ABI_VERSION.             */
+
+/* Bumped whenever an exported signature, struct layout or semantic changes: the Python loader refuses a
+ * library whose version differs from the one it was written for (a stale build from an old cache).
+ * = abi.ABI_VERSION */
+#define NK_ABI_VERSION 3
+
+/* Dtype codes of activations, biases, scales and outputs (x, bias, scales and y may each be any of
+ * these). = abi.DTYPE_CODES */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* Weight kinds of a GEMV: bf16 bits, int8 with one scale per output row, or fp32 (the fused step's fp32
+ * models). = abi.WEIGHT_KINDS */
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2 };
+
+/* The widest attention head the fused step supports (per-head vectors live on the stack).
+ * = abi.MAX_HEAD_DIM */
+#define NK_MAX_HEAD_DIM 512
+
+/* The dtype codes and the thread count of a GEMV travel packed in one int, `flags`: every argument costs
+ * time in ctypes (a few hundred ns each), and these calls are short. Bits 0-3: x dtype, 4-7: bias dtype,
+ * 8-11: y dtype, 12-15: scales dtype (int8 only), 16-31: number of threads. Packed by kernels/cpu/gemv.py. */
+#define FLAG_X(f) ((f) & 15)
+#define FLAG_BIAS(f) (((f) >> 4) & 15)
+#define FLAG_Y(f) (((f) >> 8) & 15)
+#define FLAG_SCALES(f) (((f) >> 12) & 15)
+#define FLAG_THREADS(f) ((f) >> 16)
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Scalar conversions (tails, bias, scales, outputs, the step's elementwise work).                     */
+
+static inline float bf16_to_f32(uint16_t bits) {
+    uint32_t u = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round-to-nearest-even, NaN kept quiet: the same rule as c10::BFloat16's float constructor. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t bits) { return _cvtsh_ss(bits); }
+
+static inline uint16_t f32_to_f16(float f) { return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+
+static inline float load_scalar(const void* p, int dtype, int64_t i) {
+    switch (dtype) {
+        case DT_BF16: return bf16_to_f32(((const uint16_t*)p)[i]);
+        case DT_F16: return f16_to_f32(((const uint16_t*)p)[i]);
+        default: return ((const float*)p)[i];
+    }
+}
+
+static inline void store_scalar(void* p, int dtype, int64_t i, float v) {
+    switch (dtype) {
+        case DT_BF16: ((uint16_t*)p)[i] = f32_to_bf16(v); break;
+        case DT_F16: ((uint16_t*)p)[i] = f32_to_f16(v); break;
+        default: ((float*)p)[i] = v; break;
+    }
+}
+
+/* Horizontal sum in the order ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), the same as gemv.c's 4-row sum
+ * (hsum8x4), so that a row gives bit-identical results whichever kernel (4 rows or 1) handles it, hence
+ * whatever the thread count. */
+static inline float hsum8(__m256 v) {
+    __m256 t = _mm256_hadd_ps(v, v);
+    t = _mm256_hadd_ps(t, t);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* GEMV rows, defined in gemv.c and used by step.c.                                                     */
+
+/* One GEMV y = W x (+ bias, * scales for int8), x already prepared by nk_load_x. */
+typedef struct {
+    int kind; /* KIND_* */
+    const void* W;
+    const float* xp;
+    const void* scales; /* int8 only */
+    int scales_dtype;
+    const void* bias;
+    int bias_dtype;
+    void* y;
+    int y_dtype;
+    int64_t N, K;
+} gemv_args;
+
+/* x (K elements of x_dtype) converted to fp32 into dst in the layout the row kernels want: natural order
+ * (split = 0: int8, fp32 weights), or split (split = 1: bf16 weights; every block of 16 stores its 8
+ * even-indexed elements, then its 8 odd-indexed ones). dst holds K floats, 32-byte aligned. */
+NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int split);
+
+/* The calling thread's activation buffer of at least K floats (64-byte aligned, grown as needed and
+ * kept), or NULL when it cannot be allocated. */
+NK_INTERNAL float* nk_xbuf_get(int64_t K);
+
+/* Rows [begin, end) of the GEMV `a`, each row finished (scale, bias, one rounding to y_dtype). A row's
+ * value does not depend on which range it falls in, so neither does it on the thread count or schedule. */
+NK_INTERNAL void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end);
+
+#endif /* NEKOMATA_CPU_COMMON_H */

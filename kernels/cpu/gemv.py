@@ -1,0 +1,188 @@
+"""Bandwidth-bound CPU matrix-vector products for batch-1 decoding: bf16 and int8 weight-only linears.
+
+Decoding one token at batch 1 runs every linear layer on a single row, i.e. a chain of GEMVs that read
+each weight once: their speed is bytes(W) / memory bandwidth. PyTorch's CPU kernels fall well short of
+that on AVX2 machines without bf16 instructions (bf16 ``F.linear`` for one row is compute-bound, and
+``_weight_int8pack_mm`` is slower per byte still, so int8 gains nothing over bf16). The C kernels in
+``gemv.c`` (AVX2 + FMA + F16C, OpenMP over output rows) run at memory bandwidth instead:
+
+- `linear_bf16(x, weight, bias)`: ``x @ weight.T + bias`` with a bf16 weight [N, K];
+- `linear_int8(x, qweight, scales, bias)`: ``(x @ qweight.T) * scales + bias`` with an int8 weight and
+  one scale per output row (the layout of `nekomata_core.quantize.Int8Linear`);
+- `linear_bf16_op`, `linear_int8_op`: the same as torch custom ops, for compiled graphs.
+
+Both take exactly one row (``x.numel() == K``; the caller routes only M=1 here), accumulate in fp32 and
+round once to ``x.dtype`` after adding the bias (and applying the scale) in fp32.
+
+The library is built on first use (not at import) by `kernels.cpu.build`, which also decides where it
+is cached and which cached library may be loaded. `available()` says whether that worked (x86-64 Linux,
+a CPU with AVX2/FMA/F16C, a working ``cc``); `unavailable_reason()` says why not. Nothing here raises at
+import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import build
+from .abi import DTYPE_CODES
+from .build import available, library_path, unavailable_reason
+
+__all__ = [
+    "available",
+    "library_path",
+    "linear_bf16",
+    "linear_bf16_op",
+    "linear_int8",
+    "linear_int8_op",
+    "unavailable_reason",
+]
+
+
+# ---------------------------------------------------------------------------------------------- calls
+#
+# The per-call path is kept lean (a few microseconds in all, most of it torch.empty and ctypes): cheap
+# checks first, the error message built only on failure, dtype codes and thread count packed in one int.
+
+
+def _library():
+    lib = build.library()
+    if lib is None:
+        raise RuntimeError(f"the CPU GEMV kernels are unavailable: {build.unavailable_reason()}")
+    return lib
+
+
+def _describe(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    contiguous = "contiguous" if t.is_contiguous() else "non-contiguous"
+    return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device} ({contiguous})"
+
+
+def _check_weight(w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if not (
+        isinstance(w, torch.Tensor) and w.dtype == dtype and w.dim() == 2 and w.is_cpu and w.is_contiguous()
+    ):
+        raise ValueError(
+            f"{name}: the weight must be a contiguous 2-D CPU {dtype} tensor, got {_describe(w)}"
+        )
+
+
+def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    if not (isinstance(x, torch.Tensor) and x.dtype in DTYPE_CODES and x.is_cpu):
+        raise ValueError(f"{name}: x must be a CPU float32/bfloat16/float16 tensor, got {_describe(x)}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"{name}: x must end with the {k} input features of the weight, got {_describe(x)}")
+    if x.numel() != k or (k == 0 and x.shape[:-1].numel() != 1):
+        raise ValueError(
+            f"{name}: x must hold exactly one row (x.numel() == {k}), got {_describe(x)}; "
+            "route only batch-1 decode steps (M == 1) here and use F.linear otherwise"
+        )
+    # A single row is at most a few hundred KB: copying a strided one is cheaper than refusing it.
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _vector_code(t: torch.Tensor | None, n: int, what: str, name: str) -> int:
+    """The dtype code of a bias/scales vector, after checking it (None: no bias, code 0)."""
+    if t is None:
+        return 0
+    code = DTYPE_CODES.get(t.dtype) if isinstance(t, torch.Tensor) else None
+    if code is None or t.dim() != 1 or t.shape[0] != n or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(
+            f"{name}: {what} must be a contiguous CPU float32/bfloat16/float16 tensor of shape ({n},), "
+            f"got {_describe(t)}"
+        )
+    return code
+
+
+def _check_grad(name: str, *tensors: torch.Tensor | None) -> None:
+    # The kernels have no backward: refuse rather than return a result silently cut from the graph.
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"{name} is inference-only: call it under torch.no_grad() / torch.inference_mode()")
+
+
+def _output(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=x.dtype) if x.dim() == 1 else torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one row: x [..., K] (fp32/bf16/fp16, x.numel() == K), weight a
+    contiguous bf16 [N, K], bias [N] (fp32/bf16/fp16) or None. Returns [..., N] in x.dtype, accumulated
+    in fp32 and rounded once (bias added in fp32 first). Uses torch.get_num_threads() threads.
+
+    Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
+    is on: there is no backward), RuntimeError when `available()` is False.
+    """
+    fn = _library().nekomata_gemv_bf16
+    _check_weight(weight, torch.bfloat16, "linear_bf16")
+    n, k = weight.shape
+    x = _check_x(x, k, "linear_bf16")
+    bias_code = _vector_code(bias, n, "bias", "linear_bf16")
+    _check_grad("linear_bf16", x, weight, bias)
+    y = _output(x, n)
+    code = DTYPE_CODES[x.dtype]
+    # the FLAG_* layout of common.h: x, bias, y dtype codes, then the thread count
+    flags = code | bias_code << 4 | code << 8 | torch.get_num_threads() << 16
+    if fn(
+        weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k, flags
+    ):
+        raise MemoryError(f"linear_bf16: cannot allocate the {k}-element activation buffer")
+    return y
+
+
+def linear_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(x @ qweight.T) * scales + bias`` for one row: x [..., K] (fp32/bf16/fp16, x.numel() == K),
+    qweight a contiguous int8 [N, K], scales [N] (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in
+    x.dtype: the int8 dot product is accumulated in fp32, multiplied by the scale and the bias added, in
+    fp32, then rounded once. Uses torch.get_num_threads() threads.
+
+    Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
+    is on: there is no backward), RuntimeError when `available()` is False.
+    """
+    fn = _library().nekomata_gemv_int8
+    _check_weight(qweight, torch.int8, "linear_int8")
+    n, k = qweight.shape
+    x = _check_x(x, k, "linear_int8")
+    if scales is None:
+        raise ValueError("linear_int8: scales are required (one per output row)")
+    scales_code = _vector_code(scales, n, "scales", "linear_int8")
+    bias_code = _vector_code(bias, n, "bias", "linear_int8")
+    _check_grad("linear_int8", x, scales, bias)
+    y = _output(x, n)
+    code = DTYPE_CODES[x.dtype]
+    # the FLAG_* layout of common.h: x, bias, y, scales dtype codes, then the thread count
+    flags = code | bias_code << 4 | code << 8 | scales_code << 12 | torch.get_num_threads() << 16
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if fn(qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
+        raise MemoryError(f"linear_int8: cannot allocate the {k}-element activation buffer")
+    return y
+
+
+# torch.compile sees a ctypes call as an opaque Python call it cannot trace; registered as custom ops,
+# the GEMVs become graph nodes, so a compiled decode step keeps them and fuses everything around them.
+@torch.library.custom_op("nekomata::linear_bf16", mutates_args=())
+def linear_bf16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear_bf16` as a torch custom op (for compiled graphs)."""
+    return linear_bf16(x, weight, bias)
+
+
+@linear_bf16_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("nekomata::linear_int8", mutates_args=())
+def linear_int8_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`linear_int8` as a torch custom op (for compiled graphs)."""
+    return linear_int8(x, qweight, scales, bias)
+
+
+@linear_int8_op.register_fake
+def _(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -1,0 +1,329 @@
+"""A whole batch-1 step of a Qwen v1 model (one token in, its logits out) in one C call (``step.c``),
+for x86-64 CPUs.
+
+At batch 1 a step reads every weight once, so its floor is weight bytes / memory bandwidth. The GEMVs of
+`kernels.cpu.gemv` reach that bandwidth, but a PyTorch step also runs ~60 small operations per block
+(norms, rotary, attention, casts, residuals), each with dispatch and allocation costs, and wakes the
+thread team for every GEMV: on a 2-core machine that was a third of the step. `FusedStep` hands the
+whole step — every block, the final norm and lm_head — to C, where one OpenMP region covers it.
+
+It computes what `nekomata_core.model` computes in the model dtype, with the same rounding points (see
+the header of step.c); only summation orders differ. Weights may be fp32, bf16, or int8 with
+per-row scales (`Int8Linear`), activations fp32, bf16 or fp16.
+
+This module knows tensors, not models: the caller (`nekomata_core.decode.NativeDecoder`) hands over each
+block's tensors as a `BlockWeights`. The plan keeps references to every tensor it points at, so they
+stay alive as long as it does; replacing a model's parameters afterwards needs a new plan (in-place
+updates such as ``param.copy_()`` are seen).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from . import build
+from .abi import DTYPE_CODES, MAX_HEAD_DIM, WEIGHT_KINDS
+from .build import available, unavailable_reason  # the fused step ships in the GEMVs' library
+from .gemv import _describe
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "BlockWeights",
+    "FusedStep",
+    "LinearWeights",
+    "available",
+    "stream_read",
+    "unavailable_reason",
+]
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """One linear layer: weight [N, K] (fp32, bf16, or int8 with `scales` [N]), optional bias [N]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """The tensors of one transformer block, named as in the original Qwen checkpoint."""
+
+    ln_1: torch.Tensor
+    c_attn: LinearWeights
+    attn_c_proj: LinearWeights
+    ln_2: torch.Tensor
+    w1: LinearWeights
+    w2: LinearWeights
+    mlp_c_proj: LinearWeights
+
+
+# The structs of step.c (nk_linear, nk_layer, nk_model, nk_step), field for field.
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("W", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("ln_1", ctypes.c_void_p),
+        ("c_attn", _Linear),
+        ("attn_proj", _Linear),
+        ("ln_2", ctypes.c_void_p),
+        ("w1", _Linear),
+        ("w2", _Linear),
+        ("mlp_proj", _Linear),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("n_heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64),
+        ("rotary_dim", ctypes.c_int64),
+        ("mlp_width", ctypes.c_int64),
+        ("vocab", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("act", ctypes.c_int),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("ln_f", ctypes.c_void_p),
+        ("lm_head", _Linear),
+    ]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [
+        ("embedding", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("logn", ctypes.c_float),
+        ("position", ctypes.c_int64),
+        ("max_length", ctypes.c_int64),
+        ("key_mask", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("logits", ctypes.c_void_p),
+        ("scratch", ctypes.c_void_p),
+        ("nthreads", ctypes.c_int),
+    ]
+
+
+def _library():
+    lib = build.library()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU step is unavailable: {build.unavailable_reason()}")
+    return lib
+
+
+def stream_read(address: int, nbytes: int, num_threads: int) -> int:
+    """Read the whole 64-byte lines of the `nbytes` bytes at `address` once, with `num_threads` threads
+    (a memory-bandwidth probe, see bench.ReadBandwidth); returns the sum of the 32-bit words read. The
+    caller keeps the memory alive and readable."""
+    if nbytes < 0 or num_threads < 1:
+        raise ValueError(f"stream_read: nbytes must be ≥ 0 and num_threads ≥ 1, got {nbytes} and {num_threads}")
+    return _library().nekomata_stream_read(address, nbytes, num_threads)
+
+
+class FusedStep:
+    """A batch-1 step bound to one model's tensors (see the module docstring).
+
+    `step(...)` runs one token through every block and returns its logits [V] in the activation dtype.
+    Construction checks every tensor (dtype, shape, device, layout) and raises ValueError naming the
+    first one that does not fit; `step` checks the cache and the per-step inputs.
+    """
+
+    def __init__(
+        self,
+        *,
+        embedding: torch.Tensor,
+        blocks: list[BlockWeights],
+        ln_f: torch.Tensor,
+        lm_head: LinearWeights,
+        num_heads: int,
+        head_dim: int,
+        rotary_dim: int,
+        eps: float,
+    ) -> None:
+        lib = _library()
+        self._step_fn = lib.nekomata_step
+        if embedding.dim() != 2:
+            raise ValueError(f"embedding must be [vocab, hidden], got {_describe(embedding)}")
+        act = embedding.dtype
+        if act not in DTYPE_CODES:
+            raise ValueError(f"the activation dtype must be float32, bfloat16 or float16, got {act}")
+        self.act_dtype = act
+        vocab_in, hidden = embedding.shape
+        if num_heads * head_dim != hidden:
+            raise ValueError(f"num_heads * head_dim = {num_heads * head_dim} but the hidden size is {hidden}")
+        if not 0 < head_dim <= MAX_HEAD_DIM:
+            raise ValueError(f"head_dim {head_dim} is outside 1..{MAX_HEAD_DIM}, which the C step supports")
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and within 1..head_dim ({head_dim})")
+        if not blocks:
+            raise ValueError("a model needs at least one block")
+        mlp_width = blocks[0].w1.weight.shape[0]
+        self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
+        self.embedding = self._tensor(embedding, "embedding", act, (vocab_in, hidden))
+        self.num_layers, self.hidden, self.num_heads, self.head_dim = len(blocks), hidden, num_heads, head_dim
+        layers = (_Layer * len(blocks))()
+        for i, b in enumerate(blocks):
+            name = f"blocks[{i}]"
+            layers[i].ln_1 = self._vector(b.ln_1, f"{name}.ln_1", hidden)
+            layers[i].c_attn = self._linear(b.c_attn, f"{name}.c_attn", 3 * hidden, hidden)
+            layers[i].attn_proj = self._linear(b.attn_c_proj, f"{name}.attn_c_proj", hidden, hidden)
+            layers[i].ln_2 = self._vector(b.ln_2, f"{name}.ln_2", hidden)
+            layers[i].w1 = self._linear(b.w1, f"{name}.w1", mlp_width, hidden)
+            layers[i].w2 = self._linear(b.w2, f"{name}.w2", mlp_width, hidden)
+            layers[i].mlp_proj = self._linear(b.mlp_c_proj, f"{name}.mlp_c_proj", hidden, mlp_width)
+            if b.w1.weight.dtype != b.w2.weight.dtype:  # the C step prepares x once for both
+                raise ValueError(
+                    f"{name}: w1 and w2 must have the same weight dtype, got {b.w1.weight.dtype} and "
+                    f"{b.w2.weight.dtype}"
+                )
+        self._layers = layers
+        vocab = lm_head.weight.shape[0]
+        self.vocab_size = vocab
+        self._model = _Model(
+            n_layers=len(blocks),
+            hidden=hidden,
+            n_heads=num_heads,
+            head_dim=head_dim,
+            rotary_dim=rotary_dim,
+            mlp_width=mlp_width,
+            vocab=vocab,
+            eps=eps,
+            act=DTYPE_CODES[act],
+            layers=layers,
+            ln_f=self._vector(ln_f, "ln_f", hidden),
+            lm_head=self._linear(lm_head, "lm_head", vocab, hidden),
+        )
+        nbytes = lib.nekomata_step_scratch_bytes(ctypes.byref(self._model))
+        self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        self._cache_checked: tuple | None = None
+        # The scratch buffers are shared by every call: two threads stepping one plan at once (ctypes
+        # releases the GIL) would overwrite each other's activations, so calls are serialised.
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ checks and pointers
+    def _tensor(self, t, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        if not (
+            isinstance(t, torch.Tensor)
+            and t.dtype == dtype
+            and tuple(t.shape) == shape
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+        ):
+            raise ValueError(
+                f"{name}: expected a contiguous CPU {dtype} tensor of shape {shape}, got {_describe(t)}"
+            )
+        self._keep.append(t)
+        return t
+
+    def _vector(self, t, name: str, n: int) -> int:
+        return self._tensor(t, name, self.act_dtype, (n,)).data_ptr()
+
+    def _linear(self, lin: LinearWeights, name: str, n: int, k: int) -> _Linear:
+        w = lin.weight
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(f"{name}.weight: expected a tensor, got {_describe(w)}")
+        kind = WEIGHT_KINDS.get(w.dtype)
+        if w.dtype == torch.int8:
+            if lin.scales is None:
+                raise ValueError(f"{name}: an int8 weight needs its per-row scales")
+            scales = self._vector(lin.scales, f"{name}.scales", n)
+        elif kind is not None:
+            if lin.scales is not None:
+                raise ValueError(f"{name}: scales are only for int8 weights, this one is {w.dtype}")
+            scales = None
+        else:
+            raise ValueError(f"{name}.weight: the C step reads float32, bfloat16 or int8 weights, got {w.dtype}")
+        self._tensor(w, f"{name}.weight", w.dtype, (n, k))
+        bias = None if lin.bias is None else self._vector(lin.bias, f"{name}.bias", n)
+        return _Linear(kind=kind, W=w.data_ptr(), scales=scales, bias=bias, N=n, K=k)
+
+    def _check_cache(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor) -> None:
+        ident = (keys.data_ptr(), values.data_ptr(), key_mask.data_ptr(), tuple(keys.shape))
+        if ident == self._cache_checked:
+            return
+        want = (self.num_layers, 1, self.num_heads, keys.shape[3] if keys.dim() == 5 else -1, self.head_dim)
+        for name, t in (("keys", keys), ("values", values)):
+            if not (
+                isinstance(t, torch.Tensor)
+                and tuple(t.shape) == want
+                and t.dtype == self.act_dtype
+                and t.device.type == "cpu"
+                and t.is_contiguous()
+            ):
+                raise ValueError(
+                    f"cache {name}: expected a contiguous CPU {self.act_dtype} tensor [L, 1, N, T_max, D] = "
+                    f"{list(want)}, got {_describe(t)}"
+                )
+        if not (key_mask.dtype == torch.bool and key_mask.is_contiguous() and key_mask.numel() == want[3]):
+            raise ValueError(f"key_mask: expected a contiguous bool tensor of {want[3]} positions, got {_describe(key_mask)}")
+        self._cache_checked = ident
+
+    # ------------------------------------------------------------------ the step
+    def step(
+        self,
+        token: int,
+        position: int,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        logn: float | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_mask: torch.Tensor,
+        num_threads: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [V] (activation dtype) of `token` at `position`; writes its key/value into the cache.
+
+        cos/sin: fp32 [R] rotary tables for this position; logn: the factor already rounded to the
+        activation dtype, or None; keys/values: [L, 1, N, T_max, D]; key_mask: [T_max] bool (True =
+        real token, the new position included). Positions 0..position-1 must hold the earlier keys.
+        """
+        self._check_cache(keys, values, key_mask)
+        t_max = keys.shape[3]
+        if not 0 <= position < t_max:
+            raise ValueError(f"position {position} is outside the cache (0..{t_max - 1})")
+        if not 0 <= token < self.embedding.shape[0]:
+            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.embedding.shape[0]})")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != self._model.rotary_dim:
+                raise ValueError(f"{name}: expected {self._model.rotary_dim} contiguous float32 values, got {_describe(t)}")
+        logits = torch.empty(self.vocab_size, dtype=self.act_dtype)
+        row_bytes = self.hidden * self.embedding.element_size()
+        args = _Step(
+            embedding=self.embedding.data_ptr() + token * row_bytes,
+            cos=cos.data_ptr(),
+            sin=sin.data_ptr(),
+            logn=0.0 if logn is None else float(logn),
+            position=position,
+            max_length=t_max,
+            key_mask=key_mask.data_ptr(),
+            keys=keys.data_ptr(),
+            values=values.data_ptr(),
+            logits=logits.data_ptr(),
+            scratch=self._scratch.data_ptr(),
+            nthreads=num_threads or torch.get_num_threads(),
+        )
+        with self._lock:
+            status = self._step_fn(ctypes.byref(self._model), ctypes.byref(args))
+        if status == -1:
+            raise MemoryError("the fused CPU step could not allocate its per-thread work buffers")
+        if status != 0:
+            raise RuntimeError(f"the fused CPU step failed (status {status})")
+        return logits
