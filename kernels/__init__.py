@@ -4,8 +4,7 @@
   `dispatch` decides whether they may run (it imports neither triton nor them).
 - `cpu/`: C for x86-64 (AVX2), `gemv.c` (one-row bf16/int8 GEMVs) and `step.c` (a whole batch-1 step
   in one call) sharing `common.h`, compiled into one library on first use by `cpu/build.py`, the one
-  build/cache module; `cpu/gemv.py` and `cpu/step.py` are their Python bindings. (`cpu_gemv` and
-  `cpu_decode` are temporary aliases of those two under their old names.)
+  build/cache module; `cpu/gemv.py` and `cpu/step.py` are their Python bindings.
 
 The Triton launchers:
 

@@ -41,9 +41,7 @@ from .inputs import InputError, check_attention_mask, check_input_ids
 __all__ = ["InputError", "QwenForCausalLM", "StepInputs"]
 
 
-# --------------------------------------------------------------------------------------------------
-# RMSNorm
-# --------------------------------------------------------------------------------------------------
+# ==================== RMSNorm =====================================================================
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -58,9 +56,7 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-# --------------------------------------------------------------------------------------------------
-# Rotary position embedding, with dynamic NTK (Qwen quirk 3), and logn (Qwen quirk 4)
-# --------------------------------------------------------------------------------------------------
+# ==================== Positions: rotary with dynamic NTK (quirk 3), logn (quirk 4) =============
 def ntk_alpha(length: int, seq_length: int) -> float:
     """The dynamic-NTK factor for a prompt of `length` tokens: 1 up to S, 3 up to 2S, 7 up to 4S, …
 
@@ -142,13 +138,7 @@ class StepInputs:
 
 
 def step_inputs(
-    config: QwenConfig,
-    cache: KVCache | None,
-    key_mask: torch.Tensor | None,
-    start: int,
-    length: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    config: QwenConfig, cache: KVCache | None, key_mask: torch.Tensor | None, start: int, length: int, dtype, device
 ) -> StepInputs:
     """The inputs of a call that adds `length` tokens after `start` cached ones."""
     total = start + length
@@ -188,11 +178,8 @@ def step_inputs(
 
 
 def fixed_step_inputs(config: QwenConfig, cache: KVCache, position: torch.Tensor, dtype) -> StepInputs:
-    """The inputs of one token per row at `position` ([1] long) with shapes that never change.
-
-    For torch.compile and CUDA graphs: attention covers the whole preallocated cache under a mask
-    (positions not yet written are hidden), and nothing depends on the step but tensor values.
-    """
+    """The inputs of one token per row at `position` ([1] long) with shapes that never change (for
+    torch.compile and CUDA graphs): attention covers the whole cache, unwritten positions masked."""
     cos, sin = rotary_cos_sin(position, cache.inv_freq)  # Qwen quirk 3: the prefill's alpha
     logn = None
     if config.use_logn_attn:  # Qwen quirk 4: a factor of exactly 1 until position + 1 > S
@@ -208,9 +195,7 @@ def causal_mask(new: int, total: int, device) -> torch.Tensor:
     return torch.arange(total, device=device)[None, :] <= q_pos
 
 
-# --------------------------------------------------------------------------------------------------
-# Attention
-# --------------------------------------------------------------------------------------------------
+# ==================== Attention ===================================================================
 class EagerAttention(nn.Module):
     """The textbook formula: softmax(q kᵀ / √D, masked) v, the softmax in fp32."""
 
@@ -229,13 +214,10 @@ class ScaledDotProductAttention(EagerAttention):
     def forward(self, q, k, v, inputs: StepInputs) -> torch.Tensor:
         if inputs.logn is not None:
             q = q * inputs.logn  # Qwen quirk 4
-        if inputs.mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask)
-        if q.shape[2] == k.shape[2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if q.shape[2] == 1:  # one new token sees every cached key
-            return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[2], k.shape[2], q.device))
+        if inputs.mask is None and q.shape[2] in (1, k.shape[2]):  # one new token sees every cached key
+            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
+        mask = inputs.mask if inputs.mask is not None else causal_mask(q.shape[2], k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -266,9 +248,7 @@ class Attention(nn.Module):
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, hidden))
 
 
-# --------------------------------------------------------------------------------------------------
-# Feed-forward
-# --------------------------------------------------------------------------------------------------
+# ==================== Feed-forward ================================================================
 class MLP(nn.Module):
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
@@ -284,9 +264,7 @@ class MLP(nn.Module):
         return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
 
 
-# --------------------------------------------------------------------------------------------------
-# Block and model
-# --------------------------------------------------------------------------------------------------
+# ==================== Block and model =============================================================
 class Block(nn.Module):
     def __init__(self, config: QwenConfig, layer_index: int) -> None:
         super().__init__()

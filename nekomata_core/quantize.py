@@ -70,12 +70,6 @@ class Int8Linear(nn.Module):
         return self.weight.to(self.scales.dtype) * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_gemv and x.numel() == x.shape[-1]:
-            from kernels import cpu_gemv
-
-            if torch.compiler.is_compiling():  # a graph node instead of an opaque ctypes call
-                return cpu_gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
-            return cpu_gemv.linear_int8(x, self.weight, self.scales, self.bias)
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])
         if x.device.type == "cpu":

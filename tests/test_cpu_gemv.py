@@ -302,17 +302,6 @@ def test_the_python_abi_is_the_one_common_h_declares():
     assert sorted(n for n in header if n.startswith("KIND_")) == sorted(kind_names.values())
 
 
-def test_the_old_module_paths_are_aliases_of_the_new():
-    from kernels import cpu_decode, cpu_gemv
-    from kernels.cpu import step
-
-    for name in cpu_gemv.__all__:
-        assert getattr(cpu_gemv, name) is getattr(gemv, name), name
-    for name in cpu_decode.__all__:
-        new = "FusedStep" if name == "FusedDecodeStep" else name
-        assert getattr(cpu_decode, name) is getattr(step, new), name
-
-
 def _isolate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "tmp").mkdir()
@@ -354,7 +343,7 @@ def test_unsupported_cpu_and_opt_out_are_reported(monkeypatch, fresh_state):
 
 def test_import_compiles_nothing(tmp_path):
     code = (
-        "import kernels.cpu.gemv, kernels.cpu.step, kernels.cpu_gemv, kernels.cpu_decode, os, sys\n"
+        "import kernels.cpu.gemv, kernels.cpu.step, os, sys\n"
         "from kernels.cpu import build as b\n"
         "assert not b._loaded and b._build_count == 0\n"
         "assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'nekomata_core'))\n"

@@ -1,4 +1,4 @@
-"""The fast decode path (fixed shapes, optionally compiled) gives the plain path's tokens and logits."""
+"""The step functions (fixed shapes, compiled, native C) give the plain forward's tokens and logits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nekomata_core import QwenForCausalLM, generate
-from nekomata_core.decode import StaticDecoder, make_decoder
+from nekomata_core.accelerate import StaticStep, make_step
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_static_step_logits_equal_the_plain_forward(model):
         plain, fast = model.allocate_cache(2, 40), model.allocate_cache(2, 40)
         model(ids, mask, cache=plain)
         model(ids, mask, cache=fast)
-        step = StaticDecoder(model)
+        step = StaticStep(model)
         tokens = torch.tensor([[3], [4]])
         for _ in range(15):  # positions 20…34: past 2S, logn on, alpha 3 kept
             expected = model(tokens, cache=plain)[:, -1]
@@ -41,27 +41,27 @@ def test_static_step_logits_equal_the_plain_forward(model):
 
 def test_static_decode_gives_the_plain_greedy_tokens(model):
     ids, mask = padded_batch()
-    plain = generate(model, ids, mask, max_new_tokens=20, eos_token_id=())
+    plain = generate(model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_step(model, "eager"))
     fast = generate(
-        model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_decoder(model, "static")
+        model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_step(model, "static")
     )
     assert torch.equal(plain.sequences, fast.sequences)
 
 
 def test_compiled_decode_gives_the_plain_greedy_tokens(model):
     ids, mask = padded_batch()
-    plain = generate(model, ids, mask, max_new_tokens=12, eos_token_id=())
-    decoder = make_decoder(model, "compiled")
+    plain = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), decode_fn=make_step(model, "eager"))
+    decoder = make_step(model, "compiled")
     for _ in range(2):  # the second call reuses the compiled graph (no recompilation per step)
         fast = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), decode_fn=decoder)
         assert torch.equal(plain.sequences, fast.sequences)
 
 
 def test_unknown_decode_mode_and_unprefilled_cache_are_refused(model):
-    with pytest.raises(ValueError, match="decode mode"):
-        make_decoder(model, "turbo")
+    with pytest.raises(ValueError, match="step mode"):
+        make_step(model, "turbo")
     with pytest.raises(RuntimeError, match="prefilled"):
-        StaticDecoder(model)(torch.tensor([[1]]), model.allocate_cache(1, 4))
+        StaticStep(model)(torch.tensor([[1]]), model.allocate_cache(1, 4))
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
@@ -78,7 +78,11 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
     kwargs = dict(dtype="bfloat16", device="cpu", progress=False, quantize=quantize)
     native = QwenForCausalLM.from_pretrained(folder, **kwargs)
     plain = QwenForCausalLM.from_pretrained(folder, ops_backend="eager", **kwargs)
-    assert native.lm_head.native_gemv and not plain.lm_head.native_gemv
+    from nekomata_core.accelerate.modules import CpuInt8Linear, CpuLinear
+
+    gemv_layers = (CpuLinear, CpuInt8Linear)
+    assert isinstance(native.lm_head, gemv_layers) and getattr(native.lm_head, "use_gemv", True)
+    assert not isinstance(plain.lm_head, gemv_layers)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         caches = [m.allocate_cache(1, 20) for m in (native, plain)]
@@ -86,8 +90,8 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
             m(ids, cache=c)
         token = torch.tensor([[7]])
         for _ in range(6):
-            a = StaticDecoder(native)(token, caches[0]).float()
-            b = StaticDecoder(plain)(token, caches[1]).float()
+            a = StaticStep(native)(token, caches[0]).float()
+            b = StaticStep(plain)(token, caches[1]).float()
             assert (a - b).abs().max() <= 2e-2 * b.abs().max()
             token = b.argmax(-1, keepdim=True)
 
@@ -98,7 +102,7 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
 # same accuracy as PyTorch's own half-precision step.
 
 from kernels.cpu import step as cpu_step  # noqa: E402
-from nekomata_core.decode import NativeDecoder, native_decode_problem  # noqa: E402
+from nekomata_core.accelerate import NativeStep, native_step_problem  # noqa: E402
 
 needs_native = pytest.mark.skipif(not cpu_step.available(), reason=str(cpu_step.unavailable_reason()))
 
@@ -124,7 +128,7 @@ def test_native_step_logits_equal_the_plain_forward_fp32(checkpoint_factory, ove
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(0))
     plain, fast = prefilled(model, ids, 40), prefilled(model, ids, 40)
-    native = NativeDecoder(model)
+    native = NativeStep(model)
     token = torch.tensor([[3]])
     with torch.no_grad():
         for _ in range(20):  # positions 20…39: past 2S with alpha 3 kept, logn growing
@@ -149,7 +153,7 @@ def test_native_greedy_tokens_equal_transformers(checkpoint_factory):
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     reference = qwen2_reference_from_checkpoint(folder)
     ids = torch.randint(1, 500, (1, 11), generator=torch.Generator().manual_seed(2))
-    ours = generate(model, ids, max_new_tokens=40, eos_token_id=(), decode_fn=make_decoder(model, "native"))
+    ours = generate(model, ids, max_new_tokens=40, eos_token_id=(), decode_fn=make_step(model, "native"))
     theirs = reference.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.sequences, theirs)
 
@@ -166,7 +170,7 @@ def test_native_half_precision_is_as_accurate_as_pytorchs_own(checkpoint_factory
     full = QwenForCausalLM.from_pretrained(folder, dtype="float32", **kwargs)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(1))
     caches = [prefilled(half, ids, 36), prefilled(half, ids, 36), prefilled(full, ids, 36)]
-    native, static, reference = NativeDecoder(half), StaticDecoder(half), StaticDecoder(full)
+    native, static, reference = NativeStep(half), StaticStep(half), StaticStep(full)
     token = torch.tensor([[5]])
     native_err = static_err = 0.0
     with torch.no_grad():
@@ -192,9 +196,9 @@ def test_native_results_do_not_depend_on_the_thread_count(checkpoint_factory):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = generate(model, ids, max_new_tokens=12, eos_token_id=(), decode_fn=NativeDecoder(model))
+            out = generate(model, ids, max_new_tokens=12, eos_token_id=(), decode_fn=NativeStep(model))
             cache = prefilled(model, ids, 12)
-            runs.append((out.sequences, NativeDecoder(model)(torch.tensor([[1]]), cache)))
+            runs.append((out.sequences, NativeStep(model)(torch.tensor([[1]]), cache)))
     finally:
         torch.set_num_threads(threads)
     for sequences, logits in runs[1:]:
@@ -209,16 +213,16 @@ def test_native_int8_round_trip_through_a_saved_checkpoint(checkpoint_factory, t
     quantized = QwenForCausalLM.from_pretrained(folder, device="cpu", progress=False, quantize="int8")
     reloaded = QwenForCausalLM.from_pretrained(save_quantized(quantized, tmp_path / "q"), device="cpu", progress=False)
     ids = torch.randint(0, 300, (1, 7), generator=torch.Generator().manual_seed(4))
-    a = NativeDecoder(quantized)(torch.tensor([[9]]), prefilled(quantized, ids, 8))
-    b = NativeDecoder(reloaded)(torch.tensor([[9]]), prefilled(reloaded, ids, 8))
+    a = NativeStep(quantized)(torch.tensor([[9]]), prefilled(quantized, ids, 8))
+    b = NativeStep(reloaded)(torch.tensor([[9]]), prefilled(reloaded, ids, 8))
     assert torch.equal(a, b)
 
 
 @needs_native
 def test_native_decoder_hands_batches_to_the_static_step(model):
     ids, mask = padded_batch()
-    fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=NativeDecoder(model))
-    plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=make_decoder(model, "eager"))
+    fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=NativeStep(model))
+    plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=make_step(model, "eager"))
     assert torch.equal(fast.sequences, plain.sequences)
 
 
@@ -226,26 +230,31 @@ def test_native_decoder_hands_batches_to_the_static_step(model):
 def test_auto_picks_native_only_where_it_computes_the_same_function(checkpoint_factory):
     folder = checkpoint_factory("tiny", seed=8, init_std=0.15, vocab_size=300)
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
-    assert isinstance(make_decoder(model, "auto"), NativeDecoder)
+    assert isinstance(make_step(model, "auto"), NativeStep)
 
     half = QwenForCausalLM.from_pretrained(folder, dtype="float16", device="cpu", progress=False)
-    assert "float16" in native_decode_problem(half)
-    assert isinstance(make_decoder(half, "auto"), StaticDecoder)
+    assert "float16" in native_step_problem(half)
+    assert isinstance(make_step(half, "auto"), StaticStep)
     with pytest.raises(ValueError, match="'native' is unavailable.*float16.*use 'static'"):
-        make_decoder(half, "native")
+        make_step(half, "native")
 
     # A replaced module or a forward hook would be bypassed by the C step: auto falls back.
     handle = model.transformer.h[1].mlp.register_forward_hook(lambda *args: None)
-    assert "transformer.h.1.mlp has forward hooks" in native_decode_problem(model)
-    assert isinstance(make_decoder(model, "auto"), StaticDecoder)
+    assert "transformer.h.1.mlp has forward hooks" in native_step_problem(model)
+    assert isinstance(make_step(model, "auto"), StaticStep)
     handle.remove()
-    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
-    assert "lm_head is a Linear, not one of the model's own classes" in native_decode_problem(model)
+
+    class DoubledHead(torch.nn.Linear):  # a user's own head: the C step would silently skip its forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.lm_head = DoubledHead(model.config.hidden_size, model.config.vocab_size, bias=False)
+    assert "lm_head is a DoubledHead, not one of the model's own classes" in native_step_problem(model)
 
 
 @needs_native
 def test_native_decoder_errors_are_clear(model):
-    native = NativeDecoder(model)
+    native = NativeStep(model)
     with pytest.raises(RuntimeError, match="prefilled"):
         native(torch.tensor([[1]]), model.allocate_cache(1, 4))
     ids = torch.randint(0, 300, (1, 4), generator=torch.Generator().manual_seed(0))
