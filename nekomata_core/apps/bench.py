@@ -296,7 +296,8 @@ def _spawn(
     command = [
         sys.executable,
         "-m",
-        "nekomata_core.bench",
+        "nekomata_core",
+        "bench",
         "--worker",
         worker,
         "--checkpoint",
