@@ -109,5 +109,6 @@ def test_the_model_file_is_the_architecture_only():
         "torch.nn",
         ".cache",
         ".config",
+        ".embeddings",
         ".inputs",
     }, imported
