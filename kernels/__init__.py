@@ -15,7 +15,7 @@ The Triton launchers:
 - `decode_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
 - `resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
 
-The names below are re-exported lazily (module `__getattr__`), so `import kernels` stays cheap and works
+The names below are re-exported lazily (module `__getattr__`), so `import nekomata_core.kernels` stays cheap and works
 without triton installed; asking for a launcher where triton cannot be imported raises
 `KernelUnavailableError` with the reason.
 """

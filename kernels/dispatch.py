@@ -85,7 +85,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
             if not _triton_imported_for_interpreter():
                 return (
                     "TRITON_INTERPRET=1 was set after triton was imported, so triton built its own functions "
-                    "for the compiler; set TRITON_INTERPRET=1 before triton and kernels.gpu are first "
+                    "for the compiler; set TRITON_INTERPRET=1 before triton and nekomata_core.kernels.gpu are first "
                     "imported (e.g. in the environment of the process)."
                 )
             return None

@@ -30,8 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernels.cpu import abi, build, gemv
+from nekomata_core.kernels.cpu import abi, build, gemv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,8 +342,8 @@ def test_unsupported_cpu_and_opt_out_are_reported(monkeypatch, fresh_state):
 
 def test_import_compiles_nothing(tmp_path):
     code = (
-        "import kernels.cpu.gemv, kernels.cpu.step, os, sys\n"
-        "from kernels.cpu import build as b\n"
+        "import nekomata_core.kernels.cpu.gemv, nekomata_core.kernels.cpu.step, os, sys\n"
+        "from nekomata_core.kernels.cpu import build as b\n"
         "assert not b._loaded and b._build_count == 0\n"
         "assert not os.path.exists(os.path.join(os.environ['XDG_CACHE_HOME'], 'nekomata_core'))\n"
     )

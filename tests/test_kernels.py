@@ -30,7 +30,7 @@ DEVICE = torch.device(os.environ.get("NEKOMATA_TEST_DEVICE", "cpu"))
 ON_GPU = DEVICE.type == "cuda"
 
 # triton decides between interpreter and compiler for its own library functions when it is imported, and
-# for each kernel when it is decorated (when kernels.gpu.* is imported), so on CPU TRITON_INTERPRET=1 must
+# for each kernel when it is decorated (when nekomata_core.kernels.gpu.* is imported), so on CPU TRITON_INTERPRET=1 must
 # be set before the first `import triton` of the process and around the kernel imports. Set it around
 # those imports only (the `triton_interpreter` fixture sets it again while this module's tests run).
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
@@ -38,23 +38,24 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    from kernels import dispatch  # noqa: E402
+    from nekomata_core.kernels import dispatch  # noqa: E402
 
     # False when another module imported triton before us without the variable: then the kernel tests
     # run in a fresh process instead (test_kernels_in_a_fresh_interpreter_process).
     KERNELS_RUN = ON_GPU or dispatch.triton_unavailable_reason(DEVICE) is None
-    from kernels.gpu.attention import _flash_attention, flash_attention
-    from kernels.gpu.decode_attention import decode_attention
-    from kernels.gpu.rmsnorm import rms_norm
-    from kernels.gpu.rope import apply_rope
-    from kernels.gpu.swiglu import swiglu
+    from nekomata_core.kernels.gpu.attention import _flash_attention, flash_attention
+    from nekomata_core.kernels.gpu.decode_attention import decode_attention
+    from nekomata_core.kernels.gpu.rmsnorm import rms_norm
+    from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.swiglu import swiglu
 finally:
     if _saved_interpret is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _saved_interpret
 
-from kernels.dispatch import KernelUnavailableError, resolve_backend, triton_unavailable_reason  # noqa: E402
+from nekomata_core.kernels.dispatch import KernelUnavailableError, resolve_backend, triton_unavailable_reason  # noqa: E402
+
 from nekomata_core.model import RMSNorm, apply_rotary, logn_scale  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -571,15 +572,15 @@ def test_auto_backend_is_triton_on_a_supported_gpu():
 def test_importing_kernels_does_not_import_triton_and_the_launchers_say_so_without_it():
     script = """
 import sys
-import kernels, kernels.dispatch, kernels.gpu
+import nekomata_core.kernels, nekomata_core.kernels.dispatch, nekomata_core.kernels.gpu
 assert "triton" not in sys.modules, "importing kernels imported triton"
 sys.modules["triton"] = None  # now behave as if triton were not installed
 import torch
-from kernels import KernelUnavailableError, resolve_backend, triton_unavailable_reason
+from nekomata_core.kernels import KernelUnavailableError, resolve_backend, triton_unavailable_reason
 assert "pip install triton" in triton_unavailable_reason(torch.device("cpu"))
 assert resolve_backend("auto", "cpu") == "sdpa"
 try:
-    from kernels import rms_norm
+    from nekomata_core.kernels import rms_norm
 except KernelUnavailableError as exc:
     assert "pip install triton" in str(exc)
 else:

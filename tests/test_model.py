@@ -189,7 +189,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(pair, monkeypatch)
     pytest.importorskip("triton")
     ours, _ = pair
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from kernels.dispatch import KernelUnavailableError
+    from nekomata_core.kernels.dispatch import KernelUnavailableError
 
     with pytest.raises(KernelUnavailableError):
         accelerate(ours, attention="triton")

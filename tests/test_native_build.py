@@ -1,4 +1,4 @@
-"""Native code is loaded only from where nobody else could have put it (`kernels.cpu.build`).
+"""Native code is loaded only from where nobody else could have put it (`nekomata_core.kernels.cpu.build`).
 
 A planted library is a real shared object whose constructor writes a marker file the moment anything
 dlopens it (checked once in a subprocess, so the tests below can fail). It is planted in every place an
@@ -18,8 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-
-from kernels.cpu import build
+from nekomata_core.kernels.cpu import build
 
 requires_kernels = pytest.mark.skipif(
     not build.available(), reason=f"CPU kernels unavailable: {build.unavailable_reason()}"

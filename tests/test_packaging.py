@@ -6,6 +6,7 @@ import site
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,9 +19,9 @@ class BlockTriton:
         if name == "triton" or name.startswith("triton."):
             raise ImportError("triton is blocked for this test")
 sys.meta_path.insert(0, BlockTriton())
-import nekomata_core, kernels
+import nekomata_core, nekomata_core.kernels
 from nekomata_core import QwenForCausalLM, QwenTokenizer, generate
-from kernels.dispatch import resolve_backend
+from nekomata_core.kernels.dispatch import resolve_backend
 import torch
 assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
 assert "triton" not in sys.modules
@@ -76,6 +77,44 @@ def test_editable_install_in_a_fresh_venv_imports_without_triton(tmp_path):
 
 
 def test_importing_the_package_is_instant_and_side_effect_free():
-    code = "import sys, nekomata_core, kernels; print('torch' in sys.modules, 'triton' in sys.modules)"
+    code = "import sys, nekomata_core, nekomata_core.kernels; print('torch' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_wheel_installs_no_top_level_name_but_ours(tmp_path):
+    # A top-level `kernels` would collide with Hugging Face's `kernels` package (which transformers
+    # probes for): the repo's kernels/ folder installs as nekomata_core.kernels.
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = tmp_path.glob("nekomata_core-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "nekomata_core",
+        wheel.name.split("-py3")[0] + ".dist-info",
+    }
+    for shipped in (
+        "nekomata_core/kernels/cpu/common.h",
+        "nekomata_core/kernels/cpu/step.c",
+        "nekomata_core/kernels/gpu/attention.py",
+        "nekomata_core/accelerate/__init__.py",
+        "nekomata_core/apps/cli.py",
+    ):
+        assert shipped in names, shipped

@@ -66,11 +66,11 @@ def test_unknown_decode_mode_and_unprefilled_cache_are_refused(model):
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, quantize):
-    """bf16 decode through kernels.cpu.gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
+    """bf16 decode through nekomata_core.kernels.cpu.gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
 
     Both accumulate in fp32 and round once to bf16, in different orders: logits agree to bf16 noise.
     """
-    from kernels.cpu import gemv
+    from nekomata_core.kernels.cpu import gemv
 
     if not gemv.available():
         pytest.skip(gemv.unavailable_reason())
@@ -101,7 +101,8 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
 # PyTorch model computes: fp32 to a few ulps (only summation orders differ), half precision to the
 # same accuracy as PyTorch's own half-precision step.
 
-from kernels.cpu import step as cpu_step  # noqa: E402
+from nekomata_core.kernels.cpu import step as cpu_step  # noqa: E402
+
 from nekomata_core.accelerate import NativeStep, native_step_problem  # noqa: E402
 
 needs_native = pytest.mark.skipif(not cpu_step.available(), reason=str(cpu_step.unavailable_reason()))

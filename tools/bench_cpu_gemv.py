@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from kernels.cpu import gemv  # noqa: E402
+from nekomata_core.kernels.cpu import gemv  # noqa: E402
 
 METHODS = ("torch bf16", "ours bf16", "torch int8", "ours int8")
 

@@ -75,11 +75,12 @@ def _flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
     """The benchmark problems: name, shape text, our fn, torch fn, bytes moved, flops."""
-    from kernels.gpu.attention import flash_attention
-    from kernels.gpu.decode_attention import decode_attention
-    from kernels.gpu.rmsnorm import rms_norm
-    from kernels.gpu.rope import apply_rope
-    from kernels.gpu.swiglu import swiglu
+    from nekomata_core.kernels.gpu.attention import flash_attention
+    from nekomata_core.kernels.gpu.decode_attention import decode_attention
+    from nekomata_core.kernels.gpu.rmsnorm import rms_norm
+    from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.swiglu import swiglu
+
     from nekomata_core.model import RMSNorm, apply_rotary
 
     dtype = torch.bfloat16
@@ -179,8 +180,12 @@ def print_row(row: dict) -> None:
 
 def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
     """Time alternative launch configs of the two attention kernels (to tune the heuristics)."""
-    from kernels.gpu.attention import _flash_attention, gpu_capability, prefill_config
-    from kernels.gpu.decode_attention import _decode_attention, decode_config, default_num_splits
+    from nekomata_core.kernels.gpu.attention import _flash_attention, gpu_capability, prefill_config
+    from nekomata_core.kernels.gpu.decode_attention import (
+        _decode_attention,
+        decode_config,
+        default_num_splits,
+    )
 
     dtype = torch.bfloat16
     heads, head_dim, seq, cache = (2, 32, 64, 100) if smoke else (32, 128, 8192, 16384)
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of kernels.gpu
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of nekomata_core.kernels.gpu
         device = torch.device("cpu")
     else:
         print("no CUDA GPU: use --smoke (CPU, Triton interpreter) or --compile-only", file=sys.stderr)

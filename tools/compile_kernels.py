@@ -105,9 +105,8 @@ class Result:
 def recording(capability: tuple[int, int], sm_count: int) -> Iterator[list[tuple[str, object, tuple, dict]]]:
     """Within: the launchers of kernels/gpu accept CPU tensors, pick their configs for `capability`, and
     record their kernel launches (name, JITFunction, args, kwargs) in the yielded list instead."""
+    from nekomata_core.kernels.gpu import attention, decode_attention, rmsnorm, rope, swiglu
     from triton.runtime.jit import JITFunction
-
-    from kernels.gpu import attention, decode_attention, rmsnorm, rope, swiglu
 
     launches: list[tuple[str, object, tuple, dict]] = []
     saved: list[tuple[object, str, object]] = []
@@ -145,11 +144,11 @@ def _cache(batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtyp
 
 def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
     """Every distinct launch for `arch`, keyed by kernel, dtype and arguments after specialisation."""
-    from kernels.gpu.attention import flash_attention
-    from kernels.gpu.decode_attention import decode_attention
-    from kernels.gpu.rmsnorm import rms_norm
-    from kernels.gpu.rope import apply_rope
-    from kernels.gpu.swiglu import swiglu
+    from nekomata_core.kernels.gpu.attention import flash_attention
+    from nekomata_core.kernels.gpu.decode_attention import decode_attention
+    from nekomata_core.kernels.gpu.rmsnorm import rms_norm
+    from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.swiglu import swiglu
 
     models = MODELS[:1] if reduced else MODELS
     dtypes = ("bf16", "fp32") if reduced else tuple(DTYPES)
@@ -336,8 +335,8 @@ def format_result(result: Result) -> str:
 
 def run(archs: list[int], reduced: bool, jobs: int, only: tuple[str, ...] = (), out=sys.stdout) -> list[Result]:
     """Record and compile the launches for `archs` (only kernels named with a word of `only`, if given)."""
-    if "kernels.gpu.helpers" in sys.modules and sys.modules["kernels.gpu.helpers"].INTERPRETED:
-        raise RuntimeError("kernels.gpu was imported for the Triton interpreter in this process; run "
+    if "nekomata_core.kernels.gpu.helpers" in sys.modules and sys.modules["nekomata_core.kernels.gpu.helpers"].INTERPRETED:
+        raise RuntimeError("nekomata_core.kernels.gpu was imported for the Triton interpreter in this process; run "
                            "tools/compile_kernels.py in a fresh process without TRITON_INTERPRET")
     _JOBS.clear()
     for arch in archs:

@@ -2,8 +2,8 @@
 units sharing ``common.h``) into one shared library, keep it in a per-user cache, and load it.
 
 `library()` returns the loaded ``ctypes.CDLL`` (or None, with `unavailable_reason()` saying why), with
-every exported function prototyped (`_PROTOTYPES`: the C signatures, in one place); `kernels.cpu.gemv`
-and `kernels.cpu.step` only call it. Nothing is compiled at import: the first call builds, or finds
+every exported function prototyped (`_PROTOTYPES`: the C signatures, in one place); `nekomata_core.kernels.cpu.gemv`
+and `nekomata_core.kernels.cpu.step` only call it. Nothing is compiled at import: the first call builds, or finds
 the library a previous process built, keyed by a hash of every source, the header, the flags, the
 machine and the ABI version (so an edited kernel is rebuilt and an unchanged one reused). The loaded
 library must report `abi.ABI_VERSION`, else it is a stale build and is not used.

@@ -14,7 +14,7 @@ that on AVX2 machines without bf16 instructions (bf16 ``F.linear`` for one row i
 Both take exactly one row (``x.numel() == K``; the caller routes only M=1 here), accumulate in fp32 and
 round once to ``x.dtype`` after adding the bias (and applying the scale) in fp32.
 
-The library is built on first use (not at import) by `kernels.cpu.build`, which also decides where it
+The library is built on first use (not at import) by `nekomata_core.kernels.cpu.build`, which also decides where it
 is cached and which cached library may be loaded. `available()` says whether that worked (x86-64 Linux,
 a CPU with AVX2/FMA/F16C, a working ``cc``); `unavailable_reason()` says why not. Nothing here raises at
 import.

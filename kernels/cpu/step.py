@@ -2,7 +2,7 @@
 for x86-64 CPUs.
 
 At batch 1 a step reads every weight once, so its floor is weight bytes / memory bandwidth. The GEMVs of
-`kernels.cpu.gemv` reach that bandwidth, but a PyTorch step also runs ~60 small operations per block
+`nekomata_core.kernels.cpu.gemv` reach that bandwidth, but a PyTorch step also runs ~60 small operations per block
 (norms, rotary, attention, casts, residuals), each with dispatch and allocation costs, and wakes the
 thread team for every GEMV: on a 2-core machine that was a third of the step. `FusedStep` hands the
 whole step — every block, the final norm and lm_head — to C, where one OpenMP region covers it.

@@ -1,6 +1,6 @@
 """The Triton half of `kernels/`: one module per fused op, each a module-level `@triton.jit` kernel and
 its launcher. Every module here imports triton at its top, so import them only once the Triton backend
-was chosen (`kernels.dispatch.resolve_backend`); this package itself imports nothing.
+was chosen (`nekomata_core.kernels.dispatch.resolve_backend`); this package itself imports nothing.
 
 - `rmsnorm.rms_norm(x, weight, eps)`: Qwen RMSNorm (cast to the dtype before the weight)
 - `swiglu.swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)

@@ -90,13 +90,13 @@ def accelerate(
 
     None keeps the choice of the previous call ("auto" the first time). Call it again after moving the
     model to another device or dtype. "triton" where Triton cannot run raises
-    `kernels.dispatch.KernelUnavailableError` saying why.
+    `nekomata_core.kernels.dispatch.KernelUnavailableError` saying why.
     """
     previous = getattr(model, "acceleration_request", {})
     attention = attention or previous.get("attention", "auto")
     ops = ops or previous.get("ops", "auto")
     check_choices(attention, ops)
-    from kernels.dispatch import resolve_backend
+    from nekomata_core.kernels.dispatch import resolve_backend
 
     model.acceleration_request = {"attention": attention, "ops": ops}
 
@@ -138,8 +138,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _cpu_gemv_available() -> bool:
-    """Whether kernels.cpu.gemv runs here (x86-64 with AVX2/FMA and a C compiler; built once)."""
-    from kernels.cpu import gemv
+    """Whether nekomata_core.kernels.cpu.gemv runs here (x86-64 with AVX2/FMA and a C compiler; built once)."""
+    from nekomata_core.kernels.cpu import gemv
 
     return gemv.available()
 

@@ -43,7 +43,9 @@ class CpuLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_gemv and x.numel() == x.shape[-1]:
-            from kernels.cpu import gemv  # imported with the first call, after `accelerate` probed it
+            from nekomata_core.kernels.cpu import (
+                gemv,  # imported with the first call, after `accelerate` probed it
+            )
 
             if torch.compiler.is_compiling():  # a graph node instead of an opaque ctypes call
                 return gemv.linear_bf16_op(x, self.weight, self.bias)
@@ -60,7 +62,7 @@ class CpuInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:
             return super().forward(x)
-        from kernels.cpu import gemv
+        from nekomata_core.kernels.cpu import gemv
 
         if torch.compiler.is_compiling():
             return gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
@@ -69,21 +71,21 @@ class CpuInt8Linear(Int8Linear):
 
 class TritonRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.gpu.rmsnorm import rms_norm
+        from nekomata_core.kernels.gpu.rmsnorm import rms_norm
 
         return rms_norm(x, self.weight, self.eps)  # both Qwen roundings, in one kernel
 
 
 class TritonMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.gpu.swiglu import swiglu
+        from nekomata_core.kernels.gpu.swiglu import swiglu
 
         return self.c_proj(swiglu(self.w1(x), self.w2(x)))  # w1(x) * silu(w2(x)) fused
 
 
 class TritonRotary(Rotary):
     def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        from kernels.gpu.rope import apply_rope
+        from nekomata_core.kernels.gpu.rope import apply_rope
 
         return apply_rope(q, k, cos, sin)
 
@@ -109,14 +111,14 @@ class TritonAttention(ScaledDotProductAttention):
                     return super().forward(q, k, v, inputs)
         logn_seq_length = self.seq_length if inputs.logn is not None else None
         if q.shape[2] == 1 and inputs.cache is not None:
-            from kernels.gpu.decode_attention import decode_attention
+            from nekomata_core.kernels.gpu.decode_attention import decode_attention
 
             # The query's own position + 1 keys are valid.
             kv_len = (inputs.positions[-1:] + 1).expand(q.shape[0])
             return decode_attention(
                 q, k, v, kv_len=kv_len, key_start=key_start, logn_seq_length=logn_seq_length
             )
-        from kernels.gpu.attention import flash_attention
+        from nekomata_core.kernels.gpu.attention import flash_attention
 
         q_start = int(inputs.positions[0])
         return flash_attention(

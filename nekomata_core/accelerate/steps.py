@@ -89,7 +89,7 @@ class NativeStep:
             raise StepUnavailableError(
                 f"step mode 'native' is unavailable: {problem}; use 'static' instead (--decode static, or auto)"
             )
-        from kernels.cpu.step import BlockWeights, FusedStep
+        from nekomata_core.kernels.cpu.step import BlockWeights, FusedStep
 
         self.model = model
         config = model.config
@@ -147,7 +147,7 @@ class NativeStep:
 
 
 def _linear_weights(module):
-    from kernels.cpu.step import LinearWeights
+    from nekomata_core.kernels.cpu.step import LinearWeights
 
     return LinearWeights(module.weight, module.bias, getattr(module, "scales", None))
 
@@ -180,7 +180,7 @@ def native_step_problem(model: QwenForCausalLM) -> str | None:
     weights = {p.dtype for p in model.parameters()}
     if not weights <= {torch.float32, torch.bfloat16, torch.int8}:
         return f"the native step reads float32, bfloat16 or int8 weights, this model has {sorted(map(str, weights))}"
-    from kernels.cpu import step
+    from nekomata_core.kernels.cpu import step
 
     if model.config.head_dim > step.MAX_HEAD_DIM:
         return f"head_dim {model.config.head_dim} is above the native step's {step.MAX_HEAD_DIM}"

@@ -36,7 +36,7 @@ from ..config import PRESETS, QwenConfig
 class ReadBandwidth:
     """Read bandwidth in GB/s, best of the streaming reads we have, over a buffer of `gib` GiB.
 
-    Kernels: PyTorch's fp32 sum and fp32 GEMV, and (when kernels.cpu builds here) a plain C
+    Kernels: PyTorch's fp32 sum and fp32 GEMV, and (when nekomata_core.kernels.cpu builds here) a plain C
     streaming read with the GEMVs' access pattern. A decode step cannot read its weights faster than the
     fastest of these, which is what makes it the roofline. The buffer is allocated once, so that
     `measure` can be called between decode runs: this machine's bandwidth drifts by ±20 % over minutes,
@@ -78,8 +78,8 @@ def _rate(fn, nbytes: int, repeats: int) -> float:
 
 
 def _c_stream_read():
-    """kernels.cpu.step's streaming read (nbytes, threads → checksum), or None where it does not build."""
-    from kernels.cpu import step
+    """nekomata_core.kernels.cpu.step's streaming read (nbytes, threads → checksum), or None where it does not build."""
+    from nekomata_core.kernels.cpu import step
 
     return step.stream_read if step.available() else None
 

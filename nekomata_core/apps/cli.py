@@ -78,5 +78,5 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
 def _expected_errors() -> tuple[type[Exception], ...]:
     # Every error the library raises on purpose derives from NekomataError; the kernels package (which
     # knows nothing of the library) has its own, imported only if a kernel was asked for.
-    dispatch = sys.modules.get("kernels.dispatch")
+    dispatch = sys.modules.get("nekomata_core.kernels.dispatch")
     return (NekomataError, dispatch.KernelUnavailableError) if dispatch is not None else (NekomataError,)
