@@ -12,7 +12,7 @@ The Triton launchers:
 - `swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)
 - `apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
 - `flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
-- `decode_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
+- `step_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
 - `resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
 
 The names below are re-exported lazily (module `__getattr__`), so `import nekomata_core.kernels` stays cheap and works
@@ -30,7 +30,7 @@ _EXPORTS = {
     "swiglu": "gpu.swiglu",
     "apply_rope": "gpu.rope",
     "flash_attention": "gpu.attention",
-    "decode_attention": "gpu.decode_attention",
+    "step_attention": "gpu.step_attention",
     "BACKENDS": "dispatch",
     "KernelUnavailableError": "dispatch",
     "resolve_backend": "dispatch",

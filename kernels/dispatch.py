@@ -139,7 +139,7 @@ def _cached_unavailable_reason(device_type: str, index: int | None, interpret: b
 def require_triton(device: torch.device) -> None:
     """Raise `KernelUnavailableError` unless the Triton kernels can run on `device` (used by the launchers).
 
-    Cached per device so that a decode step does not pay for the checks on every launch.
+    Cached per device so that a generation step does not pay for the checks on every launch.
     """
     reason = _cached_unavailable_reason(device.type, device.index, triton_interpret_enabled())
     if reason is not None:

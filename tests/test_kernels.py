@@ -44,9 +44,9 @@ try:
     # run in a fresh process instead (test_kernels_in_a_fresh_interpreter_process).
     KERNELS_RUN = ON_GPU or dispatch.triton_unavailable_reason(DEVICE) is None
     from nekomata_core.kernels.gpu.attention import _flash_attention, flash_attention
-    from nekomata_core.kernels.gpu.decode_attention import decode_attention
     from nekomata_core.kernels.gpu.rmsnorm import rms_norm
     from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.step_attention import step_attention
     from nekomata_core.kernels.gpu.swiglu import swiglu
 finally:
     if _saved_interpret is None:
@@ -174,7 +174,7 @@ def attention_reference(
     return (probs @ v.float()).to(q.dtype)
 
 
-def decode_attention_reference(
+def step_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -455,46 +455,46 @@ DECODE_CASES = [  # (B, N, T_max, D, kv_len, key_start, logn S, num_splits)
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=str)
-def test_decode_attention_matches_reference(dtype, case):
+def test_step_attention_matches_reference(dtype, case):
     batch, heads, t_max, head_dim, kv_len, key_start, logn, splits = case
     torch.manual_seed(0)
     q = randn(batch, heads, 1, head_dim, dtype=dtype)
     k_cache, v_cache = (randn(batch, heads, t_max, head_dim, dtype=dtype) for _ in range(2))
     lengths = kv_len if isinstance(kv_len, int) else torch.tensor(kv_len, device=DEVICE)
     starts = None if key_start is None else torch.tensor(key_start, dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, kv_len=lengths, key_start=starts, logn_seq_length=logn,
+    out = step_attention(q, k_cache, v_cache, kv_len=lengths, key_start=starts, logn_seq_length=logn,
                            num_splits=splits)
-    expected = decode_attention_reference(q, k_cache, v_cache, kv_len=lengths, key_start=starts,
+    expected = step_attention_reference(q, k_cache, v_cache, kv_len=lengths, key_start=starts,
                                           logn_seq_length=logn)
     assert_attention_close(out, expected)
 
 
 @needs_kernels
-def test_decode_attention_equals_the_last_row_of_prefill_attention():
+def test_step_attention_equals_the_last_row_of_prefill_attention():
     torch.manual_seed(0)
     length, t_max = 45, 64
     k_cache, v_cache = (randn(2, 2, t_max, 32, dtype=torch.bfloat16) for _ in range(2))
     q = randn(2, 2, 1, 32, dtype=torch.bfloat16)
     starts = torch.tensor([0, 6], device=DEVICE)
-    decode = decode_attention(q, k_cache, v_cache, kv_len=length, key_start=starts, logn_seq_length=20,
+    decode = step_attention(q, k_cache, v_cache, kv_len=length, key_start=starts, logn_seq_length=20,
                               num_splits=3)
     prefill = flash_attention(q, k_cache[:, :, :length], v_cache[:, :, :length], q_start=length - 1,
                               key_start=starts, logn_seq_length=20)
     torch.testing.assert_close(decode.float(), prefill.float(), atol=1e-2, rtol=1e-2)
 
 
-def test_decode_attention_rejects_bad_inputs():
+def test_step_attention_rejects_bad_inputs():
     q, cache = randn(1, 2, 1, 16), randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match=r"\[B, N, 1, D\]"):
-        decode_attention(randn(1, 2, 2, 16), cache, cache, kv_len=4)
+        step_attention(randn(1, 2, 2, 16), cache, cache, kv_len=4)
     with pytest.raises(ValueError, match="kv_len must be in"):
-        decode_attention(q, cache, cache, kv_len=9)
+        step_attention(q, cache, cache, kv_len=9)
     with pytest.raises(ValueError, match="kv_len must be an int32/int64"):
-        decode_attention(q, cache, cache, kv_len=torch.tensor([4.0], device=DEVICE))
+        step_attention(q, cache, cache, kv_len=torch.tensor([4.0], device=DEVICE))
     with pytest.raises(ValueError, match="num_splits"):
-        decode_attention(q, cache, cache, kv_len=4, num_splits=0)
+        step_attention(q, cache, cache, kv_len=4, num_splits=0)
     with pytest.raises(ValueError, match="matching q"):
-        decode_attention(q, randn(1, 2, 8, 32), randn(1, 2, 8, 32), kv_len=4)
+        step_attention(q, randn(1, 2, 8, 32), randn(1, 2, 8, 32), kv_len=4)
 
 
 # --- Realistic sizes (GPU only) -------------------------------------------------------------------------
@@ -513,8 +513,8 @@ def test_large_prefill_and_decode_on_gpu(head_dim):
     lengths = torch.tensor([9000, 4100], device=DEVICE)
     q1 = randn(batch, heads, 1, head_dim, dtype=torch.bfloat16)
     assert_attention_close(
-        decode_attention(q1, k_cache, v_cache, kv_len=lengths, key_start=starts, logn_seq_length=8192),
-        decode_attention_reference(q1, k_cache, v_cache, kv_len=lengths, key_start=starts,
+        step_attention(q1, k_cache, v_cache, kv_len=lengths, key_start=starts, logn_seq_length=8192),
+        step_attention_reference(q1, k_cache, v_cache, kv_len=lengths, key_start=starts,
                                    logn_seq_length=8192))
 
 

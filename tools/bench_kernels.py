@@ -76,9 +76,9 @@ def _flash_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
     """The benchmark problems: name, shape text, our fn, torch fn, bytes moved, flops."""
     from nekomata_core.kernels.gpu.attention import flash_attention
-    from nekomata_core.kernels.gpu.decode_attention import decode_attention
     from nekomata_core.kernels.gpu.rmsnorm import rms_norm
     from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.step_attention import step_attention
     from nekomata_core.kernels.gpu.swiglu import swiglu
 
     from nekomata_core.model import RMSNorm, apply_rotary
@@ -109,7 +109,7 @@ def bench_cases(device: torch.device, smoke: bool) -> list[dict]:
             kv_len = torch.full((batch,), length, device=device, dtype=torch.int32)
             cases.append(dict(
                 op="decode attention", shape=f"B={batch} N={heads} len={length} D={head_dim}",
-                ours=lambda q=q, kc=k_cache, vc=v_cache, n=kv_len: decode_attention(q, kc, vc, kv_len=n),
+                ours=lambda q=q, kc=k_cache, vc=v_cache, n=kv_len: step_attention(q, kc, vc, kv_len=n),
                 torch=lambda q=q, kc=k_cache, vc=v_cache, n=length: F.scaled_dot_product_attention(
                     q, kc[:, :, :n], vc[:, :, :n]),
                 bytes=2 * batch * heads * length * head_dim * k_cache.element_size(),
@@ -181,10 +181,10 @@ def print_row(row: dict) -> None:
 def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
     """Time alternative launch configs of the two attention kernels (to tune the heuristics)."""
     from nekomata_core.kernels.gpu.attention import _flash_attention, gpu_capability, prefill_config
-    from nekomata_core.kernels.gpu.decode_attention import (
-        _decode_attention,
-        decode_config,
+    from nekomata_core.kernels.gpu.step_attention import (
+        _step_attention,
         default_num_splits,
+        step_config,
     )
 
     dtype = torch.bfloat16
@@ -214,7 +214,7 @@ def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
                             for _ in range(2))
         kv_len = torch.full((batch,), cache, device=device, dtype=torch.int32)
         splits = default_num_splits(batch, heads, cache, device)
-        default = (*decode_config(head_dim, dtype, capability), splits)
+        default = (*step_config(head_dim, dtype, capability), splits)
         configs = [(32, 4, 1, 2)] if smoke else [
             (b, w, 2, default[3]) for b in (32, 64, 128) for w in (2, 4, 8)
         ] + [(default[0], default[1], default[2], n) for n in (4, 8, 16, 32, 64)]
@@ -223,7 +223,7 @@ def run_sweep(device: torch.device, smoke: bool) -> list[dict]:
               f"(BLOCK_N, warps, stages, splits)={default}")
         for config in dict.fromkeys([default, *configs]):
             def run(c=config, q1=q1, k_cache=k_cache, v_cache=v_cache, kv_len=kv_len):
-                return _decode_attention(q1, k_cache, v_cache, kv_len=kv_len, num_splits=c[3], config=c[:3])
+                return _step_attention(q1, k_cache, v_cache, kv_len=kv_len, num_splits=c[3], config=c[:3])
 
             try:
                 ms = time_ms(run, device, rep=50)

@@ -9,7 +9,7 @@
 What is compiled: the launches the dispatcher really makes for the nekomata-7b and qwen-1.8b shapes in
 bf16, fp16 and fp32, for query lengths 1..2048 (every bucket of `attention.prefill_config`), the padding
 and logn variants, and decode over caches whose length changes the split count
-(`decode_attention.default_num_splits`). The launchers run on CPU tensors shaped like the model's, with
+(`step_attention.default_num_splits`). The launchers run on CPU tensors shaped like the model's, with
 the config functions answering for the target GPU (its compute capability and SM count); their kernel
 launches are recorded instead of executed, and every distinct one is compiled the way JITFunction.run
 would (same argument specialisation) by `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch,
@@ -105,7 +105,7 @@ class Result:
 def recording(capability: tuple[int, int], sm_count: int) -> Iterator[list[tuple[str, object, tuple, dict]]]:
     """Within: the launchers of kernels/gpu accept CPU tensors, pick their configs for `capability`, and
     record their kernel launches (name, JITFunction, args, kwargs) in the yielded list instead."""
-    from nekomata_core.kernels.gpu import attention, decode_attention, rmsnorm, rope, swiglu
+    from nekomata_core.kernels.gpu import attention, rmsnorm, rope, step_attention, swiglu
     from triton.runtime.jit import JITFunction
 
     launches: list[tuple[str, object, tuple, dict]] = []
@@ -122,15 +122,15 @@ def recording(capability: tuple[int, int], sm_count: int) -> Iterator[list[tuple
         def __getitem__(self, grid: tuple) -> Callable:
             return lambda *args, **kwargs: launches.append((self.name, self.fn, args, kwargs))
 
-    for module in (attention, decode_attention, rmsnorm, rope, swiglu):
+    for module in (attention, step_attention, rmsnorm, rope, swiglu):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction) and name.endswith("_kernel"):  # launched from Python
                 patch(module, name, Recorder(name, value))
         patch(module, "require_triton", lambda device: None)  # CPU tensors stand in for GPU ones
-    for module in (attention, decode_attention):
+    for module in (attention, step_attention):
         patch(module, "gpu_capability", lambda device: capability)
-    patch(decode_attention, "default_num_splits",
-          lambda batch, n_heads, t_max, device: decode_attention.num_splits_for(batch, n_heads, t_max, sm_count))
+    patch(step_attention, "default_num_splits",
+          lambda batch, n_heads, t_max, device: step_attention.num_splits_for(batch, n_heads, t_max, sm_count))
     try:
         yield launches
     finally:
@@ -145,9 +145,9 @@ def _cache(batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtyp
 def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
     """Every distinct launch for `arch`, keyed by kernel, dtype and arguments after specialisation."""
     from nekomata_core.kernels.gpu.attention import flash_attention
-    from nekomata_core.kernels.gpu.decode_attention import decode_attention
     from nekomata_core.kernels.gpu.rmsnorm import rms_norm
     from nekomata_core.kernels.gpu.rope import apply_rope
+    from nekomata_core.kernels.gpu.step_attention import step_attention
     from nekomata_core.kernels.gpu.swiglu import swiglu
 
     models = MODELS[:1] if reduced else MODELS
@@ -215,7 +215,7 @@ def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
                                 starts = key_start if padded else None
                                 s = min(seq_length, t_max - 1) if logn else None  # the last query past S
                                 case(dtype_name, f"{base} {kind} {flags}".strip(),
-                                     lambda q=q, cache=cache, kv_len=kv_len, starts=starts, s=s: decode_attention(
+                                     lambda q=q, cache=cache, kv_len=kv_len, starts=starts, s=s: step_attention(
                                          q, cache, cache, kv_len=kv_len, key_start=starts, logn_seq_length=s))
 
     from triton.backends.compiler import GPUTarget

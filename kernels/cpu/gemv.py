@@ -76,7 +76,7 @@ def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
     if x.numel() != k or (k == 0 and x.shape[:-1].numel() != 1):
         raise ValueError(
             f"{name}: x must hold exactly one row (x.numel() == {k}), got {_describe(x)}; "
-            "route only batch-1 decode steps (M == 1) here and use F.linear otherwise"
+            "route only batch-1 generation steps (M == 1) here and use F.linear otherwise"
         )
     # A single row is at most a few hundred KB: copying a strided one is cheaper than refusing it.
     return x if x.is_contiguous() else x.contiguous()
@@ -161,7 +161,7 @@ def linear_int8(
 
 
 # torch.compile sees a ctypes call as an opaque Python call it cannot trace; registered as custom ops,
-# the GEMVs become graph nodes, so a compiled decode step keeps them and fuses everything around them.
+# the GEMVs become graph nodes, so a compiled step keeps them and fuses everything around them.
 @torch.library.custom_op("nekomata::linear_bf16", mutates_args=())
 def linear_bf16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`linear_bf16` as a torch custom op (for compiled graphs)."""

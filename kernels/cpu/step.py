@@ -11,7 +11,7 @@ It computes what `nekomata_core.model` computes in the model dtype, with the sam
 the header of step.c); only summation orders differ. Weights may be fp32, bf16, or int8 with
 per-row scales (`Int8Linear`), activations fp32, bf16 or fp16.
 
-This module knows tensors, not models: the caller (`nekomata_core.decode.NativeDecoder`) hands over each
+This module knows tensors, not models: the caller (`nekomata_core.accelerate.NativeStep`) hands over each
 block's tensors as a `BlockWeights`. The plan keeps references to every tensor it points at, so they
 stay alive as long as it does; replacing a model's parameters afterwards needs a new plan (in-place
 updates such as ``param.copy_()`` are seen).

@@ -6,7 +6,7 @@ was chosen (`nekomata_core.kernels.dispatch.resolve_backend`); this package itse
 - `swiglu.swiglu(a, b)`: a * silu(b), b being the gate (Qwen's w2 branch)
 - `rope.apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
 - `attention.flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
-- `decode_attention.decode_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding, one token per row
+- `step_attention.step_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding, one token per row
 - `helpers`: small @triton.jit helpers shared by the kernels (rounding, dot, exp)
 
 triton picks interpreter or compiler when a function is decorated, i.e. when these modules are imported:

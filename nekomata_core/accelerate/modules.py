@@ -111,11 +111,11 @@ class TritonAttention(ScaledDotProductAttention):
                     return super().forward(q, k, v, inputs)
         logn_seq_length = self.seq_length if inputs.logn is not None else None
         if q.shape[2] == 1 and inputs.cache is not None:
-            from nekomata_core.kernels.gpu.decode_attention import decode_attention
+            from nekomata_core.kernels.gpu.step_attention import step_attention
 
             # The query's own position + 1 keys are valid.
             kv_len = (inputs.positions[-1:] + 1).expand(q.shape[0])
-            return decode_attention(
+            return step_attention(
                 q, k, v, kv_len=kv_len, key_start=key_start, logn_seq_length=logn_seq_length
             )
         from nekomata_core.kernels.gpu.attention import flash_attention

@@ -1,4 +1,4 @@
-"""Flash-decoding: attention of one new query token per row over a long KV cache, split over the keys.
+"""Attention of one new query token per row over a long KV cache, split over the keys.
 
 Row b's query is the token at cache index p = kv_len[b] - 1 (it was just written there), and it attends
 to the cache entries j in [key_start[b], kv_len[b]) (key_start skips left padding). Qwen's logn scaling
@@ -10,7 +10,7 @@ One query per (row, head) is far too little work for a GPU, so the key range of 
 its log-sum-exp; a second small kernel merges the partials with the usual LSE weights. With one split
 the first kernel writes the output directly. Scores and the softmax are computed in fp32 (base 2).
 
-Tested against a plain fp32 softmax over the cache rows, with `nekomata_core.model`'s logn factors.
+The algorithm is known as flash-decoding (split-K over the keys). Tested against a plain fp32 softmax over the cache rows, with `nekomata_core.model`'s logn factors.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _MIN_KEYS_PER_SPLIT = 512  # below this a split's fixed cost (q load, partial wr
 
 # kv_len changes every step: one compiled variant for all values.
 @triton.jit(do_not_specialize=["kv_len_value"])
-def decode_split_kernel(
+def step_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_len_ptr, key_start_ptr, logn_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     stride_qb, stride_qn, stride_kb, stride_kn, stride_kt, stride_vb, stride_vn, stride_vt,
     stride_ob, stride_on,
@@ -106,7 +106,7 @@ def decode_split_kernel(
         tl.store(part_lse_ptr + part, lse)
 
 @triton.jit
-def decode_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_on, n_heads, num_splits,
+def step_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_on, n_heads, num_splits,
                         D: tl.constexpr, BLOCK_S: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // n_heads).to(tl.int64)
@@ -144,7 +144,7 @@ def num_splits_for(batch: int, n_heads: int, t_max: int, sm_count: int) -> int:
     return max(1, min(wanted, t_max // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
-def decode_config(
+def step_config(
     head_dim: int, dtype: torch.dtype, capability: tuple[int, int] | None
 ) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the split kernel on a GPU of `capability` (None: interpreter)."""
@@ -157,7 +157,7 @@ def decode_config(
     return block_n, 8 if block_n * head_dim >= 4096 else 4, 2
 
 
-def decode_attention(
+def step_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -176,11 +176,11 @@ def decode_attention(
     num_splits: key-range splits per (row, head); None picks one from the static shapes.
     Returns [B, N, 1, D] in q's dtype.
     """
-    return _decode_attention(q, k_cache, v_cache, kv_len=kv_len, key_start=key_start,
+    return _step_attention(q, k_cache, v_cache, kv_len=kv_len, key_start=key_start,
                              logn_seq_length=logn_seq_length, sm_scale=sm_scale, num_splits=num_splits)
 
 
-def _decode_attention(
+def _step_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -192,8 +192,8 @@ def _decode_attention(
     num_splits: int | None = None,
     config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`decode_attention` with an optional (BLOCK_N, num_warps, num_stages) for tests and sweeps."""
-    op = "decode_attention"
+    """`step_attention` with an optional (BLOCK_N, num_warps, num_stages) for tests and sweeps."""
+    op = "step_attention"
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"{op}: q must be [B, N, 1, D] (one token per row), got {tuple(q.shape)}")
     batch, n_heads, _, head_dim = q.shape
@@ -243,7 +243,7 @@ def _decode_attention(
 
     if num_splits is None:
         num_splits = default_num_splits(batch, n_heads, t_max, q.device)
-    block_n, num_warps, num_stages = config or decode_config(head_dim, q.dtype, gpu_capability(q.device))
+    block_n, num_warps, num_stages = config or step_config(head_dim, q.dtype, gpu_capability(q.device))
     direct = num_splits == 1
     if direct:
         part_o = part_lse = out  # unused
@@ -251,7 +251,7 @@ def _decode_attention(
         part_o = torch.empty((batch * n_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * n_heads, num_splits), dtype=torch.float32, device=q.device)
     scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    decode_split_kernel[(batch * n_heads, num_splits)](
+    step_split_kernel[(batch * n_heads, num_splits)](
         q, k_cache, v_cache, kv_len if per_row else q, key_start if key_start is not None else q,
         logn if logn is not None else q, out, part_o, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -262,7 +262,7 @@ def _decode_attention(
         enable_fp_fusion=True,
     )
     if not direct:
-        decode_merge_kernel[(batch * n_heads,)](
+        step_merge_kernel[(batch * n_heads,)](
             part_o, part_lse, out, out.stride(0), out.stride(1), n_heads, num_splits,
             D=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, enable_fp_fusion=True,
         )
