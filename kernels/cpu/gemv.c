@@ -25,8 +25,8 @@
 #define ROWS 4
 
 /* Software prefetch distance in bytes, per stream. Each thread reads ROWS streams; the hardware
- * prefetchers alone leave too few misses in flight (measured: ~14 GB/s with 2 threads, ~20 GB/s with a
- * prefetch 1 KB ahead, on a 2-core Zen 3 VM whose fp32 `torch.sum` streams ~17 GB/s). */
+ * prefetchers alone leave too few misses in flight, and a prefetch 1 KB ahead streams markedly faster
+ * (tools/bench_cpu_gemv.py measures the GEMVs against the machine's read bandwidth). */
 #ifndef PF
 #define PF 1024
 #endif

@@ -13,8 +13,8 @@
  *
  * Work is handed out in chunks (NK_CHUNKS_PER_THREAD per thread and matrix, first come first served)
  * rather than one fixed slab per thread: on a shared VM one core is often a little slower than the
- * other, and with fixed slabs the faster one then idles at every barrier (measured: ~3 ms of a 45 ms
- * step on the 2-core CI VM, ~1 ms with chunks). Which thread computes a row does not change its value
+ * other, and with fixed slabs the faster one then idles at every barrier (a few percent of a step;
+ * chunks cut that to a third). Which thread computes a row does not change its value
  * (see nk_gemv_rows), so results do not depend on the thread count or the schedule.
  *
  * Numerics: the computation is that of nekomata_core.model in the model dtype ("act" below: fp32, bf16
@@ -345,7 +345,7 @@ NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
  * for the benchmark's roofline: the fastest way we know to read memory on these machines, i.e. the
  * GEMVs' access pattern without their arithmetic. Each thread takes one contiguous slab and walks
  * STREAM_WAYS parts of it in lockstep with a software prefetch ahead of each (one stream per thread
- * measured ~15 % slower here: more streams keep more misses in flight). Returns the sum of the 32-bit
+ * reads slower: more streams keep more misses in flight). Returns the sum of the 32-bit
  * words (each of the 8 lanes wrapping at 32 bits) so that the loads cannot be optimised away. */
 #define STREAM_WAYS 4
 #define STREAM_PF 512

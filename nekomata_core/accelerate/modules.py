@@ -32,7 +32,7 @@ class CpuLinear(nn.Linear):
     """nn.Linear on a CPU: the C GEMV for one-row bf16 calls; fp32 for wide half-precision calls.
 
     `upcast_rows` (0 = never): on CPUs without bf16/fp16 arithmetic, PyTorch's half-precision matmul is
-    emulated and gets slower with every row (a 128-token prefill runs ~10× slower than in fp32). From
+    emulated and gets slower with every row (a 128-token prefill runs many times slower than in fp32). From
     that many rows on we multiply in fp32 and round once to the model dtype, which is what native bf16
     kernels do too (fp32 accumulation, one rounding), in another summation order. One-row calls keep
     the half-precision weights: they are memory-bound and read half the bytes.
