@@ -300,7 +300,7 @@ class QwenForCausalLM(nn.Module):
       just the new tokens [B, T_new] or the whole sequence [B, cache.length + T_new] as in HF.
     - `model(tokens, cache=cache, position=p)`: one token per row at `p` ([1] long, from
       `cache.next_position()`) with fixed shapes, for torch.compile / CUDA graphs; no input checks,
-      and the caller advances `cache.length` (nekomata_core.steps.StaticStep does both).
+      and the caller advances `cache.length` (nekomata_core.accelerate.StaticStep does both).
     """
 
     def __init__(self, config: QwenConfig) -> None:
