@@ -52,3 +52,56 @@ def test_bench_prints_a_table_with_transformers_and_writes_json(tmp_path, capsys
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["tiny", "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
+
+
+FAKE_LLAMA_BENCH = r"""#!/usr/bin/env python3
+# Stands in for llama.cpp's llama-bench: records its arguments, prints results in its -o json format.
+import json, sys
+args = sys.argv[1:]
+open(__file__ + ".args", "w").write(json.dumps(args))
+get = lambda flag: args[args.index(flag) + 1]
+record = {"model_type": "qwen 620M Q4_K - Medium", "model_size": 400000000, "n_threads": int(get("-t"))}
+print(json.dumps([
+    {**record, "n_prompt": int(get("-p")), "n_gen": 0, "avg_ts": 366.0, "samples_ts": [360.0, 372.0]},
+    {**record, "n_prompt": 0, "n_gen": int(get("-n")), "avg_ts": 69.5, "samples_ts": [69.0, 70.0]},
+]))
+"""
+
+
+def _bench_args(*extra: str) -> list[str]:
+    return ["tiny", "--dtype", "float32", "--runs", "1", "--warmup", "0", "--prompt-tokens", "8",
+            "--new-tokens", "4", "--bandwidth-gib", "0.05", "--no-transformers", *extra]  # fmt: skip
+
+
+def test_bench_runs_a_llama_bench_peer_on_the_same_workload(tmp_path, capsys):
+    peer = tmp_path / "llama-bench"
+    peer.write_text(FAKE_LLAMA_BENCH)
+    peer.chmod(0o755)
+    gguf = tmp_path / "tiny-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "bench.json"
+    code = main(_bench_args("--threads", "2", "--peer-llama-bench", str(peer), "--peer-gguf", str(gguf),
+                            "--json", str(out)))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "llama.cpp qwen 620M Q4_K - Medium" in printed and "69.50" in printed
+    args = json.loads((tmp_path / "llama-bench.args").read_text())
+    assert args[args.index("-m") + 1] == str(gguf)
+    assert [args[args.index(f) + 1] for f in ("-t", "-p", "-n", "-o")] == ["2", "8", "4", "json"]
+    peer_row = next(r for r in json.loads(out.read_text())["results"] if r.get("peer"))
+    assert peer_row["decode_tokens_per_second"] == 69.5 and peer_row["prefill_tokens_per_second"] == 366.0
+
+
+def test_bench_peer_arguments_are_checked(tmp_path, capsys):
+    assert main(_bench_args("--peer-gguf", str(tmp_path / "x.gguf"))) == 2
+    assert "--peer-llama-bench" in capsys.readouterr().err
+    assert main(_bench_args("--peer-llama-bench", str(tmp_path / "nope"), "--peer-gguf", str(tmp_path))) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_bench_batch_reports_the_tokens_of_all_rows(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(_bench_args("--batch", "3", "--json", str(out))) == 0
+    assert "batch 3" in capsys.readouterr().out
+    (ours,) = json.loads(out.read_text())["results"]
+    assert "error" not in ours and ours["decode_tokens_per_second"] > 0
