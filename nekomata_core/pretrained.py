@@ -96,9 +96,9 @@ def load_pretrained(
     if tensor_parallel:
         from .accelerate import tensor_parallel as tp_module
 
+        target_device = tp_module.rank_device(device, target_device)
         tp = tp_module.init_process_group(target_device)
         tp_module.check_divisible(config, tp.world_size)  # before any weight is read
-        target_device = tp_module.rank_device(target_device)
     target_dtype = resolve_dtype(dtype, config, target_device)
     saved_quantization = quantization_of(config.extra)
     # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,

@@ -76,11 +76,13 @@ def init_process_group(device: torch.device) -> TensorParallel:
     return TensorParallel(dist.get_rank(), dist.get_world_size())
 
 
-def rank_device(device: torch.device) -> torch.device:
-    """CUDA under torchrun: one GPU per process, the LOCAL_RANK-th ("cuda" without an index)."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+def rank_device(requested: str | torch.device, resolved: torch.device) -> torch.device:
+    """CUDA under torchrun: one GPU per process, the LOCAL_RANK-th, unless a GPU was named ("cuda:1")."""
+    if resolved.type == "cuda" and str(requested) in ("auto", "cuda"):
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)  # nccl works on the current device
+    return resolved
 
 
 def check_divisible(config: QwenConfig, world_size: int) -> None:
@@ -111,7 +113,7 @@ def shard_selection(config: QwenConfig, tp: TensorParallel) -> Callable[[str], S
             # Rows are [q; k; v], each `hidden` tall: the same heads' rows from each of the three.
             return 0, [(part * hidden + r * share, part * hidden + (r + 1) * share) for part in range(3)]
         if _ROW.fullmatch(name):
-            size = share if ".attn." in name else width
+            size = share if ".attn." in name else width // n  # the columns of its heads, or of its width
             return 1, [(r * size, (r + 1) * size)]
         if _COLUMN.fullmatch(name):
             size = config.vocab_size if name.startswith("lm_head") else width
