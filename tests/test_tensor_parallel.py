@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -188,3 +190,19 @@ def test_check_divisible_names_every_size_that_does_not_divide():
     check_divisible(config, 2)
     with pytest.raises(TensorParallelError, match=r"vocab_size = 151936"):
         check_divisible(config, 3)
+
+
+def test_torchrun_generate_prints_once_the_tokens_of_one_process(checkpoint_factory, capsys):
+    from nekomata_core.apps.cli import main
+
+    folder = str(checkpoint_factory("tiny", seed=21, init_std=0.1, with_tokenizer=True))
+    args = ["generate", folder, "猫は", "--max-new-tokens", "6", "--device", "cpu", "--do-sample", "--seed", "5"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nekomata_core"]
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == alone  # the same text, printed by rank 0 only
+    assert proc.stderr.count("[prefill") == 1
