@@ -42,7 +42,10 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device | str,
+        num_heads: int | None = None,
     ) -> None:
+        # num_heads: the heads this process computes — all of them, or a tensor-parallel rank's share.
+        num_heads = config.num_attention_heads if num_heads is None else num_heads
         if batch_size <= 0 or max_length <= 0:
             raise CacheError(
                 f"a KV cache needs batch_size > 0 and max_length > 0, got {batch_size} and {max_length}"
@@ -50,7 +53,7 @@ class KVCache:
         shape = (
             config.num_hidden_layers,
             batch_size,
-            config.num_attention_heads,
+            num_heads,
             max_length,
             config.head_dim,
         )
@@ -58,10 +61,11 @@ class KVCache:
         device = torch.device(device)
         # Refuse before allocating: a cache too large for the machine would otherwise end in an
         # allocator traceback, or on Linux in the OOM killer once torch.zeros touches the pages.
-        needed = cache_nbytes(config, batch_size, max_length, dtype)
+        needed = cache_nbytes(config, batch_size, max_length, dtype, num_heads)
         available = available_memory_bytes(device)
+        too_large = (config, batch_size, num_heads, max_length, dtype, device, needed, available)
         if available is not None and needed > available:
-            raise CacheError(_too_large(config, batch_size, max_length, dtype, device, needed, available))
+            raise CacheError(_too_large(*too_large))
         try:
             # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -69,7 +73,7 @@ class KVCache:
             self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
         except RuntimeError as exc:  # torch.OutOfMemoryError and CPU allocator failures alike
             raise CacheError(
-                _too_large(config, batch_size, max_length, dtype, device, needed, available)
+                _too_large(*too_large)
                 + f" (the allocator said: {str(exc).splitlines()[0]})"
             ) from None
         self.ntk_alpha: torch.Tensor | None = None
@@ -163,10 +167,13 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def cache_nbytes(config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
+def cache_nbytes(
+    config: QwenConfig, batch_size: int, max_length: int, dtype: torch.dtype, num_heads: int | None = None
+) -> int:
     """Bytes of a KVCache: keys and values (L × 2 × B × N × T × D × itemsize) plus the key mask."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_position = config.num_hidden_layers * 2 * config.num_attention_heads * config.head_dim * itemsize
+    heads = config.num_attention_heads if num_heads is None else num_heads
+    per_position = config.num_hidden_layers * 2 * heads * config.head_dim * itemsize
     return batch_size * max_length * (per_position + 1)
 
 
@@ -217,12 +224,12 @@ def _cgroup_headroom() -> int | None:
         return None
 
 
-def _too_large(config, batch_size, max_length, dtype, device, needed, available) -> str:
+def _too_large(config, batch_size, num_heads, max_length, dtype, device, needed, available) -> str:
     have = "an unknown amount" if available is None else f"{available / 2**30:.2f} GiB"
     return (
         f"the KV cache for {batch_size} sequence(s) of {max_length} positions needs "
         f"{needed / 2**30:.2f} GiB ({config.num_hidden_layers} layers × 2 × {batch_size} × "
-        f"{config.num_attention_heads} heads × {max_length} × {config.head_dim} × "
+        f"{num_heads} heads × {max_length} × {config.head_dim} × "
         f"{str(dtype).removeprefix('torch.')}) but {have} is available on {device}; "
         "lower max_new_tokens, the prompt length or the batch size"
     )

@@ -67,6 +67,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_SELECT_BLOCK_BYTES = 1 << 22  # the staging block when reading columns: 4 MiB of whole rows
 _MAX_LISTED = 12  # how many names an error message spells out before saying "and N more"
 
 
@@ -355,6 +356,45 @@ def _read_tensor(f, info: TensorInfo, dtype: torch.dtype, device: torch.device) 
     return staging.to(device=device, dtype=dtype)
 
 
+# A part of a tensor to read: (dim, [(start, stop), ...]) — the given ranges along dim 0 (whole rows) or
+# dim 1 (whole columns of a 2-D tensor), concatenated in that order. Tensor parallelism reads its shards so.
+Selection = tuple[int, list[tuple[int, int]]]
+
+
+def select(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The part of an in-memory tensor that `selection` names (a copy, contiguous)."""
+    dim, ranges = selection
+    return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in ranges], dim=dim).contiguous()
+
+
+def _read_selected(f, info: TensorInfo, selection: Selection, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read only the selected rows or columns of a tensor: the bytes of the rest are never read."""
+    dim, ranges = selection
+    file_dtype = SAFETENSORS_DTYPES[info.dtype]
+    itemsize = torch.empty((), dtype=file_dtype).element_size()
+    if dim == 0:
+        row_bytes = math.prod(info.shape[1:]) * itemsize
+        out = torch.empty((sum(b - a for a, b in ranges), *info.shape[1:]), dtype=file_dtype)
+        row = 0
+        for start, stop in ranges:  # each range is one contiguous run of bytes in the file
+            part = TensorInfo(info.name, info.dtype, (), info.file, info.offset + start * row_bytes,
+                              (stop - start) * row_bytes)
+            _read_into(f, part, out[row : row + stop - start])
+            row += stop - start
+    else:  # columns of a 2-D tensor [R, C]: read a block of whole rows at a time, keep the columns
+        rows, columns = info.shape
+        out = torch.empty((rows, sum(b - a for a, b in ranges)), dtype=file_dtype)
+        block_rows = max(1, _SELECT_BLOCK_BYTES // max(columns * itemsize, 1))
+        for first in range(0, rows, block_rows):
+            count = min(block_rows, rows - first)
+            block = torch.empty((count, columns), dtype=file_dtype)
+            part = TensorInfo(info.name, info.dtype, (), info.file, info.offset + first * columns * itemsize,
+                              count * columns * itemsize)
+            _read_into(f, part, block)
+            out[first : first + count] = select(block, (1, ranges))
+    return out.to(device=device, dtype=dtype)
+
+
 def iter_safetensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every tensor of a safetensors file, in file order, as CPU tensors of
     the file's dtype. Only one tensor is read at a time; the header is validated first."""
@@ -631,6 +671,7 @@ def load_weights(
     progress: bool = True,
     after_tensor: Callable[[str], None] | None = None,
     allow_pickle: bool = False,
+    selection: Callable[[str], Selection | None] | None = None,
 ) -> None:
     """Replace every parameter of `model` (normally on the meta device) with the checkpoint's tensor.
 
@@ -641,7 +682,10 @@ def load_weights(
     time, so peak memory is the final weights plus at most one tensor. `after_tensor(name)`, if given,
     is called after each parameter is set (quantize-on-load uses it to convert a layer as soon as its
     last tensor is in). `allow_pickle=True` also reads `pytorch_model*.bin` checkpoints
-    (with `torch.load(weights_only=True)`); without it they are refused.
+    (with `torch.load(weights_only=True)`); without it they are refused. `selection(name)`, if given,
+    names the part of a tensor to load (see `Selection`; None = all of it): the headers are still
+    checked against the model's full shapes, and only the selected bytes of safetensors files are read
+    (a tensor-parallel rank reads its shard and nothing else).
     """
     folder = Path(folder)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -673,7 +717,11 @@ def load_weights(
                 state = _torch_load(path)
                 for info in infos:
                     # copy=True: never keep a parameter that aliases the file mapping.
-                    tensor = state.pop(info.name).to(device=device, dtype=targets[info.name], copy=True)
+                    tensor = state.pop(info.name)
+                    part = selection(info.name) if selection is not None else None
+                    if part is not None:
+                        tensor = select(tensor, part)
+                    tensor = tensor.to(device=device, dtype=targets[info.name], copy=True)
                     _set_parameter(model, info.name, tensor)
                     if after_tensor is not None:
                         after_tensor(info.name)
@@ -682,7 +730,12 @@ def load_weights(
                 continue
             with open(path, "rb", buffering=0) as f:  # unbuffered: readinto goes straight to the tensor
                 for info in sorted(infos, key=lambda i: i.offset):  # sequential reads
-                    _set_parameter(model, info.name, _read_tensor(f, info, targets[info.name], device))
+                    part = selection(info.name) if selection is not None else None
+                    if part is None:
+                        tensor = _read_tensor(f, info, targets[info.name], device)
+                    else:
+                        tensor = _read_selected(f, info, part, targets[info.name], device)
+                    _set_parameter(model, info.name, tensor)
                     if after_tensor is not None:
                         after_tensor(info.name)
                     bar.update(info.nbytes)

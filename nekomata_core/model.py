@@ -235,7 +235,7 @@ class Attention(nn.Module):
         self.attend = ScaledDotProductAttention()
 
     def forward(self, x: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        batch, length, hidden = x.shape
+        batch, length, _ = x.shape
         qkv = self.c_attn(x).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # [B, T, N, D] each
         q, k = self.rotary(q, k, inputs.cos, inputs.sin)
@@ -245,7 +245,7 @@ class Attention(nn.Module):
             # returns every key and value this call attends to.
             k, v = inputs.cache.update(self.layer_index, k, v, inputs.write_at)
         out = self.attend(q, k, v, inputs)  # [B, N, T, D]
-        return self.c_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+        return self.c_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
 # ==================== Feed-forward ================================================================
@@ -321,7 +321,8 @@ class QwenForCausalLM(nn.Module):
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A fresh static KV cache for `batch_size` sequences of up to `max_length` positions."""
-        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
+        heads = self.transformer.h[0].attn.num_heads  # all, or a tensor-parallel rank's share of them
+        return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device, num_heads=heads)
 
     def forward(
         self,

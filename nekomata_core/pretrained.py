@@ -74,10 +74,12 @@ def load_pretrained(
     progress: bool = True,
     quantize: str | None = None,
     allow_pickle: bool = False,
+    tensor_parallel: bool = False,
 ) -> Architecture:
     """`QwenForCausalLM.from_pretrained`. `allow_pickle=True` also reads checkpoints that only have
     pickled `pytorch_model*.bin` weights (with `torch.load(weights_only=True)`); they are refused
-    otherwise, with the command that converts them to safetensors."""
+    otherwise, with the command that converts them to safetensors. `tensor_parallel=True` (in a
+    process started by torchrun) loads only this rank's shard (`accelerate.tensor_parallel`)."""
     from .loader import check_checkpoint, load_weights
     from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_int8_structure, quantization_of
 
@@ -90,6 +92,13 @@ def load_pretrained(
     # a billion blocks first, and a wrong config would only be noticed after the model exists.
     check_checkpoint(folder, config, allow_pickle=allow_pickle)
     target_device = resolve_device(device)
+    tp = None
+    if tensor_parallel:
+        from .accelerate import tensor_parallel as tp_module
+
+        target_device = tp_module.rank_device(device, target_device)
+        tp = tp_module.init_process_group(target_device)
+        tp_module.check_divisible(config, tp.world_size)  # before any weight is read
     target_dtype = resolve_dtype(dtype, config, target_device)
     saved_quantization = quantization_of(config.extra)
     # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,
@@ -99,7 +108,9 @@ def load_pretrained(
     if saved_quantization is not None:  # int8 weights on disk: load them as they are
         convert_to_int8_structure(model, target_dtype)
     # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
-    on_load = QuantizeOnLoad(model) if quantize == "int8" and saved_quantization is None else None
+    on_load = None
+    if quantize == "int8" and saved_quantization is None:
+        on_load = QuantizeOnLoad(model, tp_module.row_absmax(tp) if tp is not None else None)
     load_weights(
         model,
         folder,
@@ -108,7 +119,10 @@ def load_pretrained(
         progress=progress,
         after_tensor=on_load,
         allow_pickle=allow_pickle,
+        selection=tp_module.shard_selection(config, tp) if tp is not None else None,
     )
+    if tp is not None:
+        tp_module.apply(model, tp)  # local head counts, the all-reduces and the logits' all-gather
     # The architecture is plain PyTorch; the fast modules for this device are swapped in from outside.
     accelerate(model, attention=attention_backend, ops=ops_backend)
     model.checkpoint_dir = folder
@@ -134,11 +148,13 @@ class QwenForCausalLM(Architecture):
         progress: bool = True,
         quantize: str | None = None,
         allow_pickle: bool = False,
+        tensor_parallel: bool = False,
     ) -> QwenForCausalLM:
         """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
 
         quantize="int8" stores every linear layer as int8 with per-channel scales (nekomata_core.quantize);
-        the backends are `nekomata_core.accelerate` choices.
+        the backends are `nekomata_core.accelerate` choices. tensor_parallel=True: in each process that
+        torchrun starts, load and run this rank's shard (nekomata_core.accelerate.tensor_parallel).
         """
         return load_pretrained(
             cls,
@@ -151,4 +167,5 @@ class QwenForCausalLM(Architecture):
             progress=progress,
             quantize=quantize,
             allow_pickle=allow_pickle,
+            tensor_parallel=tensor_parallel,
         )

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,19 +48,24 @@ class Int8Linear(nn.Module):
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, row_absmax: torch.Tensor | None = None) -> Int8Linear:
+        """The int8 form of a linear. `row_absmax` [out]: max |w| of each whole row when this linear
+        holds only some of each row's columns (a row-parallel shard), so the scales are those of the
+        whole layer; None = this weight's own rows."""
         weight = linear.weight.detach()
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
         scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
         # A few thousand rows at a time: an fp32 copy of a whole lm_head would cost 2.5 GB for 7B.
         for rows in torch.arange(weight.shape[0], device=weight.device).split(QUANTIZE_CHUNK_ROWS):
             block = weight[rows[0] : rows[-1] + 1].float()
-            block_scales = block.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [rows] per output channel
+            absmax = block.abs().amax(dim=1) if row_absmax is None else row_absmax[rows[0] : rows[-1] + 1].float()
+            block_scales = absmax.clamp(min=1e-12) / 127.0  # [rows] per output channel
             q[rows[0] : rows[-1] + 1] = (
                 torch.round(block / block_scales[:, None]).clamp(-127, 127).to(torch.int8)
             )
             scales[rows[0] : rows[-1] + 1] = block_scales
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
+        out_features, in_features = weight.shape  # a shard's own shape, not the layer's
+        module = cls(in_features, out_features, linear.bias is not None, weight.dtype)
         module.weight = nn.Parameter(q, requires_grad=False)
         module.scales = nn.Parameter(scales.to(weight.dtype), requires_grad=False)
         if linear.bias is not None:
@@ -96,11 +102,11 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_linear(model: nn.Module, name: str) -> None:
+def quantize_linear(model: nn.Module, name: str, row_absmax: torch.Tensor | None = None) -> None:
     """Replace the nn.Linear called `name` by its Int8Linear (the float weight is then freed)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf)))
+    setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf), row_absmax))
 
 
 class QuantizeOnLoad:
@@ -109,9 +115,14 @@ class QuantizeOnLoad:
     model plus one float layer, instead of the whole float model; a bf16 nekomata-14b needs 28 GB,
     its int8 form 15 GB)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self, model: nn.Module, row_absmax: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None
+    ) -> None:
         self.model = model
         self.linears = set(_linear_names(model))
+        # For tensor parallelism: (name, weight) → max |w| of each whole row when the rows are split
+        # across processes, else None (see Int8Linear.from_linear).
+        self.row_absmax = row_absmax
 
     def __call__(self, tensor_name: str) -> None:
         module_name = tensor_name.rpartition(".")[0]
@@ -120,7 +131,8 @@ class QuantizeOnLoad:
         module = self.model.get_submodule(module_name)
         if any(p.is_meta for p in module.parameters()):
             return  # its other tensor (weight or bias) is still to come
-        quantize_linear(self.model, module_name)
+        absmax = None if self.row_absmax is None else self.row_absmax(module_name, module.weight)
+        quantize_linear(self.model, module_name, absmax)
         self.linears.discard(module_name)
 
 

@@ -175,6 +175,12 @@ _NATIVE_STANDS_IN_FOR: dict[str, tuple[type, ...]] = {
 
 def native_step_problem(model: QwenForCausalLM) -> str | None:
     """None when the native (C) step can run this model, else why not."""
+    tp = getattr(model, "tensor_parallel", None)
+    if tp is not None:
+        return (
+            f"the model is split over {tp.world_size} processes (tensor parallelism) and the C step runs "
+            "a whole model in one call, with no all-reduce between its halves"
+        )
     if model.device.type != "cpu":
         return f"the model is on {model.device}, the native step runs on the CPU"
     weights = {p.dtype for p in model.parameters()}

@@ -1,8 +1,15 @@
-"""`nekomata generate` and `nekomata chat`: streaming text generation from the command line."""
+"""`nekomata generate` and `nekomata chat`: streaming text generation from the command line.
+
+Under `torchrun --nproc-per-node N -m nekomata_core generate|chat ...` (WORLD_SIZE > 1, or with
+`--tensor-parallel`) every process loads its shard of the model (nekomata_core.accelerate.tensor_parallel)
+and runs the same generation: all ranks compute the same logits and start from the same seed (rank 0's,
+broadcast), so they choose the same tokens. Only rank 0 reads stdin (chat lines are broadcast) and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -26,6 +33,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, batch 1)",
     )
     group.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    group.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="split the model over the processes torchrun starts (the default when WORLD_SIZE > 1)",
+    )
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -126,18 +138,61 @@ def _load(args: argparse.Namespace, model_name: str):
         kwargs: dict[str, Any] = {}
         if args.quantize:
             kwargs["quantize"] = args.quantize
+        if tensor_parallel_requested(args):
+            kwargs["tensor_parallel"] = True
         model = QwenForCausalLM.from_pretrained(
             folder,
             dtype=args.dtype,
             device=args.device,
             attention_backend=args.attention_backend,
-            progress=sys.stderr.isatty(),
+            progress=sys.stderr.isatty() and _rank() == 0,
             **kwargs,
         )
         defaults = load_generation_config(folder / "generation_config.json")
     except (ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
     return folder, model, tokenizer, defaults
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def tensor_parallel_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "tensor_parallel", False)) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _from_rank0(value: Any, model) -> Any:
+    """Rank 0's `value` on every rank of a tensor-parallel model (the value itself otherwise)."""
+    if getattr(model, "tensor_parallel", None) is None:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _seed_alike(args: argparse.Namespace, model) -> None:
+    """Seed the torch RNG: with --seed, else (several ranks) with rank 0's initial seed, so that every
+    rank draws the same samples."""
+    import torch
+
+    seed = args.seed
+    if getattr(model, "tensor_parallel", None) is not None:
+        seed = _from_rank0(torch.initial_seed() if seed is None else seed, model)
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def _outputs() -> tuple[TextIO, TextIO]:
+    """(stdout, the speed report's stream): the real ones on rank 0, a sink on the others."""
+    if _rank() == 0:
+        return sys.stdout, sys.stderr
+    sink = open(os.devnull, "w")  # noqa: SIM115 — lives as long as the command
+    return sink, sink
 
 
 def _params(args: argparse.Namespace, defaults, **extra: Any):
@@ -189,16 +244,16 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("the prompt is empty; give some text to continue", EXIT_USAGE)
     _, model, tokenizer, defaults = _load(args, args.model)
     params = _params(args, defaults)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    _seed_alike(args, model)
+    out, err = _outputs()
     result = GenerationOutput(torch.empty(0), [], [])
-    sys.stdout.write(prompt)
+    out.write(prompt)
     _stream_to(
-        sys.stdout,
+        out,
         stream(model, tokenizer, prompt, params, output=result, decode_fn=make_step(model, args.decode)),
     )
-    sys.stdout.write("\n")
-    _report_speed(result, sys.stderr)
+    out.write("\n")
+    _report_speed(result, err)
     return 0
 
 
@@ -218,24 +273,29 @@ def run_chat(args: argparse.Namespace) -> int:
         hint = read_generation_config(folder / "generation_config.json").get("chat_format")
         fmt = chat.detect_format(str(args.model), hint)
     params = _params(args, defaults, eos_token_id=chat.stop_ids(tokenizer, fmt))
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    _seed_alike(args, model)
     decode_fn = make_step(model, args.decode)
     history: list[chat.Turn] = []
     system = args.system or chat.DEFAULT_SYSTEM
+    out, err = _outputs()
     print(
         f"[{folder.name}: {fmt} format; /reset clears the history, /exit or Ctrl-D quits, "
         "Ctrl-C stops a reply]",
-        file=sys.stderr,
+        file=err,
     )
     while True:
-        if sys.stdin.isatty():
-            sys.stderr.write("> ")
-            sys.stderr.flush()
-        try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt (or a second one just after a reply stopped)
-            sys.stderr.write("\n")
+        line = None
+        if _rank() == 0:
+            if sys.stdin.isatty():
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt (or a second one just after a reply stopped)
+                sys.stderr.write("\n")
+                line = 130
+        line = _from_rank0(line, model)  # under tensor parallelism only rank 0 reads stdin
+        if line == 130:
             return 130
         if not line or line.strip() == "/exit":
             return 0
@@ -254,18 +314,18 @@ def run_chat(args: argparse.Namespace) -> int:
         result = GenerationOutput(torch.empty(0), [], [])
         pieces = stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn)
         try:
-            reply = _stream_to(sys.stdout, pieces)
+            reply = _stream_to(out, pieces)
         except KeyboardInterrupt:
             # Ctrl-C during a reply stops only the reply. The unfinished exchange is dropped from the
             # history (the next prompt is built as if this message had not been sent), so that a cut-off
             # answer does not steer the next one; the earlier turns stay.
             pieces.close()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            print("[reply stopped; this exchange was not added to the history]", file=sys.stderr)
+            out.write("\n")
+            out.flush()
+            print("[reply stopped; this exchange was not added to the history]", file=err)
             continue
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        out.write("\n")
+        out.flush()
         if fmt == "chatml":
             history += [chat.Turn("user", message), chat.Turn("assistant", reply)]
-        _report_speed(result, sys.stderr)
+        _report_speed(result, err)

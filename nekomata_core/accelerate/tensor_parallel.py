@@ -1,0 +1,222 @@
+"""Tensor parallelism: one model split across the processes of a `torch.distributed` group (the
+Megatron / gpt-fast `tp.py` pattern), applied from outside the architecture like every other swap.
+
+Each of the N ranks holds 1/N of every large matrix and computes with it; two collectives per block
+put the pieces back together:
+
+    c_attn        column-parallel by heads: rank r keeps the q, k and v rows (and biases) of its heads,
+                  so attention runs on its own heads and its own KV cache, with no communication
+    attn.c_proj   row-parallel: rank r keeps the input columns of its heads; the partial sums of
+                  all ranks are added with one all-reduce, then the bias (once)
+    w1, w2        column-parallel: rank r keeps 1/N of the MLP width (the SwiGLU is element-wise)
+    mlp.c_proj    row-parallel over that width: one all-reduce, then the bias
+    lm_head       column-parallel by vocabulary, then an all-gather: every rank has the full logits
+    wte, norms    replicated (the embedding is a lookup; norms are tiny)
+
+Every rank therefore computes the same logits [B, T, V], so generation runs unchanged on every rank
+and, with the same RNG state (torch's default seed is the same in every process; `--seed` seeds them
+alike), samples the same tokens. The sums of a row-parallel layer are added in another order than
+in one process (partial sums per rank, then across ranks): float32 logits agree to ~1e-6 relative.
+
+Loading reads only a rank's slices from the files (`shard_selection` → `loader.load_weights`); a rank
+of an already loaded model can also be cut from it in memory (`shard_model`). int8 layers shard as
+their weights do: scales go with the rows of column-parallel layers and stay whole in row-parallel
+ones, whose per-row absmax is agreed by an all-reduce when quantizing on load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import QwenConfig
+from ..errors import NekomataError
+from ..loader import Selection, select
+
+
+class TensorParallelError(NekomataError):
+    """The model cannot be split over this many processes, or no process group can be set up."""
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Where this process stands: rank `rank` of `world_size`, communicating over `group`."""
+
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup | None = None  # None = the default group
+
+
+# The pattern of every sharded parameter → how it is split (Int8Linear weights and scales alike).
+_COLUMN_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|scales)")
+_ROW = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight")
+_COLUMN = re.compile(r"(transformer\.h\.\d+\.mlp\.(w1|w2)|lm_head)\.(weight|bias|scales)")
+
+
+def init_process_group(device: torch.device) -> TensorParallel:
+    """This process's place in the default group, initialising it from the torchrun environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) if nobody has yet: nccl on CUDA, gloo on the CPU."""
+    if not dist.is_available():
+        raise TensorParallelError("this PyTorch build has no torch.distributed; tensor parallelism needs it")
+    if not dist.is_initialized():
+        missing = [key for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+        if missing:
+            raise TensorParallelError(
+                f"tensor_parallel=True needs a process group, and {missing} are not set: start the "
+                "program with `torchrun --nproc-per-node N ...` (or call "
+                "torch.distributed.init_process_group first)"
+            )
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
+def rank_device(requested: str | torch.device, resolved: torch.device) -> torch.device:
+    """CUDA under torchrun: one GPU per process, the LOCAL_RANK-th, unless a GPU was named ("cuda:1")."""
+    if resolved.type == "cuda" and str(requested) in ("auto", "cuda"):
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)  # nccl works on the current device
+    return resolved
+
+
+def check_divisible(config: QwenConfig, world_size: int) -> None:
+    """One error naming every size that the world size does not divide."""
+    sizes = {
+        "num_attention_heads": config.num_attention_heads,
+        "the MLP width (intermediate_size // 2)": config.mlp_width,
+        "vocab_size": config.vocab_size,
+    }
+    bad = [f"{name} = {size}" for name, size in sizes.items() if size % world_size]
+    if bad:
+        raise TensorParallelError(
+            f"cannot split this model over {world_size} processes: {', '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not divisible by {world_size}; "
+            "use a number of processes that divides the head count, the MLP width and the vocabulary"
+        )
+
+
+def shard_selection(config: QwenConfig, tp: TensorParallel) -> Callable[[str], Selection | None]:
+    """name → the part of that checkpoint tensor rank `tp.rank` holds (None = the whole tensor)."""
+    check_divisible(config, tp.world_size)
+    r, n = tp.rank, tp.world_size
+    hidden, width = config.hidden_size, config.mlp_width
+    share = hidden // n  # a rank's heads × head_dim
+
+    def selection(name: str) -> Selection | None:
+        if _COLUMN_BY_HEADS.fullmatch(name):
+            # Rows are [q; k; v], each `hidden` tall: the same heads' rows from each of the three.
+            return 0, [(part * hidden + r * share, part * hidden + (r + 1) * share) for part in range(3)]
+        if _ROW.fullmatch(name):
+            size = share if ".attn." in name else width // n  # the columns of its heads, or of its width
+            return 1, [(r * size, (r + 1) * size)]
+        if _COLUMN.fullmatch(name):
+            size = config.vocab_size if name.startswith("lm_head") else width
+            return 0, [(r * size // n, (r + 1) * size // n)]
+        return None  # the embedding, the norms, the row-parallel biases and scales: whole
+
+    return selection
+
+
+def row_absmax(tp: TensorParallel) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
+    """For quantize-on-load: a row-parallel layer's per-row max |w| over all ranks' columns, so its
+    int8 scales are those of the whole layer (None for the other layers)."""
+
+    def absmax(module_name: str, weight: torch.Tensor) -> torch.Tensor | None:
+        if not _ROW.fullmatch(module_name + ".weight"):
+            return None
+        local = weight.detach().abs().amax(dim=1).float()  # [out]
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=tp.group)
+        return local
+
+    return absmax
+
+
+def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
+    """Cut rank `tp.rank`'s shard out of a whole loaded model in place, and wire it (see `apply`)."""
+    selection = shard_selection(model.config, tp)
+    for name, parameter in list(model.named_parameters()):
+        part = selection(name)
+        if part is not None:
+            module_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(module_name), leaf, nn.Parameter(select(parameter.data, part),
+                                                                         requires_grad=False))
+    return apply(model, tp)
+
+
+def apply(model: nn.Module, tp: TensorParallel) -> nn.Module:
+    """Wire a model whose parameters are already rank `tp.rank`'s shards: local head counts and layer
+    sizes, an all-reduce after each row-parallel layer, an all-gather after lm_head."""
+    check_divisible(model.config, tp.world_size)
+    heads = model.config.num_attention_heads // tp.world_size
+    for block in model.transformer.h:
+        block.attn.num_heads = heads  # each rank attends with its own heads (and its own cache)
+        for linear in (block.attn.c_attn, block.mlp.w1, block.mlp.w2):
+            linear.out_features = linear.weight.shape[0]
+        for linear in (block.attn.c_proj, block.mlp.c_proj):
+            linear.in_features = linear.weight.shape[1]
+            _reduce_after(linear, tp)
+    model.lm_head.out_features = model.lm_head.weight.shape[0]
+    model.lm_head.register_forward_hook(_GatherVocabulary(tp))
+    model.tensor_parallel = tp
+    return model
+
+
+def _reduce_after(linear: nn.Module, tp: TensorParallel) -> None:
+    """Row-parallel: the layer computes its partial sum without the bias; the hook adds the ranks'
+    sums and then the bias, once. The bias is kept as `reduced_bias` (so the layer cannot add it)."""
+    bias = linear.bias
+    if bias is not None:
+        linear.bias = None
+        linear.register_parameter("reduced_bias", bias)
+    linear.register_forward_hook(_AllReduce(tp))
+
+
+class _AllReduce:
+    def __init__(self, tp: TensorParallel) -> None:
+        self.group = tp.group
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=self.group)  # the sum over the ranks' columns
+        bias = getattr(module, "reduced_bias", None)
+        return output if bias is None else output + bias
+
+
+class _GatherVocabulary:
+    def __init__(self, tp: TensorParallel) -> None:
+        self.group, self.world_size = tp.group, tp.world_size
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        output = output.contiguous()  # [B, T, V/N]
+        parts = [torch.empty_like(output) for _ in range(self.world_size)]
+        dist.all_gather(parts, output, group=self.group)
+        return torch.cat(parts, dim=-1)  # [B, T, V], the vocabulary in rank order
+
+
+def is_tensor_parallel(model: nn.Module) -> bool:
+    return getattr(model, "tensor_parallel", None) is not None
+
+
+def weight_nbytes(model: nn.Module) -> int:
+    """Bytes of this process's parameters (its shard plus the replicated ones)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+__all__ = [
+    "TensorParallel",
+    "TensorParallelError",
+    "apply",
+    "check_divisible",
+    "init_process_group",
+    "is_tensor_parallel",
+    "rank_device",
+    "row_absmax",
+    "shard_model",
+    "shard_selection",
+    "weight_nbytes",
+]

@@ -1,0 +1,208 @@
+"""Tensor parallelism (nekomata_core.accelerate.tensor_parallel): 2 and 3 gloo ranks on the CPU, on
+loopback, against the same checkpoint in one process.
+
+The ranks run once per world size (a session fixture: starting processes costs seconds) and send back
+what they computed; the tests compare it with the single-process model here. Tolerance: the ranks add
+a row-parallel layer's sums in another order (partial sums per rank, then across ranks), so float32
+logits agree to rounding, ≤ 1e-5 relative, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nekomata_core import QwenForCausalLM
+from nekomata_core.accelerate.tensor_parallel import TensorParallelError, check_divisible
+from nekomata_core.config import QwenConfig
+from nekomata_core.generation import generate
+
+# 6 heads and a vocabulary and MLP width that 2 and 3 divide.
+SIX_HEADS = dict(vocab_size=384, hidden_size=96, num_attention_heads=6, intermediate_size=192)
+PROMPT = [[3, 17, 42, 99, 250, 7, 1]]
+NEW_TOKENS = 6
+SAMPLE_SEED = 1234
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, folders: dict, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from nekomata_core.accelerate import make_step, native_step_problem
+
+    out: dict = {}
+    try:
+        model = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, tensor_parallel=True)
+        ids = torch.tensor(PROMPT)
+        with torch.inference_mode():
+            out["logits"] = model(ids).numpy()
+        out["params"] = {name: p.numpy().copy() for name, p in model.named_parameters()}
+        step = make_step(model, "auto")
+        out["step"] = type(step).__name__
+        out["native_problem"] = native_step_problem(model)
+        out["greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, decode_fn=step).new_tokens[0]
+        torch.manual_seed(SAMPLE_SEED)
+        sampled = generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, decode_fn=step)
+        out["sampled"] = sampled.new_tokens[0]
+        int8 = QwenForCausalLM.from_pretrained(
+            folders["six"], device="cpu", progress=False, tensor_parallel=True, quantize="int8"
+        )
+        with torch.inference_mode():
+            out["int8_logits"] = int8(ids).numpy()
+        out["int8_params"] = {name: p.numpy().copy() for name, p in int8.named_parameters()}
+        if world == 3:
+            try:
+                QwenForCausalLM.from_pretrained(folders["four"], device="cpu", progress=False, tensor_parallel=True)
+            except TensorParallelError as exc:
+                out["error"] = str(exc)
+    except Exception as exc:  # reported to the test instead of hanging the other ranks' collectives
+        out["crash"] = repr(exc)
+    results.put((rank, out))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(world: int, folders: dict) -> dict[int, dict]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=_rank_main, args=(r, world, port, folders, results)) for r in range(world)]
+    for process in processes:
+        process.start()
+    try:
+        outs = dict(results.get(timeout=120) for _ in range(world))
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    for rank, out in outs.items():
+        assert "crash" not in out, f"rank {rank}: {out['crash']}"
+    return outs
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoint_factory):
+    return {
+        "six": str(checkpoint_factory("tiny", **SIX_HEADS)),
+        # 4 heads and an MLP width of 128: 3 divides neither.
+        "four": str(checkpoint_factory("tiny", vocab_size=384)),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(folders):
+    return {world: _run(world, folders) for world in (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def single(folders):
+    model = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False)
+    int8 = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, quantize="int8")
+    return model, int8
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_computes_the_single_process_logits(runs, single, world):
+    with torch.inference_mode():
+        reference = single[0](torch.tensor(PROMPT))
+    for rank, out in runs[world].items():
+        assert _close(torch.from_numpy(out["logits"]), reference) <= 1e-5, rank
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_greedy_and_seeded_sampled_tokens_equal_one_process(runs, single, world):
+    model = single[0]
+    ids = torch.tensor(PROMPT)
+    greedy = generate(model, ids, max_new_tokens=NEW_TOKENS).new_tokens[0]
+    torch.manual_seed(SAMPLE_SEED)
+    sampled = generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5).new_tokens[0]
+    for out in runs[world].values():
+        assert out["greedy"] == greedy
+        assert out["sampled"] == sampled
+
+
+def _expected_shard(name: str, full: torch.Tensor, rank: int, world: int, config: QwenConfig) -> torch.Tensor:
+    """The slice of a whole tensor that rank `rank` should hold, written out independently."""
+    hidden = config.hidden_size
+    if ".attn.c_attn." in name:  # the q, k and v rows of the rank's heads
+        share = hidden // world
+        q, k, v = full.split(hidden)
+        return torch.cat([part[rank * share : (rank + 1) * share] for part in (q, k, v)])
+    if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):  # its input columns
+        return full.chunk(world, dim=1)[rank]
+    if any(key in name for key in (".w1.", ".w2.", "lm_head.")):  # its output rows
+        return full.chunk(world, dim=0)[rank]
+    return full  # embedding, norms, row-parallel scales: whole
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_each_rank_holds_exactly_its_shard(runs, single, world, kind):
+    model = single[0] if kind == "float" else single[1]
+    key = "params" if kind == "float" else "int8_params"
+    whole = dict(model.named_parameters())
+    for rank, out in runs[world].items():
+        assert set(out[key]) == set(whole)
+        for name, value in out[key].items():
+            expected = _expected_shard(name, whole[name], rank, world, model.config)
+            assert torch.equal(torch.from_numpy(value), expected), (rank, name)
+
+
+def test_int8_ranks_compute_the_single_process_int8_logits(runs, single):
+    with torch.inference_mode():
+        reference = single[1](torch.tensor(PROMPT))
+    for out in runs[2].values():
+        assert _close(torch.from_numpy(out["int8_logits"]), reference) <= 1e-5
+
+
+def test_decoding_uses_the_static_step_and_the_native_step_says_why_not(runs):
+    for out in runs[2].values():
+        assert out["step"] == "StaticStep"
+        assert "tensor parallelism" in out["native_problem"]
+
+
+def test_a_head_count_the_world_size_does_not_divide_is_one_clear_error(runs):
+    message = runs[3][0]["error"]
+    assert "3 processes" in message
+    assert "num_attention_heads = 4" in message and "intermediate_size // 2) = 128" in message
+
+
+def test_check_divisible_names_every_size_that_does_not_divide():
+    config = QwenConfig.from_preset("tiny")  # 4 heads, MLP width 128, vocabulary 151936
+    check_divisible(config, 2)
+    with pytest.raises(TensorParallelError, match=r"vocab_size = 151936"):
+        check_divisible(config, 3)
+
+
+def test_torchrun_generate_prints_once_the_tokens_of_one_process(checkpoint_factory, capsys):
+    from nekomata_core.apps.cli import main
+
+    folder = str(checkpoint_factory("tiny", seed=21, init_std=0.1, with_tokenizer=True))
+    args = ["generate", folder, "猫は", "--max-new-tokens", "6", "--device", "cpu", "--do-sample", "--seed", "5"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nekomata_core"]
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == alone  # the same text, printed by rank 0 only
+    assert proc.stderr.count("[prefill") == 1
