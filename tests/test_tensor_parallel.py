@@ -9,6 +9,7 @@ logits agree to rounding, ≤ 1e-5 relative, not bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -206,3 +207,28 @@ def test_torchrun_generate_prints_once_the_tokens_of_one_process(checkpoint_fact
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == alone  # the same text, printed by rank 0 only
     assert proc.stderr.count("[prefill") == 1
+
+
+def test_bench_under_torchrun_reports_each_ranks_memory_and_speed(checkpoint_factory, tmp_path):
+    folder = str(checkpoint_factory("tiny", seed=22, init_std=0.1, **SIX_HEADS))
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nekomata_core"]  # fmt: skip
+    args = ["bench", folder, "--dtype", "float32", "--runs", "1", "--warmup", "0", "--prompt-tokens", "6",
+            "--new-tokens", "3", "--threads", "1", "--bandwidth-gib", "0.02", "--no-transformers", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("GB weights") == 2 and "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
+    ranks = json.loads(out.read_text())["results"]
+    assert [r["rank"] for r in ranks] == ["0/2", "1/2"]
+    full = sum(p.numel() * 4 for p in _single_process_parameters(folder))
+    for r in ranks:
+        assert r["decode_tokens_per_second"] > 0
+        assert r["weight_bytes"] < full  # each rank holds its shard (plus the replicated embedding and norms)
+
+
+def _single_process_parameters(folder: str):
+    from nekomata_core import QwenForCausalLM
+
+    return QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False).parameters()
