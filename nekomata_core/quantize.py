@@ -27,8 +27,17 @@ from .config import ConfigError
 from .errors import NekomataError
 
 QUANT_METHOD = "int8_weight_only"
-QUANTIZE_CHOICES = ("int8",)
+INT4_METHOD = "int4_weight_only"
+QUANTIZE_CHOICES = ("int8", "int4")
 QUANTIZE_CHUNK_ROWS = 4096
+
+# int4 format (see "int4" in the module docstring): groups of INT4_GROUP_SIZE consecutive weights along
+# the input dimension. Mirrored as NK_INT4_GROUP in kernels/cpu/common.h (= abi.INT4_GROUP_SIZE).
+INT4_GROUP_SIZE = 32
+INT4_MAX = 15
+# The scale search of llama.cpp's make_qkx2_quants (as Q4_K calls it): trial inverse scales
+# (15 + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / (max - min) for i = 0..INT4_SEARCH_STEPS.
+INT4_SEARCH_RMIN, INT4_SEARCH_DELTA, INT4_SEARCH_STEPS = -1.0, 0.1, 20
 
 
 class Int8Linear(nn.Module):
@@ -83,6 +92,166 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+# ---------------------------------------------------------------------------------------------------- int4
+
+
+def _int4_fit(x: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and min [R] of each group x [R, G] (fp32) minimising the weighted squared error
+    sum_i w_i (scale * q_i + min - x_i)^2, with q_i = clamp(round((x_i - min) / scale), 0, 15).
+
+    The search of llama.cpp's make_qkx2_quants: start from the min/max grid, then for each trial grid
+    (inverse scale (15 + rmin + delta * i) / (max - min), anchored at the group minimum) round every
+    weight and solve the 2x2 weighted least-squares problem for (scale, min) given those integers;
+    keep whichever has the smallest error. The weights w_i = rms(x) + |x_i| favour large weights, which
+    dominate the products (Q4_K's choice without an importance matrix).
+    """
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    span = (hi - lo).clamp(min=1e-30)
+    w = x.pow(2).mean(dim=1, keepdim=True).sqrt() + x.abs()  # [R, G]
+    sum_w, sum_x = w.sum(dim=1), (w * x).sum(dim=1)
+    best_scale, best_min = span / INT4_MAX, lo.clone()
+    q = torch.round((x - lo[:, None]) / best_scale[:, None]).clamp_(0, INT4_MAX)
+    best_err = (w * (q * best_scale[:, None] + lo[:, None] - x).pow(2)).sum(dim=1)
+    for i in range(steps + 1):
+        inverse = (INT4_MAX + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / span
+        q = torch.round((x - lo[:, None]) * inverse[:, None]).clamp_(0, INT4_MAX)
+        wq = w * q
+        sum_q, sum_q2, sum_xq = wq.sum(dim=1), (wq * q).sum(dim=1), (wq * x).sum(dim=1)
+        det = sum_w * sum_q2 - sum_q * sum_q
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = (sum_w * sum_xq - sum_x * sum_q) / det
+        minimum = (sum_q2 * sum_x - sum_q * sum_xq) / det
+        err = (w * (q * scale[:, None] + minimum[:, None] - x).pow(2)).sum(dim=1)
+        better = ok & (err < best_err) & (scale > 0)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, minimum, best_min)
+        best_err = torch.where(better, err, best_err)
+    flat = hi == lo  # a constant group: every weight is its min
+    return torch.where(flat, torch.zeros_like(best_scale), best_scale), torch.where(flat, lo, best_min)
+
+
+def int4_codes(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The nearest 4-bit codes of groups x [R, G] for the given (already rounded) scales and mins [R]."""
+    s, m = scales.float()[:, None], mins.float()[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, torch.round((x - m) / safe), torch.zeros_like(x)).clamp_(0, INT4_MAX)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) → bytes [N, K // 2]: in each group of G, byte j holds code j in its low
+    nibble and code j + G/2 in its high one (so a 16-byte load unpacks into two runs of 16 in order)."""
+    n, k = q.shape
+    g = q.to(torch.uint8).reshape(n, k // INT4_GROUP_SIZE, 2, INT4_GROUP_SIZE // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: bytes [N, K // 2] → codes [N, K] (uint8)."""
+    n, half = packed.shape
+    g = packed.reshape(n, half * 2 // INT4_GROUP_SIZE, 1, INT4_GROUP_SIZE // 2)
+    return torch.cat((g & 15, g >> 4), dim=2).reshape(n, half * 2)
+
+
+def quantize_int4_weight(
+    weight: torch.Tensor, dtype: torch.dtype, steps: int = INT4_SEARCH_STEPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [N, K/2], scales [N, K/G], mins [N, K/G] in `dtype`) of a float weight [N, K].
+
+    Scale and min are searched in fp32 (`_int4_fit`), rounded to `dtype` (what is stored), and the
+    codes then re-rounded against the stored values, so the codes are the nearest ones for what the
+    kernels will actually use.
+    """
+    n, k = weight.shape
+    if k % INT4_GROUP_SIZE:
+        raise QuantizeError(
+            f"int4 quantization groups {INT4_GROUP_SIZE} input features; a linear with {k} inputs is not a "
+            f"multiple of {INT4_GROUP_SIZE}: quantize this model with quantize='int8' instead"
+        )
+    groups = k // INT4_GROUP_SIZE
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, groups, dtype=dtype, device=weight.device)
+    mins = torch.empty(n, groups, dtype=dtype, device=weight.device)
+    rows = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(k, 1))  # ~4M weights per block
+    for begin in range(0, n, rows):
+        end = min(begin + rows, n)
+        x = weight[begin:end].float().reshape(-1, INT4_GROUP_SIZE)  # [rows * groups, G]
+        s, m = _int4_fit(x, steps)
+        s, m = s.to(dtype), m.to(dtype)
+        q = int4_codes(x, s, m).reshape(end - begin, k)
+        packed[begin:end] = pack_int4(q)
+        scales[begin:end] = s.reshape(end - begin, groups)
+        mins[begin:end] = m.reshape(end - begin, groups)
+    return packed, scales, mins
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [N, K] that int4 (packed, scales, mins) stands for: q * scale + min per group."""
+    n = packed.shape[0]
+    q = unpack_int4(packed).float().reshape(n, scales.shape[1], INT4_GROUP_SIZE)
+    return (q * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias with W = q * scale + min per group of INT4_GROUP_SIZE inputs (q 4-bit).
+
+    weight: uint8 [out, in / 2] (two codes per byte, see pack_int4); scales, mins: [out, in / G] in the
+    activation dtype; bias [out] or None. The forward is exact with respect to the dequantized weight:
+    fp32 products and sums, one rounding to the activation dtype at the end.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        if in_features % INT4_GROUP_SIZE:
+            raise QuantizeError(
+                f"int4 needs in_features divisible by {INT4_GROUP_SIZE}, got {in_features}; use int8 instead"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        groups = in_features // INT4_GROUP_SIZE
+        # Parameters (frozen) rather than buffers, so the loader and state_dict treat them like weights.
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False
+        )
+        self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
+        self.mins = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        weight = linear.weight.detach()
+        packed, scales, mins = quantize_int4_weight(weight, weight.dtype)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        module.scales = nn.Parameter(scales, requires_grad=False)
+        module.mins = nn.Parameter(mins, requires_grad=False)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight [out, in] this layer computes with."""
+        return dequantize_int4(self.weight, self.scales, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).float()
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        # Dequantized a few thousand rows at a time: never a whole fp32 copy of the matrix.
+        step = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
+        for begin in range(0, self.out_features, step):
+            end = min(begin + step, self.out_features)
+            w = dequantize_int4(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
+            y[:, begin:end] = x2d @ w.T
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP_SIZE}"
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -151,6 +320,10 @@ def quantization_of(config_extra: dict) -> str | None:
             f"{{'method': '{QUANT_METHOD}'}} checkpoints written by save_quantized"
         )
     return "int8"
+
+
+class QuantizeError(NekomataError):
+    """A layer cannot be quantized in the format asked for (the message says which and what to do)."""
 
 
 class SaveError(NekomataError):
