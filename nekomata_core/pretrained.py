@@ -79,7 +79,7 @@ def load_pretrained(
     pickled `pytorch_model*.bin` weights (with `torch.load(weights_only=True)`); they are refused
     otherwise, with the command that converts them to safetensors."""
     from .loader import check_checkpoint, load_weights
-    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_int8_structure, quantization_of
+    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_quantized_structure, quantization_of
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
@@ -96,10 +96,10 @@ def load_pretrained(
     # and the loader replaces every parameter with the checkpoint's tensor in the target dtype.
     with torch.device("meta"):
         model = cls(config)
-    if saved_quantization is not None:  # int8 weights on disk: load them as they are
-        convert_to_int8_structure(model, target_dtype)
-    # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
-    on_load = QuantizeOnLoad(model) if quantize == "int8" and saved_quantization is None else None
+    if saved_quantization is not None:  # int8/int4 weights on disk: load them as they are
+        convert_to_quantized_structure(model, target_dtype, saved_quantization)
+    # quantize="int8"/"int4" on a float checkpoint: each linear is quantized as soon as it is read.
+    on_load = QuantizeOnLoad(model, quantize) if quantize is not None and saved_quantization is None else None
     load_weights(
         model,
         folder,
@@ -137,7 +137,8 @@ class QwenForCausalLM(Architecture):
     ) -> QwenForCausalLM:
         """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
 
-        quantize="int8" stores every linear layer as int8 with per-channel scales (nekomata_core.quantize);
+        quantize="int8" stores every linear layer as int8 with per-channel scales, quantize="int4" as 4-bit
+        groups with scales and mins (lm_head int8), quantized while loading (nekomata_core.quantize);
         the backends are `nekomata_core.accelerate` choices.
         """
         return load_pretrained(

@@ -40,6 +40,10 @@ INT4_MAX = 15
 INT4_SEARCH_RMIN, INT4_SEARCH_DELTA, INT4_SEARCH_STEPS = -1.0, 0.1, 20
 
 
+class QuantizeError(NekomataError):
+    """A layer cannot be quantized in the format asked for (the message says which and what to do)."""
+
+
 class Int8Linear(nn.Module):
     """y = (x @ q^T) · scale + bias, with q int8 [out, in] and scale [out] in the activation dtype."""
 
@@ -258,6 +262,21 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+def int4_keeps_int8(name: str) -> bool:
+    """Whether the linear `name` of an int4 model is stored as int8 (per output channel) instead: the
+    output head, whose errors go straight into the logits (llama.cpp's Q4_K_M keeps it at 6 bits), and
+    the fused q/k/v projection c_attn, whose errors pass through the softmax (Q4_K_M gives it 5 bits).
+    See the module docstring for the measurements."""
+    leaf = name.rpartition(".")[2]
+    return leaf in ("lm_head", "c_attn")
+
+
+def _quantized_class(method: str, name: str) -> type[nn.Module]:
+    if method == "int4" and not int4_keeps_int8(name):
+        return Int4Linear
+    return Int8Linear
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every nn.Linear of a loaded model by an Int8Linear, in place, one layer at a time."""
     for name in _linear_names(model):
@@ -265,22 +284,41 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_linear(model: nn.Module, name: str) -> None:
-    """Replace the nn.Linear called `name` by its Int8Linear (the float weight is then freed)."""
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of a loaded model by an Int4Linear (lm_head and c_attn: Int8Linear), in
+    place, one layer at a time."""
+    for name in _linear_names(model):
+        quantize_linear(model, name, "int4")
+    return model
+
+
+def quantize_linear(model: nn.Module, name: str, method: str = "int8") -> None:
+    """Replace the nn.Linear called `name` by its quantized form (the float weight is then freed)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf)))
+    setattr(parent, leaf, _quantized_class(method, name).from_linear(getattr(parent, leaf)))
 
 
 class QuantizeOnLoad:
     """`after_tensor` callback for `loader.load_weights`: each nn.Linear is quantized as soon as all of
     its tensors are loaded, so a float copy of the whole model never exists (peak memory: the int8
     model plus one float layer, instead of the whole float model; a bf16 nekomata-14b needs 28 GB,
-    its int8 form 15 GB)."""
+    its int8 form 15 GB). `method` is "int8" or "int4"."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, method: str = "int8") -> None:
+        if method not in QUANTIZE_CHOICES:
+            raise ValueError(f"method={method!r}; choose one of {list(QUANTIZE_CHOICES)}")
         self.model = model
+        self.method = method
         self.linears = set(_linear_names(model))
+        if method == "int4":  # refuse before any tensor is read, not halfway through the load
+            for name in self.linears:
+                linear = model.get_submodule(name)
+                if not int4_keeps_int8(name) and linear.in_features % INT4_GROUP_SIZE:
+                    raise QuantizeError(
+                        f"int4 quantization groups {INT4_GROUP_SIZE} inputs, but {name} has "
+                        f"{linear.in_features}; load this model with quantize='int8' instead"
+                    )
 
     def __call__(self, tensor_name: str) -> None:
         module_name = tensor_name.rpartition(".")[0]
@@ -289,13 +327,13 @@ class QuantizeOnLoad:
         module = self.model.get_submodule(module_name)
         if any(p.is_meta for p in module.parameters()):
             return  # its other tensor (weight or bias) is still to come
-        quantize_linear(self.model, module_name)
+        quantize_linear(self.model, module_name, self.method)
         self.linears.discard(module_name)
 
 
-def convert_to_int8_structure(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Swap every nn.Linear for an empty Int8Linear (on the meta device): the shape of a saved int8
-    checkpoint, ready for the loader."""
+def convert_to_quantized_structure(model: nn.Module, dtype: torch.dtype, method: str = "int8") -> nn.Module:
+    """Swap every nn.Linear for an empty quantized layer (on the meta device): the shape of a saved
+    int8 or int4 checkpoint, ready for the loader."""
     for name in _linear_names(model):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -304,26 +342,34 @@ def convert_to_int8_structure(model: nn.Module, dtype: torch.dtype) -> nn.Module
             setattr(
                 parent,
                 leaf,
-                Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype),
+                _quantized_class(method, name)(
+                    linear.in_features, linear.out_features, linear.bias is not None, dtype
+                ),
             )
     return model
 
 
+# The config.json method names save_quantized writes, and the `quantize` choice each stands for.
+_METHODS = {QUANT_METHOD: "int8", INT4_METHOD: "int4"}
+
+
 def quantization_of(config_extra: dict) -> str | None:
-    """The quantization recorded in a config.json (None for a plain checkpoint)."""
+    """The quantization recorded in a config.json ("int8", "int4", or None for a plain checkpoint)."""
     info = config_extra.get("quantization")
     if info is None:
         return None
-    if not isinstance(info, dict) or info.get("method") != QUANT_METHOD:
+    if not isinstance(info, dict) or info.get("method") not in _METHODS:
         raise ConfigError(
             f"config.json has quantization={info!r}; nekomata_core reads only "
-            f"{{'method': '{QUANT_METHOD}'}} checkpoints written by save_quantized"
+            f"{{'method': '{QUANT_METHOD}'}} or {{'method': '{INT4_METHOD}', 'group_size': "
+            f"{INT4_GROUP_SIZE}}} checkpoints written by save_quantized"
         )
-    return "int8"
-
-
-class QuantizeError(NekomataError):
-    """A layer cannot be quantized in the format asked for (the message says which and what to do)."""
+    if info["method"] == INT4_METHOD and info.get("group_size") != INT4_GROUP_SIZE:
+        raise ConfigError(
+            f"config.json has an int4 checkpoint with group_size={info.get('group_size')!r}; this version "
+            f"of nekomata_core reads group_size {INT4_GROUP_SIZE} only (re-quantize the float checkpoint)"
+        )
+    return _METHODS[info["method"]]
 
 
 class SaveError(NekomataError):
@@ -341,7 +387,7 @@ _SIBLING_KINDS = ("tmp", "old")
 def save_quantized(
     model: nn.Module, out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Write an int8 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
+    """Write an int8 or int4 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
     generation_config.json copied from `source_dir` when given); returns the folder.
 
     The folder appears whole or not at all. Everything is written into a hidden sibling
@@ -359,15 +405,27 @@ def save_quantized(
     """
     from .loader import save_safetensors
 
-    if not any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise SaveError("the model has no int8 layers; quantize it first (quantize_int8 or quantize='int8')")
+    if not any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise SaveError(
+            "the model has no quantized layers; quantize it first (quantize_int8 / quantize_int4, or "
+            "quantize='int8' / 'int4')"
+        )
     out = Path(os.path.abspath(out_dir))
     sources = [Path(d) for d in (getattr(model, "checkpoint_dir", None), source_dir) if d is not None]
     _check_target(out, sources)
 
     config = model.config.to_dict()
-    config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
-    scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, Int8Linear))
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        config["quantization"] = {
+            "method": INT4_METHOD,
+            "bits": 4,
+            "group_size": INT4_GROUP_SIZE,
+            "granularity": "per_group_scale_and_min",
+            "int8_per_output_channel": ["lm_head", "c_attn"],
+        }
+    else:
+        config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
+    scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         config[flag] = scale_dtype == dt
 
