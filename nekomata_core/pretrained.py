@@ -138,7 +138,7 @@ class QwenForCausalLM(Architecture):
         """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
 
         quantize="int8" stores every linear layer as int8 with per-channel scales, quantize="int4" as 4-bit
-        groups with scales and mins (lm_head int8), quantized while loading (nekomata_core.quantize);
+        groups with scales and mins (lm_head and c_attn int8), quantized while loading (nekomata_core.quantize);
         the backends are `nekomata_core.accelerate` choices.
         """
         return load_pretrained(

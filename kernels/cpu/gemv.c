@@ -422,7 +422,7 @@ NK_EXPORT int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* b
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
 NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
                                  int64_t N, int64_t K, int flags) {
-    gemv_args a = {KIND_INT8, W, NULL, scales, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    gemv_args a = {KIND_INT8, W, NULL, scales, NULL, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
 

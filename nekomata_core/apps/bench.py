@@ -142,7 +142,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             bandwidth.append(max(reader.measure(repeats=3).values()))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "system": f"nekomata_core ({_decode_label(args.decode, decoder)}{', int8' if args.quantize else ''})",
+        "system": f"nekomata_core ({_decode_label(args.decode, decoder)}{', ' + args.quantize if args.quantize else ''})",
         "load_seconds": load_seconds,
         "peak_rss_bytes": peak_after_load,
         "baseline_rss_bytes": rss_before,
@@ -265,7 +265,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--decode", default="auto", choices=list(STEP_MODES))
-    parser.add_argument("--quantize", default=None, choices=["int8"])
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     parser.add_argument(
