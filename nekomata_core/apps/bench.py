@@ -272,8 +272,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--also",
         action="append",
         default=[],
-        metavar="DECODE[:int8]",
-        help="measure another configuration of ours in the same run, e.g. compiled or static:int8",
+        metavar="DECODE[:int8|:int4]",
+        help="measure another configuration of ours in the same run, e.g. compiled, static:int8 or native:int4",
     )
     parser.add_argument(
         "--bandwidth-gib",
