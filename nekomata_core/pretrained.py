@@ -81,7 +81,7 @@ def load_pretrained(
     otherwise, with the command that converts them to safetensors. `tensor_parallel=True` (in a
     process started by torchrun) loads only this rank's shard (`accelerate.tensor_parallel`)."""
     from .loader import check_checkpoint, load_weights
-    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_int8_structure, quantization_of
+    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_quantized_structure, quantization_of
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
@@ -101,16 +101,21 @@ def load_pretrained(
         tp_module.check_divisible(config, tp.world_size)  # before any weight is read
     target_dtype = resolve_dtype(dtype, config, target_device)
     saved_quantization = quantization_of(config.extra)
+    if tp is not None and "int4" in (quantize, saved_quantization):
+        raise tp_module.TensorParallelError(
+            "int4 layers are not sharded yet: load the model with quantize='int8' (or unquantized) for "
+            "tensor parallelism"
+        )
     # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,
     # and the loader replaces every parameter with the checkpoint's tensor in the target dtype.
     with torch.device("meta"):
         model = cls(config)
-    if saved_quantization is not None:  # int8 weights on disk: load them as they are
-        convert_to_int8_structure(model, target_dtype)
-    # quantize="int8" on a float checkpoint: each linear becomes int8 as soon as it is read.
+    if saved_quantization is not None:  # int8/int4 weights on disk: load them as they are
+        convert_to_quantized_structure(model, target_dtype, saved_quantization)
+    # quantize="int8"/"int4" on a float checkpoint: each linear is quantized as soon as it is read.
     on_load = None
-    if quantize == "int8" and saved_quantization is None:
-        on_load = QuantizeOnLoad(model, tp_module.row_absmax(tp) if tp is not None else None)
+    if quantize is not None and saved_quantization is None:
+        on_load = QuantizeOnLoad(model, quantize, tp_module.row_absmax(tp) if tp is not None else None)
     load_weights(
         model,
         folder,
@@ -152,7 +157,8 @@ class QwenForCausalLM(Architecture):
     ) -> QwenForCausalLM:
         """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
 
-        quantize="int8" stores every linear layer as int8 with per-channel scales (nekomata_core.quantize);
+        quantize="int8" stores every linear layer as int8 with per-channel scales, quantize="int4" as 4-bit
+        groups with scales and mins (lm_head and c_attn int8), quantized while loading (nekomata_core.quantize);
         the backends are `nekomata_core.accelerate` choices. tensor_parallel=True: in each process that
         torchrun starts, load and run this rank's shard (nekomata_core.accelerate.tensor_parallel).
         """

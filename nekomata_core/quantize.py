@@ -1,13 +1,46 @@
-"""int8 weight-only quantization: every linear layer (and lm_head) stores int8 weights plus one scale per
-output channel; activations stay in the model dtype.
+"""Weight-only quantization: int8 (per output channel) and int4 (groups of 32 inputs); activations stay
+in the model dtype.
 
 Decoding one token reads every weight once, so at batch 1 speed is set by the bytes of the weights:
-int8 halves them against bf16. Per output channel `scale = max|w_row| / 127` and
-`q = round(w / scale)`, so `w ≈ q · scale` with an error of at most scale / 2 per weight.
+int8 halves them against bf16, int4 nearly quarters them.
+
+int8: per output channel `scale = max|w_row| / 127` and `q = round(w / scale)`, so `w ≈ q · scale` with
+an error of at most scale / 2 per weight.
+
+int4 (`Int4Linear`): each group of 32 consecutive inputs of a row has a scale and a min (stored in the
+activation dtype, like int8's scales) and `w ≈ q · scale + min`, q in 0..15: 4 bits of code + 32 bits
+per 32 weights = 5.0 bits a weight in bf16. The scale and min of a group are not simply (max - min) / 15
+and the minimum: as llama.cpp's Q4_K does (make_qkx2_quants), 21 trial grids are rounded and for each
+the (scale, min) solving the weighted least-squares fit to the rounded codes is computed; the best fit
+wins (`_int4_fit`). Codes are then re-rounded against the stored (rounded) scale and min. Two weights
+per byte: in each group's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high), so a
+kernel unpacks a 16-byte load into two runs of 16 codes in x's natural order.
+The fused q/k/v projection `c_attn` and `lm_head` stay int8 (`int4_keeps_int8`), as llama.cpp's Q4_K_M
+keeps attn_qkv at 5 and the output head at 6 bits.
+
+How the format was chosen (bench-620m random weights, init as tools/make_tiny_checkpoint.py, one
+48-token input, mean |Δlogit| vs the fp32 model; llama.cpp Q4_K_M: 0.146, Q4_0: 0.208; lm_head int8 in
+all rows). Relative RMS weight error on a N(0, 0.02) [1024, 4096] matrix, min/max rule → searched:
+group 32: 0.0783 → 0.0706, group 64: 0.0896 → 0.0831 (scales in bf16, fp16 or fp32: within 0.0002).
+Whole model, weights of the blocks as stated (bits per block weight):
+
+    all int4, group 32, min/max rule             0.171   (5.00)
+    all int4, group 32, searched                 0.173   (5.00)   (one input is noisy: on the tiny
+                                                                   test model the search cuts the
+                                                                   error 0.121 → 0.114)
+    mlp.c_proj int8 in Q4_K_M's "more bits" layers 0.166 (5.34)
+    c_attn int8, the rest int4 group 32          0.140   (5.74)   ← chosen: ≤ Q4_K_M's 0.146
+    c_attn int8 + those mlp.c_proj int8          0.131   (6.08)
+    all int8                                     0.019   (8.01)
+
+Group 64 (4.5 bits) is what Q4_K's bytes would allow, but it loses 18 % in weight rmse against group
+32; Q4_K recovers that with 6-bit sub-block scales, which cost a decode of the scale per sub-block in
+every kernel; a plain fp16/bf16 scale and min per 32 keeps the C, Triton and PyTorch kernels simple.
 
 A quantized model can be saved (`save_quantized`) as a normal checkpoint folder whose config.json
-carries `"quantization": {"method": "int8_weight_only", ...}`; `QwenForCausalLM.from_pretrained`
-then builds the int8 layers directly and loads them without re-quantizing.
+carries `"quantization": {"method": "int8_weight_only", ...}` (or "int4_weight_only" with its
+"group_size"); `QwenForCausalLM.from_pretrained` then builds the quantized layers directly and loads
+them without re-quantizing.
 """
 
 from __future__ import annotations
@@ -28,8 +61,21 @@ from .config import ConfigError
 from .errors import NekomataError
 
 QUANT_METHOD = "int8_weight_only"
-QUANTIZE_CHOICES = ("int8",)
+INT4_METHOD = "int4_weight_only"
+QUANTIZE_CHOICES = ("int8", "int4")
 QUANTIZE_CHUNK_ROWS = 4096
+
+# int4 format (see "int4" in the module docstring): groups of INT4_GROUP_SIZE consecutive weights along
+# the input dimension. Mirrored as NK_INT4_GROUP in kernels/cpu/common.h (= abi.INT4_GROUP_SIZE).
+INT4_GROUP_SIZE = 32
+INT4_MAX = 15
+# The scale search of llama.cpp's make_qkx2_quants (as Q4_K calls it): trial inverse scales
+# (15 + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / (max - min) for i = 0..INT4_SEARCH_STEPS.
+INT4_SEARCH_RMIN, INT4_SEARCH_DELTA, INT4_SEARCH_STEPS = -1.0, 0.1, 20
+
+
+class QuantizeError(NekomataError):
+    """A layer cannot be quantized in the format asked for (the message says which and what to do)."""
 
 
 class Int8Linear(nn.Module):
@@ -91,8 +137,183 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
+# ---------------------------------------------------------------------------------------------------- int4
+
+
+def _int4_fit(x: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and min [R] of each group x [R, G] (fp32) minimising the weighted squared error
+    sum_i w_i (scale * q_i + min - x_i)^2, with q_i = clamp(round((x_i - min) / scale), 0, 15).
+
+    The search of llama.cpp's make_qkx2_quants: start from the min/max grid, then for each trial grid
+    (inverse scale (15 + rmin + delta * i) / (max - min), anchored at the group minimum) round every
+    weight and solve the 2x2 weighted least-squares problem for (scale, min) given those integers;
+    keep whichever has the smallest error. The weights w_i = rms(x) + |x_i| favour large weights, which
+    dominate the products (Q4_K's choice without an importance matrix).
+    """
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    span = (hi - lo).clamp(min=1e-30)
+    w = x.pow(2).mean(dim=1, keepdim=True).sqrt() + x.abs()  # [R, G]
+    sum_w, sum_x = w.sum(dim=1), (w * x).sum(dim=1)
+    best_scale, best_min = span / INT4_MAX, lo.clone()
+    q = torch.round((x - lo[:, None]) / best_scale[:, None]).clamp_(0, INT4_MAX)
+    best_err = (w * (q * best_scale[:, None] + lo[:, None] - x).pow(2)).sum(dim=1)
+    for i in range(steps + 1):
+        inverse = (INT4_MAX + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / span
+        q = torch.round((x - lo[:, None]) * inverse[:, None]).clamp_(0, INT4_MAX)
+        wq = w * q
+        sum_q, sum_q2, sum_xq = wq.sum(dim=1), (wq * q).sum(dim=1), (wq * x).sum(dim=1)
+        det = sum_w * sum_q2 - sum_q * sum_q
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = (sum_w * sum_xq - sum_x * sum_q) / det
+        minimum = (sum_q2 * sum_x - sum_q * sum_xq) / det
+        err = (w * (q * scale[:, None] + minimum[:, None] - x).pow(2)).sum(dim=1)
+        better = ok & (err < best_err) & (scale > 0)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, minimum, best_min)
+        best_err = torch.where(better, err, best_err)
+    flat = hi == lo  # a constant group: every weight is its min
+    return torch.where(flat, torch.zeros_like(best_scale), best_scale), torch.where(flat, lo, best_min)
+
+
+def int4_codes(x: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The nearest 4-bit codes of groups x [R, G] for the given (already rounded) scales and mins [R]."""
+    s, m = scales.float()[:, None], mins.float()[:, None]
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, torch.round((x - m) / safe), torch.zeros_like(x)).clamp_(0, INT4_MAX)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) → bytes [N, K // 2]: in each group of G, byte j holds code j in its low
+    nibble and code j + G/2 in its high one (so a 16-byte load unpacks into two runs of 16 in order)."""
+    n, k = q.shape
+    g = q.to(torch.uint8).reshape(n, k // INT4_GROUP_SIZE, 2, INT4_GROUP_SIZE // 2)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: bytes [N, K // 2] → codes [N, K] (uint8)."""
+    n, half = packed.shape
+    g = packed.reshape(n, half * 2 // INT4_GROUP_SIZE, 1, INT4_GROUP_SIZE // 2)
+    return torch.cat((g & 15, g >> 4), dim=2).reshape(n, half * 2)
+
+
+def quantize_int4_weight(
+    weight: torch.Tensor, dtype: torch.dtype, steps: int = INT4_SEARCH_STEPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [N, K/2], scales [N, K/G], mins [N, K/G] in `dtype`) of a float weight [N, K].
+
+    Scale and min are searched in fp32 (`_int4_fit`), rounded to `dtype` (what is stored), and the
+    codes then re-rounded against the stored values, so the codes are the nearest ones for what the
+    kernels will actually use.
+    """
+    n, k = weight.shape
+    if k % INT4_GROUP_SIZE:
+        raise QuantizeError(
+            f"int4 quantization groups {INT4_GROUP_SIZE} input features; a linear with {k} inputs is not a "
+            f"multiple of {INT4_GROUP_SIZE}: quantize this model with quantize='int8' instead"
+        )
+    groups = k // INT4_GROUP_SIZE
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, groups, dtype=dtype, device=weight.device)
+    mins = torch.empty(n, groups, dtype=dtype, device=weight.device)
+    rows = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(k, 1))  # ~4M weights per block
+    for begin in range(0, n, rows):
+        end = min(begin + rows, n)
+        x = weight[begin:end].float().reshape(-1, INT4_GROUP_SIZE)  # [rows * groups, G]
+        s, m = _int4_fit(x, steps)
+        s, m = s.to(dtype), m.to(dtype)
+        q = int4_codes(x, s, m).reshape(end - begin, k)
+        packed[begin:end] = pack_int4(q)
+        scales[begin:end] = s.reshape(end - begin, groups)
+        mins[begin:end] = m.reshape(end - begin, groups)
+    return packed, scales, mins
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [N, K] that int4 (packed, scales, mins) stands for: q * scale + min per group."""
+    n = packed.shape[0]
+    q = unpack_int4(packed).float().reshape(n, scales.shape[1], INT4_GROUP_SIZE)
+    return (q * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias with W = q * scale + min per group of INT4_GROUP_SIZE inputs (q 4-bit).
+
+    weight: uint8 [out, in / 2] (two codes per byte, see pack_int4); scales, mins: [out, in / G] in the
+    activation dtype; bias [out] or None. The forward is exact with respect to the dequantized weight:
+    fp32 products and sums, one rounding to the activation dtype at the end.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        if in_features % INT4_GROUP_SIZE:
+            raise QuantizeError(
+                f"int4 needs in_features divisible by {INT4_GROUP_SIZE}, got {in_features}; use int8 instead"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        groups = in_features // INT4_GROUP_SIZE
+        # Parameters (frozen) rather than buffers, so the loader and state_dict treat them like weights.
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False
+        )
+        self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
+        self.mins = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        weight = linear.weight.detach()
+        packed, scales, mins = quantize_int4_weight(weight, weight.dtype)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        module.scales = nn.Parameter(scales, requires_grad=False)
+        module.mins = nn.Parameter(mins, requires_grad=False)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight [out, in] this layer computes with."""
+        return dequantize_int4(self.weight, self.scales, self.mins)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).float()
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        # Dequantized a few thousand rows at a time: never a whole fp32 copy of the matrix.
+        step = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
+        for begin in range(0, self.out_features, step):
+            end = min(begin + step, self.out_features)
+            w = dequantize_int4(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
+            y[:, begin:end] = x2d @ w.T
+        if self.bias is not None:
+            y += self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP_SIZE}"
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def int4_keeps_int8(name: str) -> bool:
+    """Whether the linear `name` of an int4 model is stored as int8 (per output channel) instead: the
+    output head, whose errors go straight into the logits (llama.cpp's Q4_K_M keeps it at 6 bits), and
+    the fused q/k/v projection c_attn, whose errors pass through the softmax (Q4_K_M gives it 5 bits).
+    See the module docstring for the measurements."""
+    leaf = name.rpartition(".")[2]
+    return leaf in ("lm_head", "c_attn")
+
+
+def _quantized_class(method: str, name: str) -> type[nn.Module]:
+    if method == "int4" and not int4_keeps_int8(name):
+        return Int4Linear
+    return Int8Linear
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -102,27 +323,57 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
-def quantize_linear(model: nn.Module, name: str, row_absmax: torch.Tensor | None = None) -> None:
-    """Replace the nn.Linear called `name` by its Int8Linear (the float weight is then freed)."""
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of a loaded model by an Int4Linear (lm_head and c_attn: Int8Linear), in
+    place, one layer at a time."""
+    for name in _linear_names(model):
+        quantize_linear(model, name, "int4")
+    return model
+
+
+def quantize_linear(
+    model: nn.Module, name: str, method: str = "int8", row_absmax: torch.Tensor | None = None
+) -> None:
+    """Replace the nn.Linear called `name` by its quantized form (the float weight is then freed).
+
+    `row_absmax`: for tensor parallelism, max |w| of each whole row when this process holds only some of
+    its columns (int8 per-channel scales must be those of the whole row; see Int8Linear.from_linear).
+    """
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, Int8Linear.from_linear(getattr(parent, leaf), row_absmax))
+    cls = _quantized_class(method, name)
+    linear = getattr(parent, leaf)
+    setattr(parent, leaf, cls.from_linear(linear, row_absmax) if cls is Int8Linear else cls.from_linear(linear))
 
 
 class QuantizeOnLoad:
     """`after_tensor` callback for `loader.load_weights`: each nn.Linear is quantized as soon as all of
     its tensors are loaded, so a float copy of the whole model never exists (peak memory: the int8
     model plus one float layer, instead of the whole float model; a bf16 nekomata-14b needs 28 GB,
-    its int8 form 15 GB)."""
+    its int8 form 15 GB). `method` is "int8" or "int4"."""
 
     def __init__(
-        self, model: nn.Module, row_absmax: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None
+        self,
+        model: nn.Module,
+        method: str = "int8",
+        row_absmax: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> None:
+        if method not in QUANTIZE_CHOICES:
+            raise ValueError(f"method={method!r}; choose one of {list(QUANTIZE_CHOICES)}")
         self.model = model
+        self.method = method
         self.linears = set(_linear_names(model))
         # For tensor parallelism: (name, weight) → max |w| of each whole row when the rows are split
         # across processes, else None (see Int8Linear.from_linear).
         self.row_absmax = row_absmax
+        if method == "int4":  # refuse before any tensor is read, not halfway through the load
+            for name in self.linears:
+                linear = model.get_submodule(name)
+                if not int4_keeps_int8(name) and linear.in_features % INT4_GROUP_SIZE:
+                    raise QuantizeError(
+                        f"int4 quantization groups {INT4_GROUP_SIZE} inputs, but {name} has "
+                        f"{linear.in_features}; load this model with quantize='int8' instead"
+                    )
 
     def __call__(self, tensor_name: str) -> None:
         module_name = tensor_name.rpartition(".")[0]
@@ -132,13 +383,13 @@ class QuantizeOnLoad:
         if any(p.is_meta for p in module.parameters()):
             return  # its other tensor (weight or bias) is still to come
         absmax = None if self.row_absmax is None else self.row_absmax(module_name, module.weight)
-        quantize_linear(self.model, module_name, absmax)
+        quantize_linear(self.model, module_name, self.method, absmax)
         self.linears.discard(module_name)
 
 
-def convert_to_int8_structure(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Swap every nn.Linear for an empty Int8Linear (on the meta device): the shape of a saved int8
-    checkpoint, ready for the loader."""
+def convert_to_quantized_structure(model: nn.Module, dtype: torch.dtype, method: str = "int8") -> nn.Module:
+    """Swap every nn.Linear for an empty quantized layer (on the meta device): the shape of a saved
+    int8 or int4 checkpoint, ready for the loader."""
     for name in _linear_names(model):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -147,22 +398,34 @@ def convert_to_int8_structure(model: nn.Module, dtype: torch.dtype) -> nn.Module
             setattr(
                 parent,
                 leaf,
-                Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype),
+                _quantized_class(method, name)(
+                    linear.in_features, linear.out_features, linear.bias is not None, dtype
+                ),
             )
     return model
 
 
+# The config.json method names save_quantized writes, and the `quantize` choice each stands for.
+_METHODS = {QUANT_METHOD: "int8", INT4_METHOD: "int4"}
+
+
 def quantization_of(config_extra: dict) -> str | None:
-    """The quantization recorded in a config.json (None for a plain checkpoint)."""
+    """The quantization recorded in a config.json ("int8", "int4", or None for a plain checkpoint)."""
     info = config_extra.get("quantization")
     if info is None:
         return None
-    if not isinstance(info, dict) or info.get("method") != QUANT_METHOD:
+    if not isinstance(info, dict) or info.get("method") not in _METHODS:
         raise ConfigError(
             f"config.json has quantization={info!r}; nekomata_core reads only "
-            f"{{'method': '{QUANT_METHOD}'}} checkpoints written by save_quantized"
+            f"{{'method': '{QUANT_METHOD}'}} or {{'method': '{INT4_METHOD}', 'group_size': "
+            f"{INT4_GROUP_SIZE}}} checkpoints written by save_quantized"
         )
-    return "int8"
+    if info["method"] == INT4_METHOD and info.get("group_size") != INT4_GROUP_SIZE:
+        raise ConfigError(
+            f"config.json has an int4 checkpoint with group_size={info.get('group_size')!r}; this version "
+            f"of nekomata_core reads group_size {INT4_GROUP_SIZE} only (re-quantize the float checkpoint)"
+        )
+    return _METHODS[info["method"]]
 
 
 class SaveError(NekomataError):
@@ -180,7 +443,7 @@ _SIBLING_KINDS = ("tmp", "old")
 def save_quantized(
     model: nn.Module, out_dir: str | os.PathLike[str], source_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Write an int8 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
+    """Write an int8 or int4 model as a checkpoint folder (config.json, model.safetensors, and the tokenizer /
     generation_config.json copied from `source_dir` when given); returns the folder.
 
     The folder appears whole or not at all. Everything is written into a hidden sibling
@@ -198,15 +461,27 @@ def save_quantized(
     """
     from .loader import save_safetensors
 
-    if not any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise SaveError("the model has no int8 layers; quantize it first (quantize_int8 or quantize='int8')")
+    if not any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise SaveError(
+            "the model has no quantized layers; quantize it first (quantize_int8 / quantize_int4, or "
+            "quantize='int8' / 'int4')"
+        )
     out = Path(os.path.abspath(out_dir))
     sources = [Path(d) for d in (getattr(model, "checkpoint_dir", None), source_dir) if d is not None]
     _check_target(out, sources)
 
     config = model.config.to_dict()
-    config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
-    scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, Int8Linear))
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        config["quantization"] = {
+            "method": INT4_METHOD,
+            "bits": 4,
+            "group_size": INT4_GROUP_SIZE,
+            "granularity": "per_group_scale_and_min",
+            "int8_per_output_channel": ["lm_head", "c_attn"],
+        }
+    else:
+        config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
+    scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
         config[flag] = scale_dtype == dt
 

@@ -296,9 +296,68 @@ def test_the_python_abi_is_the_one_common_h_declares():
     dtype_names = {torch.float32: "DT_F32", torch.bfloat16: "DT_BF16", torch.float16: "DT_F16"}
     assert {header[dtype_names[d]]: d for d in dtype_names} == {c: d for d, c in abi.DTYPE_CODES.items()}
     assert sorted(n for n in header if n.startswith("DT_")) == sorted(dtype_names.values())
-    kind_names = {torch.bfloat16: "KIND_BF16", torch.int8: "KIND_INT8", torch.float32: "KIND_F32"}
+    kind_names = {torch.bfloat16: "KIND_BF16", torch.int8: "KIND_INT8", torch.float32: "KIND_F32",
+                  torch.uint8: "KIND_INT4"}
     assert {header[kind_names[d]]: d for d in kind_names} == {c: d for d, c in abi.WEIGHT_KINDS.items()}
     assert sorted(n for n in header if n.startswith("KIND_")) == sorted(kind_names.values())
+    from nekomata_core.quantize import INT4_GROUP_SIZE
+
+    assert header["NK_INT4_GROUP"] == abi.INT4_GROUP_SIZE == INT4_GROUP_SIZE
+
+
+# --- int4 ----------------------------------------------------------------------------------------------
+
+
+def _int4_weight(n: int, k: int, dtype: torch.dtype, seed: int):
+    from nekomata_core.quantize import quantize_int4_weight
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return quantize_int4_weight(w, dtype)
+
+
+def _int4_reference(x, packed, scales, mins, bias):
+    """x @ W^T + bias in float64, W unpacked here by the layout common.h documents (byte j of a group
+    of 32: code j in the low nibble, code j + 16 in the high one), W = code * scale + min."""
+    n, half = packed.shape
+    b = packed.reshape(n, half // 16, 16).long()
+    codes = torch.cat((b & 15, b >> 4), dim=2).double()  # [N, groups, 32]
+    w = (codes * scales.double()[:, :, None] + mins.double()[:, :, None]).reshape(n, -1)
+    y = x.double().reshape(-1) @ w.T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (13, 224), (67, 1024), (9, 2816)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int4_matches_the_dequantized_weight(n, k, dtype, with_bias):
+    packed, scales, mins = _int4_weight(n, k, dtype, seed=n * k)
+    x = torch.randn(k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    expected = _int4_reference(x, packed, scales, mins, bias)
+    results = []
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(gemv.linear_int4(x, packed, scales, mins, bias))
+    finally:
+        torch.set_num_threads(saved)
+    y = results[0]
+    assert y.dtype == dtype and y.shape == (n,)
+    assert all(torch.equal(y, other) for other in results[1:])  # the row order of sums is fixed
+    # fp32 sums in another order: a few ulps of fp32; half precision: one rounding of the output
+    tol = {torch.float32: 2e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    assert (y.double() - expected).abs().max() <= tol * expected.abs().max()
+
+
+def test_int4_refuses_k_outside_the_group_size_and_bad_groups():
+    packed, scales, mins = _int4_weight(4, 64, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="multiple of the int4 group size"):
+        gemv.linear_int4(torch.randn(48), packed[:, :24].contiguous(), scales, mins)
+    with pytest.raises(ValueError, match="scales"):
+        gemv.linear_int4(torch.randn(64), packed, scales[:, :1].contiguous(), mins)
+    with pytest.raises(ValueError, match="one dtype"):
+        gemv.linear_int4(torch.randn(64), packed, scales, mins.bfloat16())
 
 
 def _isolate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,6 +44,7 @@ try:
     # run in a fresh process instead (test_kernels_in_a_fresh_interpreter_process).
     KERNELS_RUN = ON_GPU or dispatch.triton_unavailable_reason(DEVICE) is None
     from nekomata_core.kernels.gpu.attention import _flash_attention, flash_attention
+    from nekomata_core.kernels.gpu.int4_gemv import int4_gemv
     from nekomata_core.kernels.gpu.rmsnorm import rms_norm
     from nekomata_core.kernels.gpu.rope import apply_rope
     from nekomata_core.kernels.gpu.step_attention import step_attention
@@ -615,3 +616,33 @@ def test_kernels_in_a_fresh_interpreter_process():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                             cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# --- int4 GEMV ------------------------------------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, with_bias", [(1, 32, False), (45, 224, True), (70, 160, False)])
+def test_int4_gemv_matches_the_dequantized_matmul(dtype, n, k, with_bias):
+    """Against F.linear with the weight dequantized in plain PyTorch (fp32), rounded once to the dtype."""
+    from nekomata_core.quantize import dequantize_int4, quantize_int4_weight
+
+    torch.manual_seed(0)
+    packed, scales, mins = quantize_int4_weight(torch.randn(n, k), dtype)
+    x = torch.randn(1, 1, k).to(dtype)
+    bias = torch.randn(n).to(dtype) if with_bias else None
+    expected = torch.nn.functional.linear(
+        x.float(), dequantize_int4(packed, scales, mins), None if bias is None else bias.float())
+    got = int4_gemv(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), mins.to(DEVICE),
+                    None if bias is None else bias.to(DEVICE)).cpu()
+    assert got.shape == (1, 1, n) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    else:  # fp32 sums in another order, then one rounding: at most one ulp from the rounded reference
+        assert_matches(got, expected.to(dtype), max_ulp=1)
+
+
+def test_int4_gemv_rejects_k_outside_the_groups():
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        int4_gemv(randn(48), torch.zeros(4, 24, dtype=torch.uint8, device=DEVICE), randn(4, 1), randn(4, 1))

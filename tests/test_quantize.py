@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from nekomata_core import QwenForCausalLM, generate
-from nekomata_core.quantize import Int8Linear, quantize_int8, save_quantized
+from nekomata_core.quantize import (
+    INT4_GROUP_SIZE,
+    Int4Linear,
+    Int8Linear,
+    QuantizeError,
+    quantize_int4,
+    quantize_int4_weight,
+    quantize_int8,
+    save_quantized,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +88,7 @@ def test_int8_tracks_the_bf16_model(folder):
 
 def test_bad_quantize_value_is_refused(folder):
     with pytest.raises(ValueError, match="quantize"):
-        QwenForCausalLM.from_pretrained(folder, device="cpu", progress=False, quantize="int4")
+        QwenForCausalLM.from_pretrained(folder, device="cpu", progress=False, quantize="int3")
 
 
 def test_saving_an_unquantized_model_is_refused(folder, tmp_path):
@@ -123,3 +132,126 @@ def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monk
     model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8")
     assert most and max(most) == 0  # each linear was converted as soon as it was complete
     assert not any(type(m) is Linear for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------- int4
+
+
+def plain_int4(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same format by the most straightforward rule: per group of 32, scale = (max - min) / 15 and
+    min = the group minimum (both rounded to `dtype`), codes = round((w - min) / scale). Returns
+    (codes [N, K] uint8, scales, mins [N, K/32])."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // 32, 32)
+    lo, hi = groups.amin(dim=2), groups.amax(dim=2)
+    scales = ((hi - lo) / 15).to(dtype)
+    mins = lo.to(dtype)
+    codes = torch.round((groups - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
+    return codes.reshape(n, k).to(torch.uint8), scales, mins
+
+
+def unpack_by_hand(packed: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] from bytes [N, K/2], one byte at a time, by the documented layout: byte j of each
+    group's 16 holds code j (low nibble) and code j + 16 (high nibble)."""
+    n, half = packed.shape
+    codes = torch.empty(n, 2 * half, dtype=torch.uint8)
+    for i in range(half):
+        group, j = divmod(i, 16)
+        codes[:, group * 32 + j] = packed[:, i] & 15
+        codes[:, group * 32 + 16 + j] = packed[:, i] >> 4
+    return codes
+
+
+def dequantize_by_hand(codes, scales, mins):
+    n, k = codes.shape
+    return (codes.float().reshape(n, k // 32, 32) * scales.float()[..., None] + mins.float()[..., None]).reshape(n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_layout_and_error_against_the_plain_rule(dtype):
+    assert INT4_GROUP_SIZE == 32
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * 0.02
+    w[3, :32] = 0.5  # a constant group: exact
+    packed, scales, mins = quantize_int4_weight(w, dtype)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128) and scales.shape == mins.shape == (48, 8)
+    ours = dequantize_by_hand(unpack_by_hand(packed), scales, mins)
+    layer = Int4Linear(256, 48, False, dtype)
+    layer.weight.data, layer.scales.data, layer.mins.data = packed, scales, mins
+    assert torch.equal(layer.dequantized_weight(), ours)  # the layer reads the layout as documented
+    assert torch.equal(ours[3, :32], w[3, :32])
+    # each code is the nearest one for the stored scale and min
+    codes = unpack_by_hand(packed).float().reshape(48, 8, 32)
+    s, m = scales.float()[..., None], mins.float()[..., None]
+    scaled = (s > 0).expand_as(codes)  # (a constant group has scale 0 and codes 0)
+    nearest = torch.round((w.reshape(48, 8, 32) - m) / s).clamp(0, 15)
+    assert torch.equal(codes[scaled], nearest[scaled]) and not codes[~scaled].any()
+    # the searched scales and mins beat the min/max rule
+    plain = dequantize_by_hand(*plain_int4(w, dtype))
+    ours_err, plain_err = (ours - w).pow(2), (plain - w).pow(2)
+    assert ours_err.sum() < 0.9 * plain_err.sum()
+
+
+def test_int4_linear_is_exact_with_respect_to_its_dequantized_weight():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = Int4Linear.from_linear(linear.to(dtype))
+        x = torch.randn(3, 5, 96).to(dtype)
+        expected = F.linear(x.float(), q.dequantized_weight(), q.bias.float()).to(dtype)
+        out = q(x)
+        assert out.shape == (3, 5, 40) and out.dtype == dtype
+        if dtype == torch.float32:
+            assert (out - expected).abs().max() <= 1e-6 * expected.abs().max()
+        else:
+            assert (out.float() - expected.float()).abs().max() <= 2 ** -8 * expected.float().abs().max()
+
+
+def test_int4_refuses_inputs_that_do_not_fill_groups():
+    with pytest.raises(QuantizeError, match="multiple of 32"):
+        quantize_int4_weight(torch.randn(4, 48), torch.float32)
+    with pytest.raises(QuantizeError, match="int8"):
+        Int4Linear(48, 4, False, torch.float32)
+
+
+def test_int4_quantize_save_load_gives_the_same_logits(folder, tmp_path):
+    model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
+    blocks = model.config.num_hidden_layers
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 4 * blocks  # c_attn, lm_head: int8
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+    saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
+    info = json.loads((saved / "config.json").read_text())["quantization"]
+    assert info["method"] == "int4_weight_only" and info["group_size"] == 32
+    reloaded = QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
+    assert reloaded.dtype == torch.bfloat16 and reloaded.transformer.h[0].mlp.w1.weight.dtype == torch.uint8
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reloaded(ids))
+    a, b = model.state_dict(), reloaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # quantizing while loading equals quantizing the loaded float model
+    manual = quantize_int4(QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False))
+    c = manual.state_dict()
+    assert all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_int4_model_is_no_less_accurate_than_the_plain_rule(folder):
+    """Logits of the int4 model vs the fp32 model, against the same model with every int4 layer
+    quantized by `plain_int4` instead (lm_head and c_attn int8 in both)."""
+    fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    ours = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
+    plain = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
+    float_weights = dict(fp32.named_parameters())
+    for name, module in plain.named_modules():
+        if isinstance(module, Int4Linear):
+            codes, scales, mins = plain_int4(float_weights[name + ".weight"].detach(), torch.float32)
+            packed = codes.reshape(codes.shape[0], -1, 2, 16)
+            module.weight.data = (packed[:, :, 0] | (packed[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+            module.scales.data, module.mins.data = scales, mins
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = fp32(ids)
+        ours_err = (ours(ids) - ref).abs().mean().item()
+        plain_err = (plain(ids) - ref).abs().mean().item()
+    print(f"mean |dlogit| vs fp32: ours {ours_err:.4f}, plain min/max rule {plain_err:.4f}")
+    assert 0 < ours_err <= plain_err

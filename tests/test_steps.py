@@ -279,3 +279,39 @@ def test_stream_read_reads_every_line(tmp_path):
         assert cpu_step.stream_read(words.data_ptr(), partial, threads) == int(words[:-16].sum())
     with pytest.raises(ValueError, match="num_threads"):
         cpu_step.stream_read(words.data_ptr(), 64, 0)
+
+
+@needs_native
+def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
+    """int4 weights (int8 lm_head and c_attn): the C step against the same model's PyTorch step, fp32
+    within 1e-5 of the logit scale; bf16 within bf16 noise; bit-identical across 1, 2 and 3 threads."""
+    import copy
+
+    from nekomata_core.accelerate import accelerate
+    from nekomata_core.accelerate.modules import CpuInt4Linear
+
+    folder = checkpoint_factory("tiny", seed=14, init_std=0.1, vocab_size=300, seq_length=16, no_bias=False)
+    half = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
+    assert isinstance(half.transformer.h[0].mlp.w1, CpuInt4Linear) and native_step_problem(half) is None
+    # the same int4 weights with fp32 activations (scales and mins widened exactly)
+    full = accelerate(copy.deepcopy(half).float())
+    ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(5))
+    for model, tol in ((full, 1e-5), (half, 2e-2)):
+        plain = prefilled(model, ids, 30)
+        fast = [prefilled(model, ids, 30) for _ in range(3)]
+        native = NativeStep(model)
+        token = torch.tensor([[3]])
+        threads = torch.get_num_threads()
+        with torch.no_grad():
+            for _ in range(8):
+                expected = model(token, cache=plain)[:, -1].float()
+                runs = []
+                try:
+                    for n, cache in zip((1, 2, 3), fast, strict=True):
+                        torch.set_num_threads(n)
+                        runs.append(native(token, cache))
+                finally:
+                    torch.set_num_threads(threads)
+                assert all(torch.equal(runs[0], other) for other in runs[1:])
+                assert (runs[0].float() - expected).abs().max() <= tol * expected.abs().max()
+                token = expected.argmax(-1, keepdim=True)

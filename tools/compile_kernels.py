@@ -105,7 +105,7 @@ class Result:
 def recording(capability: tuple[int, int], sm_count: int) -> Iterator[list[tuple[str, object, tuple, dict]]]:
     """Within: the launchers of kernels/gpu accept CPU tensors, pick their configs for `capability`, and
     record their kernel launches (name, JITFunction, args, kwargs) in the yielded list instead."""
-    from nekomata_core.kernels.gpu import attention, rmsnorm, rope, step_attention, swiglu
+    from nekomata_core.kernels.gpu import attention, int4_gemv, rmsnorm, rope, step_attention, swiglu
     from triton.runtime.jit import JITFunction
 
     launches: list[tuple[str, object, tuple, dict]] = []
@@ -122,7 +122,7 @@ def recording(capability: tuple[int, int], sm_count: int) -> Iterator[list[tuple
         def __getitem__(self, grid: tuple) -> Callable:
             return lambda *args, **kwargs: launches.append((self.name, self.fn, args, kwargs))
 
-    for module in (attention, step_attention, rmsnorm, rope, swiglu):
+    for module in (attention, step_attention, rmsnorm, rope, swiglu, int4_gemv):
         for name, value in list(vars(module).items()):
             if isinstance(value, JITFunction) and name.endswith("_kernel"):  # launched from Python
                 patch(module, name, Recorder(name, value))
@@ -145,6 +145,7 @@ def _cache(batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtyp
 def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
     """Every distinct launch for `arch`, keyed by kernel, dtype and arguments after specialisation."""
     from nekomata_core.kernels.gpu.attention import flash_attention
+    from nekomata_core.kernels.gpu.int4_gemv import int4_gemv
     from nekomata_core.kernels.gpu.rmsnorm import rms_norm
     from nekomata_core.kernels.gpu.rope import apply_rope
     from nekomata_core.kernels.gpu.step_attention import step_attention
@@ -175,6 +176,15 @@ def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
                     # w1(x) and w2(x): two separate [B, T, F] outputs
                     a, b = (torch.empty(1, tokens, width, dtype=dtype) for _ in range(2))
                     case(dtype_name, f"{model} T={tokens}", lambda a=a, b=b: swiglu(a, b))
+                # int4 linears of a decode step (one row): attn c_proj, w1/w2, mlp c_proj, with a bias
+                for n, k, bias in ((hidden, hidden, False), (width, hidden, False), (hidden, width, False),
+                                   (3 * hidden, hidden, True)):
+                    x = torch.empty(1, 1, k, dtype=dtype)
+                    w = torch.empty(n, k // 2, dtype=torch.uint8)
+                    sm = torch.empty(n, k // 32, dtype=dtype)
+                    b = torch.empty(n, dtype=dtype) if bias else None
+                    case(dtype_name, f"{model} int4 N={n} K={k}",
+                         lambda x=x, w=w, sm=sm, b=b: int4_gemv(x, w, sm, sm, b))
                 for tokens, table_rows in ((1, 1), (5, 1), (32, 2)):
                     qkv = torch.empty(2, tokens, 3 * hidden, dtype=dtype)  # c_attn output
                     q, k = (qkv[..., i * hidden:(i + 1) * hidden].view(2, tokens, heads, head_dim) for i in (0, 1))

@@ -32,15 +32,21 @@
 /* Bumped whenever an exported signature, struct layout or semantic changes: the Python loader refuses a
  * library whose version differs from the one it was written for (a stale build from an old cache).
  * = abi.ABI_VERSION */
-#define NK_ABI_VERSION 3
+#define NK_ABI_VERSION 4
 
 /* Dtype codes of activations, biases, scales and outputs (x, bias, scales and y may each be any of
  * these). = abi.DTYPE_CODES */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
-/* Weight kinds of a GEMV: bf16 bits, int8 with one scale per output row, or fp32 (the fused step's fp32
- * models). = abi.WEIGHT_KINDS */
-enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2 };
+/* Weight kinds of a GEMV: bf16 bits, int8 with one scale per output row, fp32 (the fused step's fp32
+ * models), or int4 (KIND_INT4: two 4-bit codes per byte, a scale and a min per group of NK_INT4_GROUP
+ * inputs; see nekomata_core/quantize.py for the format). = abi.WEIGHT_KINDS */
+enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2, KIND_INT4 = 3 };
+
+/* The inputs per int4 group: weight w[n, g*G + j] = code * scales[n, g] + mins[n, g], and byte j of the
+ * group's G/2 bytes holds code j in its low nibble and code j + G/2 in its high one.
+ * = abi.INT4_GROUP_SIZE */
+#define NK_INT4_GROUP 32
 
 /* The widest attention head the fused step supports (per-head vectors live on the stack).
  * = abi.MAX_HEAD_DIM */
@@ -111,7 +117,8 @@ typedef struct {
     int kind; /* KIND_* */
     const void* W;
     const float* xp;
-    const void* scales; /* int8 only */
+    const void* scales; /* int8: [N]; int4: [N, K / NK_INT4_GROUP] */
+    const void* mins;   /* int4 only: [N, K / NK_INT4_GROUP], same dtype as scales */
     int scales_dtype;
     const void* bias;
     int bias_dtype;
@@ -120,10 +127,23 @@ typedef struct {
     int64_t N, K;
 } gemv_args;
 
-/* x (K elements of x_dtype) converted to fp32 into dst in the layout the row kernels want: natural order
- * (split = 0: int8, fp32 weights), or split (split = 1: bf16 weights; every block of 16 stores its 8
- * even-indexed elements, then its 8 odd-indexed ones). dst holds K floats, 32-byte aligned. */
-NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int split);
+/* The layouts of a prepared x (nk_load_x): natural order (int8, fp32 weights), split (bf16 weights:
+ * every block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones), or natural order
+ * followed by the K / NK_INT4_GROUP group sums of x (int4 weights). */
+enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2 };
+
+static inline int nk_x_layout(int kind) {
+    return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
+}
+
+/* The floats a prepared x of K elements takes in `layout`. */
+static inline int64_t nk_x_floats(int64_t K, int layout) {
+    return layout == X_GROUP_SUMS ? K + K / NK_INT4_GROUP : K;
+}
+
+/* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
+ * layout) floats, 32-byte aligned. */
+NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout);
 
 /* The calling thread's activation buffer of at least K floats (64-byte aligned, grown as needed and
  * kept), or NULL when it cannot be allocated. */

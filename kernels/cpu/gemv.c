@@ -1,7 +1,8 @@
 /*
  * Memory-bound matrix-vector products y = W x for batch-1 decoding on x86-64 CPUs (AVX2 + FMA + F16C).
  *
- * W is row-major [N, K] (bf16 bits, or int8 with one fp32 scale per output row), x has K elements,
+ * W is row-major [N, K] (bf16 bits, int8 with one scale per output row, or int4 codes two to a byte with a
+ * scale and a min per group of 32 inputs), x has K elements,
  * y has N. Decoding one token at batch 1 reads every weight exactly once, so the speed of a GEMV is
  * bytes(W) / DRAM bandwidth as long as the arithmetic keeps up: the kernels below are built so that
  * converting and multiplying a 32-byte load costs fewer cycles than DRAM needs to deliver it.
@@ -99,7 +100,8 @@ static inline void load16(const void* x, int x_dtype, int64_t i, __m256* c0, __m
 /* x converted to fp32 into dst: in natural order (split = 0, int8), or split (split = 1, bf16: every
  * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones); the tail after the last
  * block of 16 stays in natural order. Vectorised, as it runs serially on every call. */
-void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int split) {
+void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
+    const int split = layout == X_SPLIT;
     int64_t full = K - K % 16;
     for (int64_t j = 0; j < full; j += 16) {
         __m256 c0, c1;
@@ -116,6 +118,13 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int split) {
         _mm256_store_ps(dst + j + 8, c1);
     }
     for (int64_t k = full; k < K; k++) dst[k] = load_scalar(x, x_dtype, k);
+    if (layout == X_GROUP_SUMS) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
+        for (int64_t g = 0; g < K / NK_INT4_GROUP; g++) {
+            const float* p = dst + g * NK_INT4_GROUP;
+            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(p), _mm256_load_ps(p + 8)),
+                                     _mm256_add_ps(_mm256_load_ps(p + 16), _mm256_load_ps(p + 24)));
+            dst[K + g] = hsum8(s);
+        }
 }
 
 static int team_size(int64_t N, int64_t K, int nthreads) {
@@ -250,6 +259,64 @@ static inline float f32_row(const float* w, int64_t K, const float* xp) {
     return s;
 }
 
+/* int4: per group of 32 inputs, 16 bytes; byte j holds code j (low nibble) and code j + 16 (high).
+ * vpmovzxbd widens 8 bytes straight from memory to 8 dwords; `& 15` then gives codes j..j+7 and `>> 4`
+ * codes j+16..j+23, both in x's natural order, so x needs no shuffle. A group's dot product with the
+ * codes is scaled once (one FMA into the row's accumulator); the mins multiply the group sums of x
+ * that nk_load_x appended after x: y = sum_g scale_g * (codes_g . x_g) + sum_g min_g * sum(x_g).
+ *
+ * The `nrows` rows are interleaved (so each x load serves all of them and the FMA chains overlap), but
+ * every row goes through exactly the same operations in the same order whatever nrows is, so a row's
+ * value does not depend on which kernel (4 rows or 1) computes it. */
+#define I4_LANE(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p)))
+
+/* 8 consecutive scales or mins from index i, as fp32 (bf16, fp16 or fp32). */
+static inline __m256 load8(const void* p, int dtype, int64_t i) {
+    switch (dtype) {
+        case DT_BF16:
+            return _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
+        case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+        default: return _mm256_loadu_ps((const float*)p + i);
+    }
+}
+
+static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* const w[ROWS],
+                                                              const void* const sc[ROWS],
+                                                              const void* const mn[ROWS], int sdt,
+                                                              int64_t K, const float* xp, float* out,
+                                                              const int nrows) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const int64_t groups = K / NK_INT4_GROUP;
+    const float* xsum = xp + K;
+    __m256 acc[ROWS];
+    for (int r = 0; r < nrows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const float* x = xp + g * NK_INT4_GROUP;
+        __m256 x0 = _mm256_load_ps(x), x1 = _mm256_load_ps(x + 8);
+        __m256 x2 = _mm256_load_ps(x + 16), x3 = _mm256_load_ps(x + 24);
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
+            /* one prefetch per 64-byte line: every fourth group */
+            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
+            __m256i v0 = I4_LANE(b), v1 = I4_LANE(b + 8);
+            __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), x0);
+            __m256 d1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), x1);
+            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x2, d0);
+            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, d1);
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(load_scalar(sc[r], sdt, g)), acc[r]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) {
+        __m256 m = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn[r], sdt, g), _mm256_loadu_ps(xsum + g), m);
+        float offset = hsum8(m);
+        for (; g < groups; g++) offset = fmaf(load_scalar(mn[r], sdt, g), xsum[g], offset);
+        out[r] = hsum8(acc[r]) + offset;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Driver                                                                                               */
 
@@ -257,7 +324,7 @@ static inline float f32_row(const float* w, int64_t K, const float* xp) {
  * is one fused multiply-add (spelled out, so it does not depend on the compiler's contraction choice). */
 static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
     float bias = a->bias ? load_scalar(a->bias, a->bias_dtype, n) : 0.0f;
-    if (a->kind == KIND_INT8)
+    if (a->kind == KIND_INT8) /* (int4's scales are applied per group, inside the dot product) */
         acc = a->bias ? fmaf(acc, load_scalar(a->scales, a->scales_dtype, n), bias)
                       : acc * load_scalar(a->scales, a->scales_dtype, n);
     else if (a->bias)
@@ -280,7 +347,17 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
     for (int64_t i = 0; i < q; i++) {
         int64_t n[ROWS];
         for (int r = 0; r < ROWS; r++) n[r] = begin + r * q + i;
-        if (a->kind == KIND_BF16) {
+        if (a->kind == KIND_INT4) {
+            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
+            const uint8_t* w[ROWS];
+            const void *sc[ROWS], *mn[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                w[r] = (const uint8_t*)a->W + n[r] * (K / 2);
+                sc[r] = (const char*)a->scales + n[r] * groups * ssize;
+                mn[r] = (const char*)a->mins + n[r] * groups * ssize;
+            }
+            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, ROWS);
+        } else if (a->kind == KIND_BF16) {
             const uint16_t* w[ROWS];
             for (int r = 0; r < ROWS; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
             bf16_rows(w, K, a->xp, acc);
@@ -296,6 +373,15 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
         for (int r = 0; r < ROWS; r++) finish_row(a, n[r], acc[r]);
     }
     for (int64_t n = begin + ROWS * q; n < end; n++) {
+        if (a->kind == KIND_INT4) {
+            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
+            const uint8_t* w[ROWS] = {(const uint8_t*)a->W + n * (K / 2)};
+            const void* sc[ROWS] = {(const char*)a->scales + n * groups * ssize};
+            const void* mn[ROWS] = {(const char*)a->mins + n * groups * ssize};
+            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, 1);
+            finish_row(a, n, acc[0]);
+            continue;
+        }
         float s = a->kind == KIND_BF16  ? bf16_row((const uint16_t*)a->W + n * K, K, a->xp)
                   : a->kind == KIND_F32 ? f32_row((const float*)a->W + n * K, K, a->xp)
                                         : int8_row((const int8_t*)a->W + n * K, K, a->xp);
@@ -305,9 +391,10 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
 
 static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads) {
     if (a->N <= 0) return 0;
-    float* xp = nk_xbuf_get(a->K > 0 ? a->K : 1);
+    const int layout = nk_x_layout(a->kind);
+    float* xp = nk_xbuf_get(a->K > 0 ? nk_x_floats(a->K, layout) : 1);
     if (!xp) return -1;
-    nk_load_x(xp, x, x_dtype, a->K, a->kind == KIND_BF16);
+    nk_load_x(xp, x, x_dtype, a->K, layout);
     a->xp = xp;
     int team = team_size(a->N, a->K, nthreads);
     if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
@@ -327,7 +414,7 @@ static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads) {
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
 NK_EXPORT int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* bias, void* y, int64_t N,
                                  int64_t K, int flags) {
-    gemv_args a = {KIND_BF16, W, NULL, NULL, DT_F32, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    gemv_args a = {KIND_BF16, W, NULL, NULL, NULL, DT_F32, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
 
@@ -335,7 +422,18 @@ NK_EXPORT int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* b
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
 NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
                                  int64_t N, int64_t K, int flags) {
-    gemv_args a = {KIND_INT8, W, NULL, scales, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    gemv_args a = {KIND_INT8, W, NULL, scales, NULL, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
+}
+
+/* y[n] = sum_g scales[n,g] * sum_j code[n, g*G+j] x[g*G+j] + sum_g mins[n,g] * sum_j x[g*G+j] + bias[n]
+ * (bias may be NULL; G = NK_INT4_GROUP, K a multiple of G), rounded once to the y dtype. W is uint8
+ * [N, K/2] (see NK_INT4_GROUP), scales and mins [N, K/G] of the scales dtype.
+ * Returns 0, -1 if the activation buffer cannot be allocated, -3 if K is not a multiple of G. */
+NK_EXPORT int nekomata_gemv_int4(const uint8_t* W, const void* scales, const void* mins, const void* x,
+                                 const void* bias, void* y, int64_t N, int64_t K, int flags) {
+    if (K % NK_INT4_GROUP) return -3;
+    gemv_args a = {KIND_INT4, W, NULL, scales, mins, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
 }
 

@@ -9,7 +9,9 @@ that on AVX2 machines without bf16 instructions (bf16 ``F.linear`` for one row i
 - `linear_bf16(x, weight, bias)`: ``x @ weight.T + bias`` with a bf16 weight [N, K];
 - `linear_int8(x, qweight, scales, bias)`: ``(x @ qweight.T) * scales + bias`` with an int8 weight and
   one scale per output row (the layout of `nekomata_core.quantize.Int8Linear`);
-- `linear_bf16_op`, `linear_int8_op`: the same as torch custom ops, for compiled graphs.
+- `linear_int4(x, qweight, scales, mins, bias)`: ``x @ W.T + bias`` with W the int4 weight of
+  `nekomata_core.quantize.Int4Linear` (uint8 [N, K/2], two codes a byte; scales and mins [N, K/32]);
+- `linear_bf16_op`, `linear_int8_op`, `linear_int4_op`: the same as torch custom ops, for compiled graphs.
 
 Both take exactly one row (``x.numel() == K``; the caller routes only M=1 here), accumulate in fp32 and
 round once to ``x.dtype`` after adding the bias (and applying the scale) in fp32.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import build
-from .abi import DTYPE_CODES
+from .abi import DTYPE_CODES, INT4_GROUP_SIZE
 from .build import available, library_path, unavailable_reason
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "linear_bf16_op",
     "linear_int8",
     "linear_int8_op",
+    "linear_int4",
+    "linear_int4_op",
     "unavailable_reason",
 ]
 
@@ -160,6 +164,55 @@ def linear_int8(
     return y
 
 
+def _group_vector(t: torch.Tensor, shape: tuple[int, int], what: str, name: str) -> int:
+    code = DTYPE_CODES.get(t.dtype) if isinstance(t, torch.Tensor) else None
+    if code is None or tuple(t.shape) != shape or not t.is_cpu or not t.is_contiguous():
+        raise ValueError(
+            f"{name}: {what} must be a contiguous CPU float32/bfloat16/float16 tensor of shape {shape}, "
+            f"got {_describe(t)}"
+        )
+    return code
+
+
+def linear_int4(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for one row, W[n, k] = code[n, k] * scales[n, k // G] + mins[n, k // G]
+    (G = abi.INT4_GROUP_SIZE): x [..., K] (fp32/bf16/fp16, x.numel() == K, K a multiple of G), qweight a
+    contiguous uint8 [N, K/2] packed as `nekomata_core.quantize.pack_int4` does, scales and mins
+    [N, K/G] of one dtype (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in x.dtype, accumulated
+    in fp32 and rounded once. Uses torch.get_num_threads() threads.
+
+    Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
+    is on), RuntimeError when `available()` is False.
+    """
+    fn = _library().nekomata_gemv_int4
+    _check_weight(qweight, torch.uint8, "linear_int4")
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if k % INT4_GROUP_SIZE:
+        raise ValueError(
+            f"linear_int4: K = {k} inputs is not a multiple of the int4 group size {INT4_GROUP_SIZE}"
+        )
+    x = _check_x(x, k, "linear_int4")
+    shape = (n, k // INT4_GROUP_SIZE)
+    scales_code = _group_vector(scales, shape, "scales", "linear_int4")
+    if _group_vector(mins, shape, "mins", "linear_int4") != scales_code:
+        raise ValueError(f"linear_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
+    bias_code = _vector_code(bias, n, "bias", "linear_int4")
+    _check_grad("linear_int4", x, scales, mins, bias)
+    y = _output(x, n)
+    code = DTYPE_CODES[x.dtype]
+    flags = code | bias_code << 4 | code << 8 | scales_code << 12 | torch.get_num_threads() << 16
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
+        raise MemoryError(f"linear_int4: cannot allocate the {k}-element activation buffer")
+    return y
+
+
 # torch.compile sees a ctypes call as an opaque Python call it cannot trace; registered as custom ops,
 # the GEMVs become graph nodes, so a compiled step keeps them and fuses everything around them.
 @torch.library.custom_op("nekomata::linear_bf16", mutates_args=())
@@ -184,5 +237,20 @@ def linear_int8_op(
 @linear_int8_op.register_fake
 def _(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("nekomata::linear_int4", mutates_args=())
+def linear_int4_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """`linear_int4` as a torch custom op (for compiled graphs)."""
+    return linear_int4(x, qweight, scales, mins, bias)
+
+
+@linear_int4_op.register_fake
+def _(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -33,9 +33,10 @@
 #include "common.h"
 
 typedef struct {
-    int kind;           /* KIND_F32 (weights in fp32), KIND_BF16 or KIND_INT8 */
-    const void* W;      /* [N, K] row-major */
-    const void* scales; /* [N] act dtype, int8 only */
+    int kind;           /* KIND_F32 (weights in fp32), KIND_BF16, KIND_INT8 or KIND_INT4 */
+    const void* W;      /* [N, K] row-major (int4: uint8 [N, K/2], two codes a byte) */
+    const void* scales; /* int8: [N]; int4: [N, K / NK_INT4_GROUP]; act dtype */
+    const void* mins;   /* int4 only: [N, K / NK_INT4_GROUP] act dtype */
     const void* bias;   /* [N] act dtype, or NULL */
     int64_t N, K;
 } nk_linear;
@@ -136,11 +137,11 @@ static void rms_norm(const float* x, const void* w, int act, int64_t H, float ep
 
 /* Rows [begin, end) of y = lin(x), x given as the prepared vector xp (see nk_load_x). */
 static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t begin, int64_t end) {
-    gemv_args a = {l->kind, l->W, xp, l->scales, act, l->bias, act, y, act, l->N, l->K};
+    gemv_args a = {l->kind, l->W, xp, l->scales, l->mins, act, l->bias, act, y, act, l->N, l->K};
     if (end > begin) nk_gemv_rows(&a, begin, end);
 }
 
-static inline int split_for(const nk_linear* l) { return l->kind == KIND_BF16; }
+static inline int layout_for(const nk_linear* l) { return nk_x_layout(l->kind); }
 
 /* Chunks per thread and matrix: enough that the last chunk to finish is a small part of the matrix,
  * few enough that each chunk is long (>= 16 rows) for the prefetchers (32 per thread measured slower). */
@@ -277,18 +278,18 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
         const nk_layer* L = &m->layers[l];
         /* x + attn(ln_1(x)) */
         rms_norm(x, L->ln_1, act, H, m->eps, a);
-        nk_load_x(xp, a, DT_F32, H, split_for(&L->c_attn));
+        nk_load_x(xp, a, DT_F32, H, layout_for(&L->c_attn));
         linear_team(&L->c_attn, xp, b->qkv, act, team);
 #pragma omp barrier
         attention_heads(m, s, b, l, scores);
 #pragma omp barrier
-        nk_load_x(xp, b->attn, act, H, split_for(&L->attn_proj));
+        nk_load_x(xp, b->attn, act, H, layout_for(&L->attn_proj));
         linear_team(&L->attn_proj, xp, b->o, act, team);
 #pragma omp barrier
         add_residual(x, b->o, act, H);
         /* x + mlp(ln_2(x)): w1 and w2 of the same rows in one chunk, so SwiGLU follows at once */
         rms_norm(x, L->ln_2, act, H, m->eps, a);
-        nk_load_x(xp, a, DT_F32, H, split_for(&L->w1));
+        nk_load_x(xp, a, DT_F32, H, layout_for(&L->w1));
         {
             /* (w1 and w2 have the same weight kind, so the same prepared x: checked by the caller) */
             int64_t c = chunk_rows(F, team), n = (F + c - 1) / c;
@@ -301,13 +302,13 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
             }
         }
 #pragma omp barrier
-        nk_load_x(xp, b->g, act, F, split_for(&L->mlp_proj));
+        nk_load_x(xp, b->g, act, F, layout_for(&L->mlp_proj));
         linear_team(&L->mlp_proj, xp, b->m, act, team);
 #pragma omp barrier
         add_residual(x, b->m, act, H);
     }
     rms_norm(x, m->ln_f, act, H, m->eps, a);
-    nk_load_x(xp, a, DT_F32, H, split_for(&m->lm_head));
+    nk_load_x(xp, a, DT_F32, H, layout_for(&m->lm_head));
     linear_team(&m->lm_head, xp, s->logits, act, team);
 }
 
@@ -326,7 +327,7 @@ NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
         float* x = tl_get(0, m->hidden);
         float* a = tl_get(1, m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = nk_xbuf_get(widest);
+        float* xp = nk_xbuf_get(nk_x_floats(widest, X_GROUP_SUMS)); /* room for any layout */
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;

@@ -8,8 +8,9 @@ thread team for every GEMV: on a 2-core machine that was a third of the step. `F
 whole step — every block, the final norm and lm_head — to C, where one OpenMP region covers it.
 
 It computes what `nekomata_core.model` computes in the model dtype, with the same rounding points (see
-the header of step.c); only summation orders differ. Weights may be fp32, bf16, or int8 with
-per-row scales (`Int8Linear`), activations fp32, bf16 or fp16.
+the header of step.c); only summation orders differ. Weights may be fp32, bf16, int8 with
+per-row scales (`Int8Linear`) or int4 with group scales and mins (`Int4Linear`), activations fp32,
+bf16 or fp16.
 
 This module knows tensors, not models: the caller (`nekomata_core.accelerate.NativeStep`) hands over each
 block's tensors as a `BlockWeights`. The plan keeps references to every tensor it points at, so they
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import build
-from .abi import DTYPE_CODES, MAX_HEAD_DIM, WEIGHT_KINDS
+from .abi import DTYPE_CODES, INT4_GROUP_SIZE, MAX_HEAD_DIM, WEIGHT_KINDS
 from .build import available, unavailable_reason  # the fused step ships in the GEMVs' library
 from .gemv import _describe
 
@@ -43,11 +44,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LinearWeights:
-    """One linear layer: weight [N, K] (fp32, bf16, or int8 with `scales` [N]), optional bias [N]."""
+    """One linear layer: weight [N, K] (fp32, bf16, or int8 with `scales` [N]), or an int4 weight (uint8
+    [N, K/2] with `scales` and `mins` [N, K/32], see `nekomata_core.quantize.Int4Linear`); optional
+    bias [N]."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    mins: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class _Linear(ctypes.Structure):
         ("kind", ctypes.c_int),
         ("W", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
+        ("mins", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
@@ -240,19 +245,30 @@ class FusedStep:
         if not isinstance(w, torch.Tensor):
             raise ValueError(f"{name}.weight: expected a tensor, got {_describe(w)}")
         kind = WEIGHT_KINDS.get(w.dtype)
+        mins = None
         if w.dtype == torch.int8:
             if lin.scales is None:
                 raise ValueError(f"{name}: an int8 weight needs its per-row scales")
             scales = self._vector(lin.scales, f"{name}.scales", n)
+        elif w.dtype == torch.uint8:  # int4, two codes a byte
+            if lin.scales is None or lin.mins is None:
+                raise ValueError(f"{name}: an int4 weight needs its group scales and mins")
+            if k % INT4_GROUP_SIZE:
+                raise ValueError(f"{name}: int4 needs K divisible by {INT4_GROUP_SIZE}, got {k}")
+            groups = (n, k // INT4_GROUP_SIZE)
+            scales = self._tensor(lin.scales, f"{name}.scales", self.act_dtype, groups).data_ptr()
+            mins = self._tensor(lin.mins, f"{name}.mins", self.act_dtype, groups).data_ptr()
         elif kind is not None:
-            if lin.scales is not None:
-                raise ValueError(f"{name}: scales are only for int8 weights, this one is {w.dtype}")
+            if lin.scales is not None or lin.mins is not None:
+                raise ValueError(f"{name}: scales are only for int8/int4 weights, this one is {w.dtype}")
             scales = None
         else:
-            raise ValueError(f"{name}.weight: the C step reads float32, bfloat16 or int8 weights, got {w.dtype}")
-        self._tensor(w, f"{name}.weight", w.dtype, (n, k))
+            raise ValueError(
+                f"{name}.weight: the C step reads float32, bfloat16, int8 or int4 (uint8) weights, got {w.dtype}"
+            )
+        self._tensor(w, f"{name}.weight", w.dtype, (n, k // 2) if w.dtype == torch.uint8 else (n, k))
         bias = None if lin.bias is None else self._vector(lin.bias, f"{name}.bias", n)
-        return _Linear(kind=kind, W=w.data_ptr(), scales=scales, bias=bias, N=n, K=k)
+        return _Linear(kind=kind, W=w.data_ptr(), scales=scales, mins=mins, bias=bias, N=n, K=k)
 
     def _check_cache(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor) -> None:
         ident = (keys.data_ptr(), values.data_ptr(), key_mask.data_ptr(), tuple(keys.shape))

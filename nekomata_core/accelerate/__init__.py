@@ -31,12 +31,14 @@ from torch import nn
 from ..backends import ATTENTION_CHOICES, OPS_CHOICES, STEP_MODES
 from ..errors import NekomataError
 from ..model import MLP, EagerAttention, RMSNorm, Rotary, ScaledDotProductAttention
-from ..quantize import Int8Linear
+from ..quantize import Int4Linear, Int8Linear
 from .modules import (
     PREFILL_UPCAST_ROWS,
+    CpuInt4Linear,
     CpuInt8Linear,
     CpuLinear,
     TritonAttention,
+    TritonInt4Linear,
     TritonMLP,
     TritonRMSNorm,
     TritonRotary,
@@ -105,15 +107,17 @@ def accelerate(
     triton_ops = resolve_backend(ops, device) == "triton"
     cpu = device.type == "cpu"
     upcast = PREFILL_UPCAST_ROWS if cpu and model.dtype != torch.float32 and not cpu_has_native_half_matmul() else 0
-    # The C GEMVs serve bf16 and int8 weights; probing them builds the C library, so ask only when
+    # The C GEMVs serve bf16, int8 and int4 weights; probing them builds the C library, so ask only when
     # this model has such layers.
-    has_int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    has_int8 = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     gemv = ops == "auto" and cpu and (model.dtype == torch.bfloat16 or has_int8) and _cpu_gemv_available()
     attend = {"triton": lambda: TritonAttention(model.config.seq_length), "sdpa": ScaledDotProductAttention,
               "eager": EagerAttention}[attention]
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
             module.__class__ = CpuInt8Linear if gemv else Int8Linear
+        elif isinstance(module, Int4Linear):
+            module.__class__ = CpuInt4Linear if gemv else TritonInt4Linear if triton_ops else Int4Linear
         elif isinstance(module, nn.Linear):
             if (gemv and module.weight.dtype == torch.bfloat16) or upcast:
                 module.__class__ = CpuLinear
@@ -149,7 +153,7 @@ def describe(model: QwenForCausalLM) -> dict[str, str]:
     attend = type(model.transformer.h[0].attn.attend) if len(model.transformer.h) else ScaledDotProductAttention
     attention = {TritonAttention: "triton", ScaledDotProductAttention: "sdpa", EagerAttention: "eager"}[attend]
     ops = "triton" if isinstance(model.transformer.ln_f, TritonRMSNorm) else "eager"
-    linear_kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear))}
+    linear_kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))}
     return {"attention": attention, "ops": ops, "linears": ", ".join(sorted(linear_kinds))}
 
 

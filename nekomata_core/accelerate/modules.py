@@ -2,10 +2,11 @@
 its parameters (so the state dict is unchanged) and is put in place by `nekomata_core.accelerate`
 changing the module's class, never by a flag inside the architecture.
 
-CPU: `CpuLinear` / `CpuInt8Linear` send one-row calls (a decode step at batch 1) to the AVX2 GEMVs of
+CPU: `CpuLinear` / `CpuInt8Linear` / `CpuInt4Linear` send one-row calls (a decode step at batch 1) to the AVX2 GEMVs of
 kernels/cpu (bandwidth-bound; PyTorch's bf16 and int8 GEMVs are compute-bound on CPUs without bf16
 instructions), and `CpuLinear` multiplies half-precision prefills in fp32 where the CPU has no bf16
-arithmetic. GPU: the Triton kernels of kernels/gpu for RMSNorm, RoPE, SwiGLU and attention.
+arithmetic. GPU: the Triton kernels of kernels/gpu for RMSNorm, RoPE, SwiGLU, attention and the
+one-row int4 GEMV (`TritonInt4Linear`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import MLP, RMSNorm, Rotary, ScaledDotProductAttention, StepInputs
-from ..quantize import Int8Linear
+from ..quantize import Int4Linear, Int8Linear
 
 # From this many rows on, a half-precision CPU matmul without bf16/fp16 arithmetic is done in fp32.
 PREFILL_UPCAST_ROWS = 8
@@ -67,6 +68,30 @@ class CpuInt8Linear(Int8Linear):
         if torch.compiler.is_compiling():
             return gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
         return gemv.linear_int8(x, self.weight, self.scales, self.bias)
+
+
+class CpuInt4Linear(Int4Linear):
+    """Int4Linear whose one-row calls go to the C int4 GEMV (the same group scales and mins, fp32 sums)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1]:
+            return super().forward(x)
+        from nekomata_core.kernels.cpu import gemv
+
+        if torch.compiler.is_compiling():
+            return gemv.linear_int4_op(x, self.weight, self.scales, self.mins, self.bias)
+        return gemv.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
+
+
+class TritonInt4Linear(Int4Linear):
+    """Int4Linear whose one-row calls go to the Triton int4 GEMV (kernels/gpu/int4_gemv.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1]:
+            return super().forward(x)
+        from nekomata_core.kernels.gpu.int4_gemv import int4_gemv
+
+        return int4_gemv(x, self.weight, self.scales, self.mins, self.bias)
 
 
 class TritonRMSNorm(RMSNorm):

@@ -29,8 +29,16 @@ from ..model import (
     ScaledDotProductAttention,
     fixed_step_inputs,
 )
-from ..quantize import Int8Linear
-from .modules import CpuInt8Linear, CpuLinear, TritonAttention, TritonMLP, TritonRMSNorm, TritonRotary
+from ..quantize import Int4Linear, Int8Linear
+from .modules import (
+    CpuInt4Linear,
+    CpuInt8Linear,
+    CpuLinear,
+    TritonAttention,
+    TritonMLP,
+    TritonRMSNorm,
+    TritonRotary,
+)
 
 if TYPE_CHECKING:
     from ..cache import KVCache
@@ -149,10 +157,10 @@ class NativeStep:
 def _linear_weights(module):
     from nekomata_core.kernels.cpu.step import LinearWeights
 
-    return LinearWeights(module.weight, module.bias, getattr(module, "scales", None))
+    return LinearWeights(module.weight, module.bias, getattr(module, "scales", None), getattr(module, "mins", None))
 
 
-_LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear)
+_LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear, Int4Linear, CpuInt4Linear)
 _NORMS = (RMSNorm, TritonRMSNorm)
 # The classes the C step may stand in for (it reads their weights and runs their maths itself), by the
 # module's name in the model: the model's own and the `accelerate` versions computing the same function.
@@ -184,8 +192,11 @@ def native_step_problem(model: QwenForCausalLM) -> str | None:
     if model.device.type != "cpu":
         return f"the model is on {model.device}, the native step runs on the CPU"
     weights = {p.dtype for p in model.parameters()}
-    if not weights <= {torch.float32, torch.bfloat16, torch.int8}:
-        return f"the native step reads float32, bfloat16 or int8 weights, this model has {sorted(map(str, weights))}"
+    if not weights <= {torch.float32, torch.bfloat16, torch.int8, torch.uint8}:  # uint8: int4 codes
+        return (
+            "the native step reads float32, bfloat16, int8 or int4 weights, this model has "
+            f"{sorted(map(str, weights))}"
+        )
     from nekomata_core.kernels.cpu import step
 
     if model.config.head_dim > step.MAX_HEAD_DIM:

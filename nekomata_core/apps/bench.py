@@ -314,7 +314,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--decode", default="auto", choices=list(STEP_MODES))
-    parser.add_argument("--quantize", default=None, choices=["int8"])
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=1, help="rows generated at once (decode: total tokens/s)")
     parser.add_argument(
@@ -330,8 +330,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--also",
         action="append",
         default=[],
-        metavar="DECODE[:int8]",
-        help="measure another configuration of ours in the same run, e.g. compiled or static:int8",
+        metavar="DECODE[:int8|:int4]",
+        help="measure another configuration of ours in the same run, e.g. compiled, static:int8 or native:int4",
     )
     parser.add_argument(
         "--bandwidth-gib",

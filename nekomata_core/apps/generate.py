@@ -32,7 +32,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="decode step: auto (native where it applies, else static), plain forward (eager), fixed-shape "
         "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, batch 1)",
     )
-    group.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    group.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     group.add_argument(
         "--tensor-parallel",
         action="store_true",
