@@ -409,3 +409,32 @@ def test_import_compiles_nothing(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+@requires_kernels
+@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (67, 1024), (130, 2816)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_is_the_reference_weight_rounded_once(n, k, scale_dtype, out_dtype):
+    """The C expansion used by prefills equals code * scale + min in fp32 (the layout read independently
+    here, as in _int4_reference), rounded once to the out dtype — bit for bit, for any thread count."""
+    packed, scales, mins = _int4_weight(n, k, scale_dtype, seed=k + n)
+    b = packed.reshape(n, k // 32, 16).long()
+    codes = torch.cat((b & 15, b >> 4), dim=2).float()  # [N, groups, 32]
+    expected = (codes * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, k).to(out_dtype)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(gemv.dequantize_int4(packed, scales, mins, out_dtype), expected)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@requires_kernels
+def test_int4_dequantize_refuses_what_it_cannot_expand():
+    packed, scales, mins = _int4_weight(4, 64, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        gemv.dequantize_int4(packed, scales, mins, torch.float16)
+    with pytest.raises(ValueError, match="scales must be a contiguous"):
+        gemv.dequantize_int4(packed, scales[:, :1], mins, torch.float32)

@@ -255,3 +255,28 @@ def test_int4_model_is_no_less_accurate_than_the_plain_rule(folder):
         plain_err = (plain(ids) - ref).abs().mean().item()
     print(f"mean |dlogit| vs fp32: ours {ours_err:.4f}, plain min/max rule {plain_err:.4f}")
     assert 0 < ours_err <= plain_err
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(method, dtype):
+    """CpuInt8Linear / CpuInt4Linear multiply prefills (≥ 8 rows) in `prefill_dtype` after expanding the
+    weight: the same function as the plain quantized layers, fp32 to 1e-5 relative, bf16 to bf16 noise."""
+    from nekomata_core.kernels.cpu import gemv
+
+    from nekomata_core.accelerate.modules import CpuInt4Linear, CpuInt8Linear
+    from nekomata_core.quantize import Int4Linear, Int8Linear
+
+    if not gemv.available():
+        pytest.skip(gemv.unavailable_reason())
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True).to(dtype)
+    reference = (Int8Linear if method == "int8" else Int4Linear).from_linear(linear)
+    fast = (Int8Linear if method == "int8" else Int4Linear).from_linear(linear)
+    fast.__class__ = CpuInt8Linear if method == "int8" else CpuInt4Linear
+    fast.prefill_dtype = dtype
+    x = torch.randn(2, 9, 256).to(dtype)  # 18 rows: the wide path
+    with torch.no_grad():
+        got, expected = fast(x).float(), reference(x).float()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()

@@ -438,6 +438,63 @@ NK_EXPORT int nekomata_gemv_int4(const uint8_t* W, const void* scales, const voi
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* int4 → float for wide products (a prefill multiplies the weight by many rows, so it pays to expand it   */
+/* once into the dtype the CPU multiplies fastest and hand it to PyTorch's matmul).                        */
+
+/* Round-to-nearest-even of 8 floats to bf16 bits (NaN kept quiet), as f32_to_bf16 does one at a time. */
+static inline __m128i f32x8_to_bf16(__m256 v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x0040));
+    __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    __m256i bits = _mm256_blendv_epi8(rounded, nan, is_nan);  /* each 32-bit lane holds 16 bits */
+    __m256i packed = _mm256_packus_epi32(bits, bits);         /* lanes 0-3 and 4-7 in the two halves */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0xd8));
+}
+
+/* Codes 8 .. 8+7 of a group (taken from `bytes`, low or high nibbles) times scale plus min, in fp32 with
+ * two roundings (product, then sum: -ffp-contract=off), as `q * scale + min` in PyTorch. */
+static inline __m256 int4_values8(__m128i nibbles8, __m256 scale, __m256 min) {
+    __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nibbles8));
+    return _mm256_add_ps(_mm256_mul_ps(q, scale), min);
+}
+
+/* out [N, K] (fp32 or bf16) = code * scale + min per group of NK_INT4_GROUP inputs, each value computed in
+ * fp32 and rounded once to the out dtype: exactly `dequantize_int4(...).to(dtype)` of
+ * nekomata_core/quantize.py. W uint8 [N, K/2] (the layout of nekomata_gemv_int4), scales and mins
+ * [N, K/G] of `sm_dtype`. Rows are split over `nthreads` threads. Returns 0, -3 if K is not a multiple
+ * of G, -4 for an out dtype other than fp32 or bf16. */
+NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, const void* mins, int sm_dtype,
+                                       void* out, int out_dtype, int64_t N, int64_t K, int nthreads) {
+    if (K % NK_INT4_GROUP) return -3;
+    if (out_dtype != DT_F32 && out_dtype != DT_BF16) return -4;
+    const int64_t groups = K / NK_INT4_GROUP;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (N * K >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = n * groups + g;
+            const __m256 scale = _mm256_set1_ps(load_scalar(scales, sm_dtype, at));
+            const __m256 min = _mm256_set1_ps(load_scalar(mins, sm_dtype, at));
+            const __m128i bytes = _mm_loadu_si128((const __m128i*)(W + n * (K / 2) + g * (NK_INT4_GROUP / 2)));
+            const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+            /* byte j holds code j (low nibble) and code j + 16 (high nibble) */
+            const __m256 v[4] = {int4_values8(lo, scale, min), int4_values8(_mm_srli_si128(lo, 8), scale, min),
+                                 int4_values8(hi, scale, min), int4_values8(_mm_srli_si128(hi, 8), scale, min)};
+            const int64_t k = n * K + g * NK_INT4_GROUP;
+            for (int i = 0; i < 4; i++) {
+                if (out_dtype == DT_F32)
+                    _mm256_storeu_ps((float*)out + k + 8 * i, v[i]);
+                else
+                    _mm_storeu_si128((__m128i*)((uint16_t*)out + k + 8 * i), f32x8_to_bf16(v[i]));
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Plain fp32 entry points (x, bias, scales and y all fp32).                                            */
 
 NK_EXPORT void gemv_bf16(const uint16_t* W, const float* x, const float* bias, float* y, int64_t N, int64_t K,

@@ -32,6 +32,7 @@ from .build import available, library_path, unavailable_reason
 
 __all__ = [
     "available",
+    "dequantize_int4",
     "library_path",
     "linear_bf16",
     "linear_bf16_op",
@@ -211,6 +212,34 @@ def linear_int4(
     if fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
         raise MemoryError(f"linear_int4: cannot allocate the {k}-element activation buffer")
     return y
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The weight [N, K] in `dtype` (fp32 or bf16) that int4 (qweight, scales, mins) stands for: each value
+    code * scale + min computed in fp32 and rounded once, i.e. exactly
+    `nekomata_core.quantize.dequantize_int4(...).to(dtype)`, in one pass (for prefills, which multiply the
+    weight by many rows). Same layouts as `linear_int4`; uses torch.get_num_threads() threads."""
+    fn = _library().nekomata_dequantize_int4
+    _check_weight(qweight, torch.uint8, "dequantize_int4")
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if k % INT4_GROUP_SIZE:
+        raise ValueError(
+            f"dequantize_int4: K = {k} inputs is not a multiple of the int4 group size {INT4_GROUP_SIZE}"
+        )
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize_int4: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    shape = (n, k // INT4_GROUP_SIZE)
+    code = _group_vector(scales, shape, "scales", "dequantize_int4")
+    if _group_vector(mins, shape, "mins", "dequantize_int4") != code:
+        raise ValueError(f"dequantize_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
+    out = torch.empty(n, k, dtype=dtype)
+    status = fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), code, out.data_ptr(),
+                DTYPE_CODES[dtype], n, k, torch.get_num_threads())  # fmt: skip
+    if status:
+        raise ValueError(f"dequantize_int4: the library refused the call (status {status})")
+    return out
 
 
 # torch.compile sees a ctypes call as an opaque Python call it cannot trace; registered as custom ops,

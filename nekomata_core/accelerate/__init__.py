@@ -106,7 +106,10 @@ def accelerate(
     attention = resolve_backend(attention, device)  # "triton" | "sdpa" | "eager"
     triton_ops = resolve_backend(ops, device) == "triton"
     cpu = device.type == "cpu"
-    upcast = PREFILL_UPCAST_ROWS if cpu and model.dtype != torch.float32 and not cpu_has_native_half_matmul() else 0
+    half_in_hardware = model.dtype == torch.float32 or cpu_has_native_half_matmul()
+    upcast = PREFILL_UPCAST_ROWS if cpu and not half_in_hardware else 0
+    # Quantized layers' wide calls (prefills) multiply in this dtype (see CpuInt8Linear).
+    prefill_dtype = model.dtype if half_in_hardware else torch.float32
     # The C GEMVs serve bf16, int8 and int4 weights; probing them builds the C library, so ask only when
     # this model has such layers.
     has_int8 = any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
@@ -116,8 +119,10 @@ def accelerate(
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
             module.__class__ = CpuInt8Linear if gemv else Int8Linear
+            module.prefill_dtype = prefill_dtype
         elif isinstance(module, Int4Linear):
             module.__class__ = CpuInt4Linear if gemv else TritonInt4Linear if triton_ops else Int4Linear
+            module.prefill_dtype = prefill_dtype
         elif isinstance(module, nn.Linear):
             if (gemv and module.weight.dtype == torch.bfloat16) or upcast:
                 module.__class__ = CpuLinear
