@@ -57,9 +57,11 @@ def test_quantize_save_load_gives_the_same_logits(folder, tmp_path):
     ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids), reloaded(ids))
-    # Quantizing at load time equals quantizing a loaded model.
-    manual = quantize_int8(
-        QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    # Quantizing at load time equals quantizing a loaded model (then accelerated the same way).
+    from nekomata_core.accelerate import accelerate
+
+    manual = accelerate(
+        quantize_int8(QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False))
     )
     with torch.no_grad():
         assert torch.equal(manual(ids), model(ids))
