@@ -262,7 +262,7 @@ def test_int4_model_is_no_less_accurate_than_the_plain_rule(folder):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(method, dtype):
-    """CpuInt8Linear / CpuInt4Linear multiply prefills (≥ 8 rows) in `prefill_dtype` after expanding the
+    """CpuInt8Linear / CpuInt4Linear multiply prefills (≥ 32 rows) in `prefill_dtype` after expanding the
     weight: the same function as the plain quantized layers, fp32 to 1e-5 relative, bf16 to bf16 noise."""
     from nekomata_core.kernels.cpu import gemv
 
@@ -277,7 +277,7 @@ def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(metho
     fast = (Int8Linear if method == "int8" else Int4Linear).from_linear(linear)
     fast.__class__ = CpuInt8Linear if method == "int8" else CpuInt4Linear
     fast.prefill_dtype = dtype
-    x = torch.randn(2, 9, 256).to(dtype)  # 18 rows: the wide path
+    x = torch.randn(2, 20, 256).to(dtype)  # 40 rows: the wide path
     with torch.no_grad():
         got, expected = fast(x).float(), reference(x).float()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2

@@ -20,6 +20,9 @@ from ..quantize import QUANTIZE_CHUNK_ROWS, Int4Linear, Int8Linear
 
 # From this many rows on, a half-precision CPU matmul without bf16/fp16 arithmetic is done in fp32.
 PREFILL_UPCAST_ROWS = 8
+# From this many rows on, a quantized layer expands its weight for PyTorch's fast matmul (a prefill);
+# below, the expansion would cost more than it saves (a batched step reads each weight once per row set).
+QUANTIZED_WIDE_ROWS = 32
 
 
 def cpu_has_native_half_matmul() -> bool:
@@ -76,7 +79,7 @@ class CpuInt8Linear(Int8Linear):
             if torch.compiler.is_compiling():
                 return gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
             return gemv.linear_int8(x, self.weight, self.scales, self.bias)
-        if self.prefill_dtype is not None and x.numel() >= PREFILL_UPCAST_ROWS * x.shape[-1]:
+        if self.prefill_dtype is not None and x.numel() >= QUANTIZED_WIDE_ROWS * x.shape[-1]:
             dtype = self.prefill_dtype
             y = F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
             if self.bias is not None:
@@ -100,7 +103,7 @@ class CpuInt4Linear(Int4Linear):
             if torch.compiler.is_compiling():
                 return gemv.linear_int4_op(x, self.weight, self.scales, self.mins, self.bias)
             return gemv.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
-        if self.prefill_dtype is None or x.numel() < PREFILL_UPCAST_ROWS * x.shape[-1]:
+        if self.prefill_dtype is None or x.numel() < QUANTIZED_WIDE_ROWS * x.shape[-1]:
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
 

@@ -505,12 +505,14 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
         if r.get("peer"):
             continue  # llama-bench reports speed only: no RSS or bandwidth of its process
         # Each decode run is compared with the bandwidth measured right after it, in the same process.
+        # A step reads every weight once for all rows: the roofline counts steps, not tokens.
+        batch = args.batch
         per_run = [
-            100 * tps * r["decode_bytes_per_token"] / (gbps * 1e9)
+            100 * (tps / batch) * r["decode_bytes_per_token"] / (gbps * 1e9)
             for tps, gbps in zip(r["decode_runs"], r["bandwidth_runs_gbps"], strict=True)
         ]
         r["bandwidth_gbps"] = statistics.median(r["bandwidth_runs_gbps"])
-        r["roofline_tokens_per_second"] = r["bandwidth_gbps"] * 1e9 / r["decode_bytes_per_token"]
+        r["roofline_tokens_per_second"] = batch * r["bandwidth_gbps"] * 1e9 / r["decode_bytes_per_token"]
         r["percent_of_roofline"] = statistics.median(per_run)
         r["rss_over_weights"] = r["peak_rss_bytes"] / r["weight_bytes"]
     return {
