@@ -345,6 +345,9 @@ def test_chat_sigint_during_a_real_reply_returns_to_the_prompt(cli_ckpt):
         [sys.executable, "-m", "nekomata_core", "chat", str(cli_ckpt), "--format", "raw", "--greedy",
          "--max-new-tokens", "30000", "--min-new-tokens", "30000", "--device", "cpu"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ},
+        # A shell's background job starts with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         proc.stdin.write("こんにちは\n".encode())

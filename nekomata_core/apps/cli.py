@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.run(args)
+        code = args.run(args)
+        _leave_process_group()
+        return code
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
@@ -73,6 +75,15 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
             raise
         print(f"nekomata {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, CLIError) else EXIT_FAILED
+
+
+def _leave_process_group() -> None:
+    """Under torchrun (tensor parallelism): wait for every rank, then close the process group, so no rank
+    tears gloo/NCCL down while another still uses it (an abort at exit otherwise)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
