@@ -138,12 +138,11 @@ class KVCache:
         full = self.key_mask[:, :total]
         return None if bool(full.all()) else full
 
-    def next_position(self) -> int:
-        """For a fixed-shape step of one token per row: check it fits, mark it real, return its position.
-
-        The caller runs the step and then advances `length` by one.
+    def next_position(self, batch_size: int) -> int:
+        """For a fixed-shape step of one token for each of `batch_size` rows: check it fits, mark it real,
+        return its position. The caller runs the step and then advances `length` by one.
         """
-        self.check_fits(self.batch_size, 1)
+        self.check_fits(batch_size, 1)
         self.key_mask[:, self.length] = True
         return self.length
 

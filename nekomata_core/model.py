@@ -299,7 +299,7 @@ class QwenForCausalLM(nn.Module):
       the prefill (it fixes the NTK alpha); later calls append tokens. `attention_mask` may cover
       just the new tokens [B, T_new] or the whole sequence [B, cache.length + T_new] as in HF.
     - `model(tokens, cache=cache, position=p)`: one token per row at `p` ([1] long, from
-      `cache.next_position()`) with fixed shapes, for torch.compile / CUDA graphs; no input checks,
+      `cache.next_position(B)`) with fixed shapes, for torch.compile / CUDA graphs; no input checks,
       and the caller advances `cache.length` (nekomata_core.accelerate.StaticStep does both).
     """
 

@@ -280,17 +280,26 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.weight, self.scales, self.mins)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocked_matmul(x, torch.float32, dequantize_int4)
+
+    def blocked_matmul(
+        self,
+        x: torch.Tensor,
+        dtype: torch.dtype,
+        dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """x @ W^T + bias computed in `dtype` and rounded once to x.dtype, with W expanded by
+        `dequantize(packed, scales, mins)` (→ `dtype`) a few thousand rows at a time: never a whole copy."""
         shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).float()
-        y = torch.empty(x2d.shape[0], self.out_features, dtype=torch.float32, device=x.device)
-        # Dequantized a few thousand rows at a time: never a whole fp32 copy of the matrix.
+        x2d = x.reshape(-1, shape[-1]).to(dtype)
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype, device=x.device)
         step = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
         for begin in range(0, self.out_features, step):
             end = min(begin + step, self.out_features)
-            w = dequantize_int4(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
+            w = dequantize(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
             y[:, begin:end] = x2d @ w.T
         if self.bias is not None:
-            y += self.bias.float()
+            y += self.bias.to(dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

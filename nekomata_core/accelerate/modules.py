@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import MLP, RMSNorm, Rotary, ScaledDotProductAttention, StepInputs
-from ..quantize import QUANTIZE_CHUNK_ROWS, Int4Linear, Int8Linear
+from ..quantize import Int4Linear, Int8Linear
 
 # From this many rows on, a half-precision CPU matmul without bf16/fp16 arithmetic is done in fp32.
 PREFILL_UPCAST_ROWS = 8
@@ -107,17 +107,8 @@ class CpuInt4Linear(Int4Linear):
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
 
-        dtype, shape = self.prefill_dtype, x.shape
-        x2d = x.reshape(-1, shape[-1]).to(dtype)
-        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype, device=x.device)
-        step = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))  # rows per dequantized block
-        for begin in range(0, self.out_features, step):
-            end = min(begin + step, self.out_features)
-            w = gemv.dequantize_int4(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end], dtype)
-            y[:, begin:end] = F.linear(x2d, w)
-        if self.bias is not None:
-            y += self.bias.to(dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        dtype = self.prefill_dtype
+        return self.blocked_matmul(x, dtype, lambda packed, scales, mins: gemv.dequantize_int4(packed, scales, mins, dtype))
 
 
 class TritonInt4Linear(Int4Linear):

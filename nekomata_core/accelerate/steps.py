@@ -27,7 +27,8 @@ from ..model import (
     RMSNorm,
     Rotary,
     ScaledDotProductAttention,
-    fixed_step_inputs,
+    logn_scale,
+    rotary_cos_sin,
 )
 from ..quantize import Int4Linear, Int8Linear
 from .modules import (
@@ -77,8 +78,7 @@ class StaticStep:
         _require_prefilled(cache, "StaticStep")
         if self._positions is None or self._positions.shape[0] < cache.max_length:
             self._positions = torch.arange(cache.max_length, device=cache.device)
-        cache.check_fits(tokens.shape[0], 1)
-        position = cache.next_position()
+        position = cache.next_position(tokens.shape[0])
         logits = self._forward(tokens, cache=cache, position=self._positions[position : position + 1])
         cache.length = position + 1
         return logits[:, -1]
@@ -134,17 +134,18 @@ class NativeStep:
         _require_prefilled(cache, "NativeStep")
         if self._positions is None or self._positions.shape[0] < cache.max_length:
             self._positions = torch.arange(cache.max_length)
-        position = cache.next_position()
-        # The rotary and logn inputs of the model's own fixed-shape step (Qwen quirks 3 and 4).
-        inputs = fixed_step_inputs(self.model.config, cache, self._positions[position : position + 1], cache.dtype)
+        position = cache.next_position(1)
+        config, pos = self.model.config, self._positions[position : position + 1]
+        # The model's own rotary and logn functions; the C step does the rest of the maths itself.
+        cos, sin = rotary_cos_sin(pos, cache.inv_freq)  # Qwen quirk 3: the prefill's alpha
         logn = None
-        if inputs.logn is not None and position + 1 > self.model.config.seq_length:
-            logn = float(inputs.logn)
+        if config.use_logn_attn and position + 1 > config.seq_length:  # Qwen quirk 4, rounded like q
+            logn = float(logn_scale(pos, config.seq_length).to(cache.dtype))
         logits = self._step.step(
             int(tokens[0, 0]),
             position,
-            cos=inputs.cos.reshape(-1),
-            sin=inputs.sin.reshape(-1),
+            cos=cos.reshape(-1),
+            sin=sin.reshape(-1),
             logn=logn,
             keys=cache.keys,
             values=cache.values,

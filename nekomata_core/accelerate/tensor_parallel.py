@@ -198,25 +198,14 @@ class _GatherVocabulary:
         return torch.cat(parts, dim=-1)  # [B, T, V], the vocabulary in rank order
 
 
-def is_tensor_parallel(model: nn.Module) -> bool:
-    return getattr(model, "tensor_parallel", None) is not None
-
-
-def weight_nbytes(model: nn.Module) -> int:
-    """Bytes of this process's parameters (its shard plus the replicated ones)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 __all__ = [
     "TensorParallel",
     "TensorParallelError",
     "apply",
     "check_divisible",
     "init_process_group",
-    "is_tensor_parallel",
     "rank_device",
     "row_absmax",
     "shard_model",
     "shard_selection",
-    "weight_nbytes",
 ]
