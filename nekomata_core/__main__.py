@@ -1,5 +1,5 @@
 """`python -m nekomata_core` runs the `nekomata` command."""
 
-from .apps.cli import main
+from .apps.cli import console_main
 
-raise SystemExit(main())
+console_main()

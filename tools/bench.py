@@ -3,7 +3,7 @@
 python tools/bench.py bench-620m --dtype bfloat16 --also static:int8 --json bench.json
 """
 
-from nekomata_core.apps.cli import main
+from nekomata_core.apps.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main(command="bench"))
+    console_main(command="bench")

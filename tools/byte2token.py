@@ -4,7 +4,7 @@
 The logic lives in nekomata_core/apps/byte2token.py so that the command also works from an installed wheel.
 """
 
-from nekomata_core.apps.cli import main
+from nekomata_core.apps.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main(command="byte2token"))
+    console_main(command="byte2token")

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from ..errors import NekomataError
 from .common import EXIT_FAILED, EXIT_USAGE, CLIError
@@ -75,6 +76,23 @@ def main(argv: list[str] | None = None, *, command: str | None = None) -> int:
             raise
         print(f"nekomata {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, CLIError) else EXIT_FAILED
+
+
+def console_main(*, command: str | None = None) -> NoReturn:
+    """The `nekomata` console script, `python -m nekomata_core` and the `tools/*.py` scripts (`command`
+    names their subcommand): run `main`, exit with its code.
+
+    A torchrun rank ends with `os._exit` once its output is flushed (after `main` has met the other ranks
+    and closed the process group): gloo's C++ threads can still be winding down while the interpreter
+    runs its static destructors, and about one exit in twenty then aborts with "terminate called without
+    an active exception" although every rank finished its work.
+    """
+    code = main(command=command)
+    if "WORLD_SIZE" in os.environ and "torch.distributed" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 def _leave_process_group() -> None:
