@@ -67,7 +67,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-_SELECT_BLOCK_BYTES = 1 << 22  # the staging block when reading columns: 4 MiB of whole rows
 _MAX_LISTED = 12  # how many names an error message spells out before saying "and N more"
 
 
@@ -368,7 +367,9 @@ def select(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
 
 
 def _read_selected(f, info: TensorInfo, selection: Selection, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Read only the selected rows or columns of a tensor: the bytes of the rest are never read."""
+    """Read only the selected rows or columns of a tensor straight into the result: the bytes of the rest
+    are never read, and nothing but the result is allocated. (Staging blocks of whole rows, allocated
+    and freed per block, left a rank's heap fragmented: ~0.2 GB resident and unused at qwen-1.8b.)"""
     dim, ranges = selection
     file_dtype = SAFETENSORS_DTYPES[info.dtype]
     itemsize = torch.empty((), dtype=file_dtype).element_size()
@@ -381,18 +382,32 @@ def _read_selected(f, info: TensorInfo, selection: Selection, dtype: torch.dtype
                               (stop - start) * row_bytes)
             _read_into(f, part, out[row : row + stop - start])
             row += stop - start
-    else:  # columns of a 2-D tensor [R, C]: read a block of whole rows at a time, keep the columns
+    else:  # columns of a 2-D tensor [R, C]: one positioned read per row and range, into that row of `out`
         rows, columns = info.shape
-        out = torch.empty((rows, sum(b - a for a, b in ranges)), dtype=file_dtype)
-        block_rows = max(1, _SELECT_BLOCK_BYTES // max(columns * itemsize, 1))
-        for first in range(0, rows, block_rows):
-            count = min(block_rows, rows - first)
-            block = torch.empty((count, columns), dtype=file_dtype)
-            part = TensorInfo(info.name, info.dtype, (), info.file, info.offset + first * columns * itemsize,
-                              count * columns * itemsize)
-            _read_into(f, part, block)
-            out[first : first + count] = select(block, (1, ranges))
+        width = sum(b - a for a, b in ranges)
+        out = torch.empty((rows, width), dtype=file_dtype)
+        flat = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # aliases `out`
+        pieces = []  # (byte offset in a file row, byte offset in an out row, bytes)
+        at = 0
+        for start, stop in ranges:
+            pieces.append((start * itemsize, at * itemsize, (stop - start) * itemsize))
+            at += stop - start
+        fd = f.fileno()
+        for r in range(rows):
+            file_row, out_row = info.offset + r * columns * itemsize, r * width * itemsize
+            for source, target, count in pieces:
+                _pread_into(fd, flat[out_row + target : out_row + target + count], file_row + source, info)
     return out.to(device=device, dtype=dtype)
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, info: TensorInfo) -> None:
+    """Fill `buffer` with the file's bytes from `offset` (positioned reads: no seek, one call a piece)."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(fd, [buffer[done:]], offset + done)
+        if not count:
+            raise _corrupt(info.file, f"the file ended while reading tensor {info.name!r} (truncated)")
+        done += count
 
 
 def iter_safetensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -102,10 +102,7 @@ def load_pretrained(
     target_dtype = resolve_dtype(dtype, config, target_device)
     saved_quantization = quantization_of(config.extra)
     if tp is not None and "int4" in (quantize, saved_quantization):
-        raise tp_module.TensorParallelError(
-            "int4 layers are not sharded yet: load the model with quantize='int8' (or unquantized) for "
-            "tensor parallelism"
-        )
+        tp_module.check_int4_divisible(config, tp.world_size)  # whole int4 groups per rank
     # On the meta device parameters have shapes but no storage: building a 7B model costs nothing,
     # and the loader replaces every parameter with the checkpoint's tensor in the target dtype.
     with torch.device("meta"):
@@ -124,7 +121,7 @@ def load_pretrained(
         progress=progress,
         after_tensor=on_load,
         allow_pickle=allow_pickle,
-        selection=tp_module.shard_selection(config, tp) if tp is not None else None,
+        selection=tp_module.shard_selection(config, tp, saved_quantization) if tp is not None else None,
     )
     if tp is not None:
         tp_module.apply(model, tp)  # local head counts, the all-reduces and the logits' all-gather

@@ -265,9 +265,13 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        """The int4 form of a linear (or of a tensor-parallel shard of one: its groups are whole, and
+        each group is fitted from its own 32 weights only, so a shard gets exactly the codes, scales and
+        mins of the same groups in the whole layer)."""
         weight = linear.weight.detach()
         packed, scales, mins = quantize_int4_weight(weight, weight.dtype)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.dtype)
+        out_features, in_features = weight.shape  # a shard's own shape, not the layer's
+        module = cls(in_features, out_features, linear.bias is not None, weight.dtype)
         module.weight = nn.Parameter(packed, requires_grad=False)
         module.scales = nn.Parameter(scales, requires_grad=False)
         module.mins = nn.Parameter(mins, requires_grad=False)
@@ -391,7 +395,9 @@ class QuantizeOnLoad:
         module = self.model.get_submodule(module_name)
         if any(p.is_meta for p in module.parameters()):
             return  # its other tensor (weight or bias) is still to come
-        absmax = None if self.row_absmax is None else self.row_absmax(module_name, module.weight)
+        absmax = None  # only int8's per-row scales depend on columns another rank may hold
+        if self.row_absmax is not None and _quantized_class(self.method, module_name) is Int8Linear:
+            absmax = self.row_absmax(module_name, module.weight)
         quantize_linear(self.model, module_name, self.method, absmax)
         self.linears.discard(module_name)
 

@@ -23,6 +23,7 @@ from nekomata_core import QwenForCausalLM
 from nekomata_core.accelerate.tensor_parallel import TensorParallelError, check_divisible
 from nekomata_core.config import QwenConfig
 from nekomata_core.generation import generate
+from nekomata_core.quantize import save_quantized
 
 # 6 heads and a vocabulary and MLP width that 2 and 3 divide.
 SIX_HEADS = dict(vocab_size=384, hidden_size=96, num_attention_heads=6, intermediate_size=192)
@@ -69,11 +70,31 @@ def _rank_main(rank: int, world: int, port: int, folders: dict, results) -> None
                 QwenForCausalLM.from_pretrained(folders["four"], device="cpu", progress=False, tensor_parallel=True)
             except TensorParallelError as exc:
                 out["error"] = str(exc)
+        if world == 2:
+            _int4_ranks(folders, ids, out)
     except Exception as exc:  # reported to the test instead of hanging the other ranks' collectives
         out["crash"] = repr(exc)
     results.put((rank, out))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _int4_ranks(folders: dict, ids: torch.Tensor, out: dict) -> None:
+    """int4 at N = 2: quantized on load from the float files, and read from a saved int4 checkpoint."""
+    from nekomata_core.accelerate import make_step
+
+    for key, folder, quantize in (("int4", folders["four"], "int4"), ("saved_int4", folders["four_int4"], None)):
+        model = QwenForCausalLM.from_pretrained(
+            folder, device="cpu", progress=False, tensor_parallel=True, quantize=quantize
+        )
+        with torch.inference_mode():
+            out[f"{key}_logits"] = model(ids).numpy()
+        out[f"{key}_params"] = {name: p.numpy().copy() for name, p in model.named_parameters()}
+        out[f"{key}_greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, decode_fn=make_step(model, "auto")).new_tokens[0]
+    try:  # 96 inputs of each c_proj: 48 per rank, not whole groups of 32
+        QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, tensor_parallel=True, quantize="int4")
+    except TensorParallelError as exc:
+        out["int4_error"] = str(exc)
 
 
 def _run(world: int, folders: dict) -> dict[int, dict]:
@@ -96,11 +117,16 @@ def _run(world: int, folders: dict) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def folders(checkpoint_factory):
+def folders(checkpoint_factory, tmp_path_factory):
+    four = str(checkpoint_factory("tiny", vocab_size=384))
+    int4 = QwenForCausalLM.from_pretrained(four, device="cpu", progress=False, quantize="int4")
+    four_int4 = str(save_quantized(int4, tmp_path_factory.mktemp("tp") / "four-int4"))
     return {
         "six": str(checkpoint_factory("tiny", **SIX_HEADS)),
-        # 4 heads and an MLP width of 128: 3 divides neither.
-        "four": str(checkpoint_factory("tiny", vocab_size=384)),
+        # 4 heads and an MLP width of 128: 3 divides neither. At N = 2 each rank holds 32 inputs of
+        # attn.c_proj and 64 of mlp.c_proj: whole int4 groups.
+        "four": four,
+        "four_int4": four_int4,
     }
 
 
@@ -114,6 +140,11 @@ def single(folders):
     model = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False)
     int8 = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, quantize="int8")
     return model, int8
+
+
+@pytest.fixture(scope="module")
+def single_int4(folders):
+    return QwenForCausalLM.from_pretrained(folders["four"], device="cpu", progress=False, quantize="int4")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,11 +178,11 @@ def _expected_shard(name: str, full: torch.Tensor, rank: int, world: int, config
         share = hidden // world
         q, k, v = full.split(hidden)
         return torch.cat([part[rank * share : (rank + 1) * share] for part in (q, k, v)])
-    if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight")):  # its input columns
+    if ".c_proj." in name and full.dim() == 2:  # its input columns (int4: their bytes, their groups)
         return full.chunk(world, dim=1)[rank]
-    if any(key in name for key in (".w1.", ".w2.", "lm_head.")):  # its output rows
+    if any(key in name for key in (".w1.", ".w2.", "lm_head.", ".wte.")):  # its output rows / vocabulary
         return full.chunk(world, dim=0)[rank]
-    return full  # embedding, norms, row-parallel scales: whole
+    return full  # norms, row-parallel biases and int8 scales: whole
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -165,6 +196,61 @@ def test_each_rank_holds_exactly_its_shard(runs, single, world, kind):
         for name, value in out[key].items():
             expected = _expected_shard(name, whole[name], rank, world, model.config)
             assert torch.equal(torch.from_numpy(value), expected), (rank, name)
+
+
+@pytest.mark.parametrize("key", ["int4", "saved_int4"])
+def test_each_int4_rank_holds_exactly_its_shard_of_the_single_process_int4_model(runs, single_int4, key):
+    """Quantized on load, each rank fits its own slice of each layer; the groups are whole, so the codes,
+    scales and mins equal those of the same groups quantized in one process, bit for bit."""
+    whole = dict(single_int4.named_parameters())
+    for rank, out in runs[2].items():
+        params = out[f"{key}_params"]
+        assert set(params) == set(whole)
+        for name, value in params.items():
+            expected = _expected_shard(name, whole[name], rank, 2, single_int4.config)
+            assert torch.equal(torch.from_numpy(value), expected), (rank, name)
+
+
+def test_int4_row_parallel_shards_stand_for_the_input_columns_of_the_whole_layer(runs, single_int4):
+    """Decoded independently: rank r's attn.c_proj / mlp.c_proj weights are columns r·K/2 … of the whole
+    layer's dequantized weight (w = q · scale + min per group of 32, unpacked here in plain PyTorch)."""
+
+    def weight(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+        low, high = packed & 15, packed >> 4  # byte j of a group: code j (low), code j + 16 (high)
+        groups = packed.shape[1] // 16
+        codes = torch.cat((low.reshape(-1, groups, 16), high.reshape(-1, groups, 16)), dim=2).float()
+        return (codes * scales[:, :, None].float() + mins[:, :, None].float()).reshape(packed.shape[0], -1)
+
+    checked = 0
+    for layer in ("attn.c_proj", "mlp.c_proj"):
+        for i in range(single_int4.config.num_hidden_layers):
+            name = f"transformer.h.{i}.{layer}"
+            module = single_int4.get_submodule(name)
+            full = weight(module.weight, module.scales, module.mins)
+            for rank, out in runs[2].items():
+                p = {leaf: torch.from_numpy(out["int4_params"][f"{name}.{leaf}"]) for leaf in ("weight", "scales", "mins")}
+                assert torch.equal(weight(p["weight"], p["scales"], p["mins"]), full.chunk(2, dim=1)[rank])
+                checked += 1
+    assert checked == 2 * 2 * single_int4.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("key", ["int4", "saved_int4"])
+def test_int4_ranks_compute_the_single_process_int4_logits_and_greedy_tokens(runs, single_int4, key):
+    ids = torch.tensor(PROMPT)
+    with torch.inference_mode():
+        reference = single_int4(ids)
+    greedy = generate(single_int4, ids, max_new_tokens=NEW_TOKENS).new_tokens[0]
+    for rank, out in runs[2].items():
+        assert _close(torch.from_numpy(out[f"{key}_logits"]), reference) <= 1e-5, rank
+        assert out[f"{key}_greedy"] == greedy, rank
+
+
+def test_int4_ranks_without_whole_groups_are_one_clear_error(runs):
+    for out in runs[2].values():
+        message = out["int4_error"]
+        assert "2 processes" in message and "multiple of 32" in message
+        assert "attn.c_proj has 96 inputs, 48 per rank" in message and "mlp.c_proj has 96 inputs, 48 per rank" in message
+        assert "quantize='int8'" in message
 
 
 def test_int8_ranks_compute_the_single_process_int8_logits(runs, single):

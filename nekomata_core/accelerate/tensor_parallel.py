@@ -11,7 +11,12 @@ put the pieces back together:
     w1, w2        column-parallel: rank r keeps 1/N of the MLP width (the SwiGLU is element-wise)
     mlp.c_proj    row-parallel over that width: one all-reduce, then the bias
     lm_head       column-parallel by vocabulary, then an all-gather: every rank has the full logits
-    wte, norms    replicated (the embedding is a lookup; norms are tiny)
+    wte           by vocabulary (Megatron's vocab-parallel embedding): rank r looks up the tokens in
+                  its rows and zeros for the others; one all-reduce adds each token's one non-zero
+                  row to zeros, which is exact (the 151936-row table is 0.6 GB at qwen-1.8b in bf16,
+                  as much as 8 of its blocks: copied to every rank it kept a rank's peak RSS above
+                  0.6× one process's at N = 2)
+    norms         replicated (tiny)
 
 Every rank therefore computes the same logits [B, T, V], so generation runs unchanged on every rank
 and, with the same RNG state (torch's default seed is the same in every process; `--seed` seeds them
@@ -22,6 +27,13 @@ Loading reads only a rank's slices from the files (`shard_selection` → `loader
 of an already loaded model can also be cut from it in memory (`shard_model`). int8 layers shard as
 their weights do: scales go with the rows of column-parallel layers and stay whole in row-parallel
 ones, whose per-row absmax is agreed by an all-reduce when quantizing on load.
+
+int4 layers (groups of 32 inputs, a scale and a min per group) shard by rows when column-parallel
+(w1, w2: packed weight, scales and mins alike) and by input columns in whole groups when row-parallel
+(the c_proj layers: rank r keeps groups r·K/32N … of every row, i.e. bytes r·K/2N … of the packed
+weight), so each rank's K/N must be a multiple of 32 (`check_int4_divisible`). Quantizing on load
+needs no communication for int4: a group's scale, min and codes depend on its own 32 weights only, so
+a rank quantizing its slice gets exactly the codes, scales and mins of those groups in one process.
 """
 
 from __future__ import annotations
@@ -33,11 +45,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import QwenConfig
 from ..errors import NekomataError
 from ..loader import Selection, select
+from ..quantize import INT4_GROUP_SIZE, Int4Linear
 
 
 class TensorParallelError(NekomataError):
@@ -53,10 +67,12 @@ class TensorParallel:
     group: dist.ProcessGroup | None = None  # None = the default group
 
 
-# The pattern of every sharded parameter → how it is split (Int8Linear weights and scales alike).
-_COLUMN_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|scales)")
+# The pattern of every sharded parameter → how it is split (Int8Linear and Int4Linear tensors alike).
+_COLUMN_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|scales|mins)")
 _ROW = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight")
-_COLUMN = re.compile(r"(transformer\.h\.\d+\.mlp\.(w1|w2)|lm_head)\.(weight|bias|scales)")
+_ROW_GROUPS = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.(scales|mins)")  # int4: [out, in/32]
+_COLUMN = re.compile(r"(transformer\.h\.\d+\.mlp\.(w1|w2)|lm_head)\.(weight|bias|scales|mins)")
+_EMBEDDING = "transformer.wte.weight"
 
 
 def init_process_group(device: torch.device) -> TensorParallel:
@@ -101,9 +117,35 @@ def check_divisible(config: QwenConfig, world_size: int) -> None:
         )
 
 
-def shard_selection(config: QwenConfig, tp: TensorParallel) -> Callable[[str], Selection | None]:
-    """name → the part of that checkpoint tensor rank `tp.rank` holds (None = the whole tensor)."""
+def check_int4_divisible(config: QwenConfig, world_size: int) -> None:
+    """int4 row-parallel layers are split in whole groups: each rank's share of their inputs (the
+    attention width for attn.c_proj, the MLP width for mlp.c_proj) must be a multiple of the group."""
+    sizes = {"attn.c_proj": config.hidden_size, "mlp.c_proj": config.mlp_width}
+    bad = [
+        f"{name} has {size} inputs, {size // world_size} per rank"
+        for name, size in sizes.items()
+        if (size // world_size) % INT4_GROUP_SIZE
+    ]
+    if bad:
+        raise TensorParallelError(
+            f"cannot split this int4 model over {world_size} processes: int4 groups {INT4_GROUP_SIZE} inputs "
+            f"and a rank must hold whole groups, but {'; '.join(bad)}, which is not a multiple of "
+            f"{INT4_GROUP_SIZE}; use quantize='int8' (or no quantization) with {world_size} processes, or a "
+            f"number of processes that leaves each rank a multiple of {INT4_GROUP_SIZE} inputs"
+        )
+
+
+def shard_selection(
+    config: QwenConfig, tp: TensorParallel, stored: str | None = None
+) -> Callable[[str], Selection | None]:
+    """name → the part of that checkpoint tensor rank `tp.rank` holds (None = the whole tensor).
+
+    `stored`: the quantization of the tensors as they are in the files ("int8", "int4" or None for
+    float weights), which sets how the inputs of a row-parallel int4 layer are laid out: its packed
+    weight has two inputs a byte, its scales and mins one column a group."""
     check_divisible(config, tp.world_size)
+    if stored == "int4":
+        check_int4_divisible(config, tp.world_size)
     r, n = tp.rank, tp.world_size
     hidden, width = config.hidden_size, config.mlp_width
     share = hidden // n  # a rank's heads × head_dim
@@ -112,20 +154,24 @@ def shard_selection(config: QwenConfig, tp: TensorParallel) -> Callable[[str], S
         if _COLUMN_BY_HEADS.fullmatch(name):
             # Rows are [q; k; v], each `hidden` tall: the same heads' rows from each of the three.
             return 0, [(part * hidden + r * share, part * hidden + (r + 1) * share) for part in range(3)]
-        if _ROW.fullmatch(name):
-            size = share if ".attn." in name else width // n  # the columns of its heads, or of its width
+        row_weight = _ROW.fullmatch(name)
+        if row_weight or (stored == "int4" and _ROW_GROUPS.fullmatch(name)):
+            size = share if ".attn." in name else width // n  # the inputs of its heads, or of its width
+            if stored == "int4":  # packed: 2 inputs a byte; scales and mins: 1 column a group
+                size //= 2 if row_weight else INT4_GROUP_SIZE
             return 1, [(r * size, (r + 1) * size)]
-        if _COLUMN.fullmatch(name):
-            size = config.vocab_size if name.startswith("lm_head") else width
+        if _COLUMN.fullmatch(name) or name == _EMBEDDING:
+            size = width if ".mlp." in name else config.vocab_size
             return 0, [(r * size // n, (r + 1) * size // n)]
-        return None  # the embedding, the norms, the row-parallel biases and scales: whole
+        return None  # the norms, the row-parallel biases and int8 scales: whole
 
     return selection
 
 
 def row_absmax(tp: TensorParallel) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
-    """For quantize-on-load: a row-parallel layer's per-row max |w| over all ranks' columns, so its
-    int8 scales are those of the whole layer (None for the other layers)."""
+    """For quantize-on-load: a row-parallel int8 layer's per-row max |w| over all ranks' columns, so
+    its int8 scales are those of the whole layer (None for the other layers). QuantizeOnLoad asks only
+    for int8 layers: an int4 group's fit needs nothing beyond its own 32 weights."""
 
     def absmax(module_name: str, weight: torch.Tensor) -> torch.Tensor | None:
         if not _ROW.fullmatch(module_name + ".weight"):
@@ -139,7 +185,8 @@ def row_absmax(tp: TensorParallel) -> Callable[[str, torch.Tensor], torch.Tensor
 
 def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Cut rank `tp.rank`'s shard out of a whole loaded model in place, and wire it (see `apply`)."""
-    selection = shard_selection(model.config, tp)
+    stored = "int4" if any(isinstance(m, Int4Linear) for m in model.modules()) else None
+    selection = shard_selection(model.config, tp, stored)
     for name, parameter in list(model.named_parameters()):
         part = selection(name)
         if part is not None:
@@ -159,10 +206,16 @@ def apply(model: nn.Module, tp: TensorParallel) -> nn.Module:
         for linear in (block.attn.c_attn, block.mlp.w1, block.mlp.w2):
             linear.out_features = linear.weight.shape[0]
         for linear in (block.attn.c_proj, block.mlp.c_proj):
-            linear.in_features = linear.weight.shape[1]
+            # An Int4Linear's packed weight holds two inputs a byte.
+            linear.in_features = linear.weight.shape[1] * (2 if isinstance(linear, Int4Linear) else 1)
             _reduce_after(linear, tp)
     model.lm_head.out_features = model.lm_head.weight.shape[0]
     model.lm_head.register_forward_hook(_GatherVocabulary(tp))
+    embedding = model.transformer.wte
+    embedding.__class__ = VocabParallelEmbedding
+    embedding.num_embeddings = embedding.weight.shape[0]
+    embedding.vocab_start = tp.rank * embedding.num_embeddings  # the vocabulary splits evenly
+    embedding.group = tp.group
     model.tensor_parallel = tp
     return model
 
@@ -187,6 +240,22 @@ class _AllReduce:
         return output if bias is None else output + bias
 
 
+class VocabParallelEmbedding(nn.Embedding):
+    """nn.Embedding holding the rows vocab_start … vocab_start + num_embeddings of the vocabulary: each
+    token's row comes from the one rank that has it (the others add zeros), by one all-reduce."""
+
+    vocab_start: int = 0
+    group: dist.ProcessGroup | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.vocab_start
+        elsewhere = (local < 0) | (local >= self.num_embeddings)  # [B, T] tokens another rank holds
+        rows = F.embedding(local.masked_fill(elsewhere, 0), self.weight)  # [B, T, H]
+        rows = rows.masked_fill(elsewhere[..., None], 0)
+        dist.all_reduce(rows, group=self.group)  # one non-zero row per token: the sum is exact
+        return rows
+
+
 class _GatherVocabulary:
     def __init__(self, tp: TensorParallel) -> None:
         self.group, self.world_size = tp.group, tp.world_size
@@ -201,8 +270,10 @@ class _GatherVocabulary:
 __all__ = [
     "TensorParallel",
     "TensorParallelError",
+    "VocabParallelEmbedding",
     "apply",
     "check_divisible",
+    "check_int4_divisible",
     "init_process_group",
     "rank_device",
     "row_absmax",
