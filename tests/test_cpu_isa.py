@@ -127,3 +127,25 @@ def test_the_gemv_and_native_step_tests_pass_under_every_other_variant(variant):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1]
+
+
+@requires_kernels
+@pytest.mark.parametrize("variant", _variants(best_included=True))
+@pytest.mark.parametrize("k", [32, 96, 1024, 2816])
+def test_int4_with_an_fp32_x_of_bf16_values(variant, k, monkeypatch, fresh_state):
+    """The int4 GEMV of the native step in a bf16 model (x: fp32 holding bf16 values; the vdpbf16ps path of
+    avx512bf16, odd group counts included), to fp32 accuracy against the float64 reference."""
+    monkeypatch.setenv(build.ISA_ENV, variant)
+    build.reset()
+    g = torch.Generator().manual_seed(k)
+    n = 37
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // 32, generator=g) / 8).to(torch.bfloat16)
+    mins = (-torch.rand(n, k // 32, generator=g)).to(torch.bfloat16)
+    x = torch.randn(k, generator=g).to(torch.bfloat16).float()
+    b = packed.reshape(n, k // 32, 16).long()
+    codes = torch.cat((b & 15, b >> 4), dim=2).double()
+    w = (codes * scales.double()[:, :, None] + mins.double()[:, :, None]).reshape(n, k)
+    ref, bound = x.double() @ w.T, x.double().abs() @ w.abs().T
+    y = gemv.linear_int4(x, packed, scales, mins, None)
+    assert torch.all((y.double() - ref).abs() <= 2e-6 * bound), variant

@@ -138,30 +138,36 @@ typedef struct {
  * followed by the K / NK_INT4_GROUP group sums of x (int4 weights), or (bf16 weights, in a build with
  * AVX512-BF16) natural order followed by x as bf16 bits, two to a dword as vdpbf16ps takes them, and a
  * flag saying whether every element of x is a bf16 value (see nk_load_x). */
-enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2, X_BF16_PAIRS = 3 };
+/* X_INT4_BF16 (int4 weights, AVX512-BF16 builds): X_GROUP_SUMS, then x as bf16 arranged for the int4
+ * kernel's vdpbf16ps, 64 values per pair of groups (A, B): A's first 16, B's first 16, A's last 16,
+ * B's last 16; then the same flag. */
+enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2, X_BF16_PAIRS = 3, X_INT4_BF16 = 4 };
 
 static inline int nk_x_layout(int kind) {
 #ifdef __AVX512BF16__
     if (kind == KIND_BF16) return X_BF16_PAIRS;
+    if (kind == KIND_INT4) return X_INT4_BF16;
 #endif
     return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
 }
 
-/* X_BF16_PAIRS: where (in floats from the start) the bf16 copy of x and the flag are. */
-static inline int64_t nk_x_bf16_at(int64_t K) { return (K + 15) & ~(int64_t)15; }
-static inline int64_t nk_x_flag_at(int64_t K) { return nk_x_bf16_at(K) + (((K + 1) / 2 + 15) & ~(int64_t)15); }
+/* X_BF16_PAIRS and X_INT4_BF16: where (in floats from the start) the bf16 copy of x and the flag are. */
+static inline int64_t nk_x_bf16_at(int64_t K, int layout) {
+    int64_t before = layout == X_INT4_BF16 ? K + K / NK_INT4_GROUP : K;
+    return (before + 15) & ~(int64_t)15;
+}
+static inline int64_t nk_x_flag_at(int64_t K, int layout) {
+    return nk_x_bf16_at(K, layout) + (((K + 1) / 2 + 15) & ~(int64_t)15);
+}
 
 /* The floats a prepared x of K elements takes in `layout`. */
 static inline int64_t nk_x_floats(int64_t K, int layout) {
-    if (layout == X_BF16_PAIRS) return nk_x_flag_at(K) + 16;
+    if (layout == X_BF16_PAIRS || layout == X_INT4_BF16) return nk_x_flag_at(K, layout) + 16;
     return layout == X_GROUP_SUMS ? K + K / NK_INT4_GROUP : K;
 }
 
-/* Room for a prepared x of K elements in any layout. */
-static inline int64_t nk_x_floats_any(int64_t K) {
-    int64_t a = nk_x_floats(K, X_GROUP_SUMS), b = nk_x_floats(K, X_BF16_PAIRS);
-    return a > b ? a : b;
-}
+/* Room for a prepared x of K elements in any layout (X_INT4_BF16 is the largest). */
+static inline int64_t nk_x_floats_any(int64_t K) { return nk_x_floats(K, X_INT4_BF16); }
 
 /* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
  * layout) floats, 32-byte aligned. */

@@ -123,7 +123,7 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
         /* x again as bf16 bits, and whether that copy is exact: vdpbf16ps multiplies bf16 by bf16, which
          * equals the fp32 product only if x holds bf16 values (it does in bf16 models, whose activations
          * PyTorch rounds to bf16). An fp32 x that is not sends the kernel to the fp32 path instead. */
-        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K));
+        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
         __mmask16 inexact = 0;
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
@@ -139,10 +139,27 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
             xb[k] = (uint16_t)(u >> 16);
         }
         if (K & 1) xb[K] = 0; /* the odd element's pair partner (never multiplied: tails are scalar) */
-        dst[nk_x_flag_at(K)] = (inexact || tail_inexact) ? 0.0f : 1.0f;
+        dst[nk_x_flag_at(K, layout)] = (inexact || tail_inexact) ? 0.0f : 1.0f;
+    }
+    if (layout == X_INT4_BF16) {
+        /* K is a multiple of NK_INT4_GROUP, so of 16: whole vectors only. Pairs of groups (see common.h);
+         * an odd last group is left out (the kernel does it in fp32). */
+        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
+        __mmask16 inexact = 0;
+        for (int64_t k = 0; k < K; k += 16)
+            inexact |= _mm512_test_epi32_mask(_mm512_castps_si512(_mm512_load_ps(dst + k)), _mm512_set1_epi32(0xffff));
+        for (int64_t p = 0; p + 1 < K / NK_INT4_GROUP; p += 2) {
+            const float* a = dst + p * NK_INT4_GROUP;
+            const float* b = a + NK_INT4_GROUP;
+            const float* parts[4] = {a, b, a + 16, b + 16};
+            for (int i = 0; i < 4; i++)
+                _mm256_storeu_si256((__m256i*)(xb + p * NK_INT4_GROUP + 16 * i),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(parts[i])));
+        }
+        dst[nk_x_flag_at(K, layout)] = inexact ? 0.0f : 1.0f;
     }
 #endif
-    if (layout == X_GROUP_SUMS) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
+    if (layout == X_GROUP_SUMS || layout == X_INT4_BF16) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
         for (int64_t g = 0; g < K / NK_INT4_GROUP; g++) {
             const float* p = dst + g * NK_INT4_GROUP;
             __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(p), _mm256_load_ps(p + 8)),
@@ -422,6 +439,24 @@ ZROWS_KERNEL void int8_rows_z(const int8_t* const w[ROWS], int64_t K, const floa
  * float in one instruction (it reads only the low 4 bits of each index: no mask, no conversion), and a
  * shift by 4 exposes the high nibbles. The per-group scales are converted a block at a time (as in
  * int4_rows_n) and broadcast from memory. */
+/* codes . x of one group (16 bytes at b; x0, x1 its 32 elements of x), as 16 fp32 partial sums. */
+static inline __m512 int4_group_z(const uint8_t* b, __m512 x0, __m512 x1, __m512 codes) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
+    __m512 lo = _mm512_permutexvar_ps(v, codes);                       /* codes j */
+    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), codes); /* codes j + 16 */
+    return _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+}
+
+/* The mins' part of int4 rows: sum_g min_g * sum(x_g), from the group sums after x. */
+static inline float int4_offset(const void* mn, int sdt, int64_t groups, const float* xsum) {
+    __m256 m = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
+    float offset = hsum8(m);
+    for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
+    return offset;
+}
+
 ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
                               int sdt, int64_t K, const float* xp, float* out, const int nrows) {
     const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -438,21 +473,10 @@ ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc
         for (int r = 0; r < nrows; r++) {
             const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
             if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
-            __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
-            __m512 lo = _mm512_permutexvar_ps(v, codes);                          /* codes j */
-            __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), codes);    /* codes j + 16 */
-            __m512 d = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
-            acc[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
+            acc[r] = _mm512_fmadd_ps(int4_group_z(b, x0, x1, codes), _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
         }
     }
-    for (int r = 0; r < nrows; r++) {
-        __m256 m = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn[r], sdt, g), _mm256_loadu_ps(xsum + g), m);
-        float offset = hsum8(m);
-        for (; g < groups; g++) offset = fmaf(load_scalar(mn[r], sdt, g), xsum[g], offset);
-        out[r] = _mm512_reduce_add_ps(acc[r]) + offset;
-    }
+    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
 }
 #endif /* __AVX512F__ */
 
@@ -462,7 +486,7 @@ ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc
  * products are exact (bf16 x bf16 fits fp32's 24-bit significand); the instruction rounds to nearest
  * even and treats subnormal inputs and results as zero (a bf16 subnormal is below 1.2e-38). */
 ZROWS_KERNEL void bf16_rows_dp(const uint16_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
-    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K));
+    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_BF16_PAIRS));
     __m512 a0[ROWS], a1[ROWS];
     for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -509,6 +533,54 @@ ZROWS_KERNEL void bf16_rows_f32(const uint16_t* const w[ROWS], int64_t K, const 
         out[r] = s;
     }
 }
+/* int4 weights with x as bf16 (X_INT4_BF16, exact copy): two groups at a time. Their 32 bytes widen to
+ * 32 words (vpmovzxbw); vpermw with a table of the bf16 values of 0 .. 15 (twice: it reads the low 5
+ * bits of each index) turns the low nibbles into codes as bf16 in one instruction, and a shift by 4 the
+ * high ones; two vdpbf16ps then give group A's partial sums in lanes 0-7 and B's in lanes 8-15, which
+ * take their scales in one FMA. The codes are small integers, exact in bf16, so the products are exact
+ * as in the fp32 kernel; an odd last group goes through int4_group_z. */
+ZROWS_KERNEL void int4_rows_dp(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
+                               int sdt, int64_t K, const float* xp, float* out, const int nrows) {
+    const __m512i lut = _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0,
+                                         0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000, 0x4170, 0x4160,
+                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0,
+                                         0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t groups = K / NK_INT4_GROUP;
+    const float* xsum = xp + K;
+    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_INT4_BF16));
+    __m512 acc[ROWS];
+    float sf[ROWS][NK_SCALE_BLOCK];
+    for (int r = 0; r < nrows; r++) acc[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) { /* NK_SCALE_BLOCK is even: a pair never straddles two blocks */
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
+        __m512bh xlo = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP);
+        __m512bh xhi = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP + 32);
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
+            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)b));
+            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, lut);
+            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xlo), hi, xhi);
+            const float* s = sf[r] + g % NK_SCALE_BLOCK;
+            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+            acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
+        }
+    }
+    if (g < groups) { /* the odd last group */
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
+        const float* x = xp + g * NK_INT4_GROUP;
+        __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
+        for (int r = 0; r < nrows; r++)
+            acc[r] = _mm512_fmadd_ps(int4_group_z(w[r] + g * (NK_INT4_GROUP / 2), x0, x1, codes),
+                                     _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
+    }
+    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
+}
 #endif /* __AVX512BF16__ */
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -541,7 +613,12 @@ static inline __attribute__((always_inline)) void rows_kernel(const gemv_args* a
                 sc[r] = (const char*)a->scales + n[r] * groups * ssize;
                 mn[r] = (const char*)a->mins + n[r] * groups * ssize;
             }
-#ifdef __AVX512F__
+#if defined(__AVX512BF16__)
+            if (a->xp[nk_x_flag_at(K, X_INT4_BF16)] != 0.0f)
+                int4_rows_dp(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+            else
+                int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+#elif defined(__AVX512F__)
             int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
 #else
             int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
@@ -552,7 +629,7 @@ static inline __attribute__((always_inline)) void rows_kernel(const gemv_args* a
             const uint16_t* w[ROWS];
             for (int r = 0; r < nrows; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
 #ifdef __AVX512BF16__
-            if (a->xp[nk_x_flag_at(K)] != 0.0f)
+            if (a->xp[nk_x_flag_at(K, X_BF16_PAIRS)] != 0.0f)
                 bf16_rows_dp(w, K, a->xp, acc, nrows);
             else
                 bf16_rows_f32(w, K, a->xp, acc, nrows);
