@@ -9,7 +9,9 @@ machine and the ABI version (so an edited kernel is rebuilt and an unchanged one
 library must report `abi.ABI_VERSION`, else it is a stale build and is not used.
 
 It works on x86-64 Linux with a CPU that has AVX2, FMA and F16C and a C compiler; `available()` says
-whether that is so here. Environment: ``NEKOMATA_CPU_GEMV=0`` disables the CPU kernels; ``NEKOMATA_CC``
+whether that is so here. The library is built in one ISA variant (`ISA_VARIANTS`: avx512bf16, avx512,
+avx2), the best this CPU has (`isa()` says which), each cached under its own name. Environment:
+``NEKOMATA_CPU_ISA=avx2`` (or another variant) forces one; ``NEKOMATA_CPU_GEMV=0`` disables the CPU kernels; ``NEKOMATA_CC``
 picks the compiler; ``XDG_CACHE_HOME`` moves the cache (``$XDG_CACHE_HOME/nekomata_core``, default
 ``~/.cache/nekomata_core``).
 
@@ -63,10 +65,14 @@ from .abi import ABI_VERSION
 __all__ = [
     "CFLAGS",
     "HEADERS",
+    "ISA_ENV",
+    "ISA_VARIANTS",
     "SOURCES",
     "available",
     "cache_dir",
+    "compile_flags",
     "folder_problem",
+    "isa",
     "library",
     "library_name",
     "library_path",
@@ -74,6 +80,7 @@ __all__ = [
     "platform_problem",
     "read_sources",
     "reset",
+    "supported_isas",
     "trusted_library",
     "unavailable_reason",
 ]
@@ -96,6 +103,21 @@ CFLAGS = (
     "-shared",
 )  # fmt: skip
 _CPU_FLAGS = ("avx2", "fma", "f16c")
+
+# The ISA variants, best first: for each, the extra compiler flags and the CPU flags (/proc/cpuinfo
+# names) it needs on top of the base ones. The C code chooses its kernels with #ifdef on what the flags
+# define (see common.h). `isa()` picks the first one this CPU has; NEKOMATA_CPU_ISA names one instead
+# (so that every variant the CPU has can be run and tested here, e.g. NEKOMATA_CPU_ISA=avx2).
+_AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512bf16": (
+        ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"),
+        (*_AVX512, "avx512_bf16"),
+    ),
+    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"), _AVX512),
+    "avx2": ((), ()),
+}
+ISA_ENV = "NEKOMATA_CPU_ISA"
 _COMPILE_TIMEOUT_S = 120
 _LIBRARY_PREFIX = "nekomata_cpu"
 
@@ -319,8 +341,42 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def supported_isas() -> list[str]:
+    """The ISA variants this CPU can run, best first (empty if it lacks even AVX2/FMA/F16C)."""
+    flags = _cpu_flags()
+    if any(flag not in flags for flag in _CPU_FLAGS):
+        return []
+    return [name for name, (_, needs) in ISA_VARIANTS.items() if all(flag in flags for flag in needs)]
+
+
+def _isa_choice() -> tuple[str | None, str | None]:
+    """(the variant to build, None) or (None, why none can be)."""
+    supported = supported_isas()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return (supported[0], None) if supported else (None, None)
+    if forced not in ISA_VARIANTS:
+        return None, (
+            f"{ISA_ENV}={forced!r} is not a CPU kernel variant; use one of {', '.join(ISA_VARIANTS)} "
+            f"(or unset it to pick the best this CPU has)"
+        )
+    if forced not in supported:
+        missing = [flag for flag in ISA_VARIANTS[forced][1] if flag not in _cpu_flags()]
+        return None, (
+            f"{ISA_ENV}={forced} needs CPU flags this CPU lacks ({', '.join(missing)}); this CPU runs "
+            f"{', '.join(supported) or 'none of them'} (unset {ISA_ENV} to pick the best)"
+        )
+    return forced, None
+
+
+def isa() -> str | None:
+    """The ISA variant of the CPU kernels this process uses (None when they are unavailable)."""
+    return _isa if available() else None
+
+
 def platform_problem() -> str | None:
-    """None if the CPU kernels may be built and run here, else why not (opt-out, OS/arch, CPU flags)."""
+    """None if the CPU kernels may be built and run here, else why not (opt-out, OS/arch, CPU flags,
+    a NEKOMATA_CPU_ISA this CPU cannot run)."""
     if os.environ.get("NEKOMATA_CPU_GEMV", "").strip().lower() in ("0", "false", "off", "no"):
         return "disabled by NEKOMATA_CPU_GEMV=0"
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -328,7 +384,12 @@ def platform_problem() -> str | None:
     missing = [flag for flag in _CPU_FLAGS if flag not in _cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)} (the CPU kernels need AVX2, FMA and F16C)"
-    return None
+    return _isa_choice()[1]
+
+
+def compile_flags(variant: str) -> tuple[str, ...]:
+    """The compiler flags of one ISA variant: CFLAGS plus the variant's own."""
+    return (*CFLAGS, *ISA_VARIANTS[variant][0])
 
 
 def _compiler() -> str | None:
@@ -348,18 +409,21 @@ def read_sources() -> dict[str, bytes]:
     return files
 
 
-def library_name(files: Mapping[str, bytes]) -> str:
-    """The cache file name of the library built from `files`: a hash of every file (name and bytes), the
-    flags, the machine and the ABI version."""
+def library_name(files: Mapping[str, bytes], variant: str | None = None) -> str:
+    """The cache file name of the `variant` library (default: the one this process would build) built
+    from `files`: the variant's name, then a hash of every file (name and bytes), the variant's flags, the
+    machine and the ABI version."""
+    variant = variant or _isa_choice()[0] or "avx2"
     key = hashlib.sha256()
     parts = [part for name, data in files.items() for part in (name.encode(), data)]
-    for part in (*parts, " ".join(CFLAGS).encode(), platform.machine().encode(), str(ABI_VERSION).encode()):
+    flags = " ".join(compile_flags(variant)).encode()
+    for part in (*parts, flags, platform.machine().encode(), str(ABI_VERSION).encode()):
         key.update(len(part).to_bytes(8, "little"))  # length-prefixed: no two lists hash alike
         key.update(part)
-    return f"{_LIBRARY_PREFIX}-{key.hexdigest()[:16]}.so"
+    return f"{_LIBRARY_PREFIX}-{variant}-{key.hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, files: Mapping[str, bytes], output: Path) -> str | None:
+def _compile(cc: str, files: Mapping[str, bytes], output: Path, variant: str = "avx2") -> str | None:
     """Compile `files` into `output` (a temporary name: `trusted_library` renames it into place); return
     None, or the reason it failed.
 
@@ -374,7 +438,7 @@ def _compile(cc: str, files: Mapping[str, bytes], output: Path) -> str | None:
             for name, data in files.items():
                 (Path(folder) / name).write_bytes(data)
             proc = subprocess.run(
-                [cc, *CFLAGS, *c_files, "-o", str(output), "-lm"],
+                [cc, *compile_flags(variant), *c_files, "-o", str(output), "-lm"],
                 cwd=folder,
                 capture_output=True,
                 timeout=_COMPILE_TIMEOUT_S,
@@ -384,14 +448,14 @@ def _compile(cc: str, files: Mapping[str, bytes], output: Path) -> str | None:
         return f"compiling {names} with {cc} failed: {type(exc).__name__}: {exc}"
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip()
-        return f"compiling {names} with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
+        return f"compiling {names} ({variant}) with {cc} failed (exit {proc.returncode}): {err[-2000:]}"
     _build_count += 1
     return None
 
 
-def _build() -> tuple[Path | None, str | None]:
-    """The path of an up-to-date library that is safe to load (building it if needed), or None and the
-    reason."""
+def _build(variant: str) -> tuple[Path | None, str | None]:
+    """The path of an up-to-date `variant` library that is safe to load (building it if needed), or None
+    and the reason."""
     try:
         files = read_sources()
     except (OSError, ValueError) as exc:
@@ -402,9 +466,9 @@ def _build() -> tuple[Path | None, str | None]:
         if cc is None:
             wanted = os.environ.get("NEKOMATA_CC") or "cc or gcc"
             return f"no C compiler found ({wanted} is not on PATH); install gcc to use the CPU kernels"
-        return _compile(cc, files, output)
+        return _compile(cc, files, output, variant)
 
-    return trusted_library(library_name(files), compile_to)
+    return trusted_library(library_name(files, variant), compile_to)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -417,6 +481,7 @@ _loaded = False  # the build/load below has been attempted (successfully or not)
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _path: Path | None = None
+_isa: str | None = None  # the variant loaded
 _build_count = 0  # compilations done by this process (the tests check that a cached build is reused)
 
 
@@ -439,14 +504,15 @@ def _prototyped(path: Path) -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def _load() -> None:
-    global _loaded, _lib, _reason, _path
+    global _loaded, _lib, _reason, _path, _isa
     with _lock:
         if _loaded:
             return
         try:
             _reason = platform_problem()
             if _reason is None:
-                _path, _reason = _build()
+                _isa = _isa_choice()[0]
+                _path, _reason = _build(_isa)
             if _reason is None:
                 _lib, _reason = _prototyped(_path)
         except Exception as exc:  # never let a broken toolchain or cache escape as an exception
@@ -481,6 +547,6 @@ def library_path() -> Path | None:
 def reset() -> None:
     """Forget the loaded library so the next call builds/loads again (for tests; the old handle stays
     mapped, ctypes never unloads)."""
-    global _loaded, _lib, _reason, _path
+    global _loaded, _lib, _reason, _path, _isa
     with _lock:
-        _loaded, _lib, _reason, _path = False, None, None, None
+        _loaded, _lib, _reason, _path, _isa = False, None, None, None, None

@@ -3,8 +3,14 @@
  * and step.c (the whole batch-1 step of a Qwen v1 model in one call, built on gemv.c's row kernels).
  * kernels/cpu/build.py compiles both, each including this header, into one shared library:
  *
- *     cc -O3 -mavx2 -mfma -mf16c -fopenmp -ffp-contract=off -fvisibility=hidden -fPIC -shared
- *        gemv.c step.c -o <cache>/nekomata_cpu-<hash of sources, header and flags>.so -lm
+ *     cc -O3 -flto -mavx2 -mfma -mf16c [ISA flags] -fopenmp -ffp-contract=off -fvisibility=hidden -fPIC
+ *        -shared gemv.c step.c -o <cache>/nekomata_cpu-<isa>-<hash of sources, header, flags>.so -lm
+ *
+ * ISA variants (build.py picks the best one the CPU has at run time; NEKOMATA_CPU_ISA forces one):
+ * "avx2" (the flags above), "avx512" (+ -mavx512f -mavx512bw -mavx512dq -mavx512vl: 512-bit row kernels
+ * for fp32, int8 and int4 weights) and "avx512bf16" (+ -mavx512bf16: bf16 weights through vdpbf16ps).
+ * The code for each lives under #ifdef __AVX512F__ / __AVX512BF16__; every variant keeps the numerics
+ * below (only the order of the fp32 sums differs between variants, never between thread counts).
  *
  * Numerics, for every file: every float operation is an ordinary IEEE fp32 (or, where said, double)
  * operation, and -ffp-contract=off keeps `a * b + c` two roundings, as in PyTorch's elementwise ops;
@@ -128,18 +134,40 @@ typedef struct {
 } gemv_args;
 
 /* The layouts of a prepared x (nk_load_x): natural order (int8, fp32 weights), split (bf16 weights:
- * every block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones), or natural order
- * followed by the K / NK_INT4_GROUP group sums of x (int4 weights). */
-enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2 };
+ * every block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones), natural order
+ * followed by the K / NK_INT4_GROUP group sums of x (int4 weights), or (bf16 weights, in a build with
+ * AVX512-BF16) natural order followed by x as bf16 bits, two to a dword as vdpbf16ps takes them, and a
+ * flag saying whether every element of x is a bf16 value (see nk_load_x). */
+/* X_INT4_BF16 (int4 weights, AVX512-BF16 builds): X_GROUP_SUMS, then x as bf16 arranged for the int4
+ * kernel's vdpbf16ps, 64 values per pair of groups (A, B): A's first 16, B's first 16, A's last 16,
+ * B's last 16; then the same flag. */
+enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2, X_BF16_PAIRS = 3, X_INT4_BF16 = 4 };
 
 static inline int nk_x_layout(int kind) {
+#ifdef __AVX512BF16__
+    if (kind == KIND_BF16) return X_BF16_PAIRS;
+    if (kind == KIND_INT4) return X_INT4_BF16;
+#endif
     return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
+}
+
+/* X_BF16_PAIRS and X_INT4_BF16: where (in floats from the start) the bf16 copy of x and the flag are. */
+static inline int64_t nk_x_bf16_at(int64_t K, int layout) {
+    int64_t before = layout == X_INT4_BF16 ? K + K / NK_INT4_GROUP : K;
+    return (before + 15) & ~(int64_t)15;
+}
+static inline int64_t nk_x_flag_at(int64_t K, int layout) {
+    return nk_x_bf16_at(K, layout) + (((K + 1) / 2 + 15) & ~(int64_t)15);
 }
 
 /* The floats a prepared x of K elements takes in `layout`. */
 static inline int64_t nk_x_floats(int64_t K, int layout) {
+    if (layout == X_BF16_PAIRS || layout == X_INT4_BF16) return nk_x_flag_at(K, layout) + 16;
     return layout == X_GROUP_SUMS ? K + K / NK_INT4_GROUP : K;
 }
+
+/* Room for a prepared x of K elements in any layout (X_INT4_BF16 is the largest). */
+static inline int64_t nk_x_floats_any(int64_t K) { return nk_x_floats(K, X_INT4_BF16); }
 
 /* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
  * layout) floats, 32-byte aligned. */

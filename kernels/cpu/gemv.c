@@ -118,7 +118,48 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
         _mm256_store_ps(dst + j + 8, c1);
     }
     for (int64_t k = full; k < K; k++) dst[k] = load_scalar(x, x_dtype, k);
-    if (layout == X_GROUP_SUMS) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
+#ifdef __AVX512BF16__
+    if (layout == X_BF16_PAIRS) {
+        /* x again as bf16 bits, and whether that copy is exact: vdpbf16ps multiplies bf16 by bf16, which
+         * equals the fp32 product only if x holds bf16 values (it does in bf16 models, whose activations
+         * PyTorch rounds to bf16). An fp32 x that is not sends the kernel to the fp32 path instead. */
+        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
+        __mmask16 inexact = 0;
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_load_ps(dst + k);
+            inexact |= _mm512_test_epi32_mask(_mm512_castps_si512(v), _mm512_set1_epi32(0xffff));
+            _mm256_storeu_si256((__m256i*)(xb + k), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+        int tail_inexact = 0;
+        for (; k < K; k++) {
+            uint32_t u;
+            memcpy(&u, dst + k, sizeof u);
+            tail_inexact |= (u & 0xffffu) != 0;
+            xb[k] = (uint16_t)(u >> 16);
+        }
+        if (K & 1) xb[K] = 0; /* the odd element's pair partner (never multiplied: tails are scalar) */
+        dst[nk_x_flag_at(K, layout)] = (inexact || tail_inexact) ? 0.0f : 1.0f;
+    }
+    if (layout == X_INT4_BF16) {
+        /* K is a multiple of NK_INT4_GROUP, so of 16: whole vectors only. Pairs of groups (see common.h);
+         * an odd last group is left out (the kernel does it in fp32). */
+        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
+        __mmask16 inexact = 0;
+        for (int64_t k = 0; k < K; k += 16)
+            inexact |= _mm512_test_epi32_mask(_mm512_castps_si512(_mm512_load_ps(dst + k)), _mm512_set1_epi32(0xffff));
+        for (int64_t p = 0; p + 1 < K / NK_INT4_GROUP; p += 2) {
+            const float* a = dst + p * NK_INT4_GROUP;
+            const float* b = a + NK_INT4_GROUP;
+            const float* parts[4] = {a, b, a + 16, b + 16};
+            for (int i = 0; i < 4; i++)
+                _mm256_storeu_si256((__m256i*)(xb + p * NK_INT4_GROUP + 16 * i),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(parts[i])));
+        }
+        dst[nk_x_flag_at(K, layout)] = inexact ? 0.0f : 1.0f;
+    }
+#endif
+    if (layout == X_GROUP_SUMS || layout == X_INT4_BF16) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
         for (int64_t g = 0; g < K / NK_INT4_GROUP; g++) {
             const float* p = dst + g * NK_INT4_GROUP;
             __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(p), _mm256_load_ps(p + 8)),
@@ -281,6 +322,17 @@ static inline __m256 load8(const void* p, int dtype, int64_t i) {
     }
 }
 
+/* The scales of one row's groups [from, from + NK_SCALE_BLOCK) (fewer at the row's end) as fp32 into
+ * dst: the inner loops then broadcast each from memory, where converting a bf16 scale at every group
+ * cost a third of the int4 kernel's instructions. Blocks keep dst on the stack (2 KB for ROWS rows). */
+#define NK_SCALE_BLOCK 128
+
+static inline void scales_to_f32(const void* p, int dtype, int64_t from, int64_t groups, float* dst) {
+    int64_t n = groups - from < NK_SCALE_BLOCK ? groups - from : NK_SCALE_BLOCK, i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(p, dtype, from + i));
+    for (; i < n; i++) dst[i] = load_scalar(p, dtype, from + i);
+}
+
 static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* const w[ROWS],
                                                               const void* const sc[ROWS],
                                                               const void* const mn[ROWS], int sdt,
@@ -290,8 +342,11 @@ static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* con
     const int64_t groups = K / NK_INT4_GROUP;
     const float* xsum = xp + K;
     __m256 acc[ROWS];
+    float sf[ROWS][NK_SCALE_BLOCK];
     for (int r = 0; r < nrows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
         const float* x = xp + g * NK_INT4_GROUP;
         __m256 x0 = _mm256_load_ps(x), x1 = _mm256_load_ps(x + 8);
         __m256 x2 = _mm256_load_ps(x + 16), x3 = _mm256_load_ps(x + 24);
@@ -304,7 +359,7 @@ static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* con
             __m256 d1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), x1);
             d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x2, d0);
             d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, d1);
-            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(load_scalar(sc[r], sdt, g)), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
         }
     }
     for (int r = 0; r < nrows; r++) {
@@ -316,6 +371,217 @@ static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* con
         out[r] = hsum8(acc[r]) + offset;
     }
 }
+
+#ifdef __AVX512F__
+/* ---------------------------------------------------------------------------------------------------- */
+/* 512-bit row kernels (the "avx512" and "avx512bf16" builds).                                          */
+/*
+ * Twice the weights per instruction of the AVX2 kernels: what they save is instructions, which is what
+ * limits the int4 kernel (unpacking costs more than DRAM takes to deliver the bytes) and leaves the
+ * others closer to the bandwidth. Each kernel takes `nrows` = ROWS or 1 rows and sums every row in the
+ * same order either way (always inlined, so each count gets its own code), so a row's value does not
+ * depend on which kernel computes it, hence on the thread count. Horizontal sums: _mm512_reduce_add_ps,
+ * a fixed tree. */
+
+#define ZROWS_KERNEL static inline __attribute__((always_inline))
+
+/* fp32 weights, x natural. 32 floats = two lines per row and iteration. */
+ZROWS_KERNEL void f32_rows_z(const float* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 x0 = _mm512_load_ps(xp + k), x1 = _mm512_load_ps(xp + k + 16);
+        for (int r = 0; r < nrows; r++) {
+            if (PF) {
+                _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w[r] + k + 16) + PF, _MM_HINT_T0);
+            }
+            a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k + 16), x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t j = k; j < K; j++) s = fmaf(w[r][j], xp[j], s);
+        out[r] = s;
+    }
+}
+
+/* int8 weights, x natural: 16 weights sign-extended straight from memory (vpmovsxbd) per FMA. */
+#define I8_LANE_Z(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
+
+ZROWS_KERNEL void int8_rows_z(const int8_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) { /* one 64-byte line per row and iteration */
+        __m512 x0 = _mm512_load_ps(xp + k), x1 = _mm512_load_ps(xp + k + 16);
+        __m512 x2 = _mm512_load_ps(xp + k + 32), x3 = _mm512_load_ps(xp + k + 48);
+        for (int r = 0; r < nrows; r++) {
+            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            a0[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k), x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 16), x1, a1[r]);
+            a0[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 32), x2, a0[r]);
+            a1[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 48), x3, a1[r]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t j = k; j < K; j++) s = fmaf((float)w[r][j], xp[j], s);
+        out[r] = s;
+    }
+}
+
+/* int4 weights, x with its group sums (X_GROUP_SUMS), the same formula as int4_rows_n:
+ * y = sum_g scale_g * (codes_g . x_g) + sum_g min_g * sum(x_g). A group's 16 bytes widen to 16 dwords
+ * (vpmovzxbd); vpermps with the table 0.0 .. 15.0 then turns each dword's low nibble into its code as a
+ * float in one instruction (it reads only the low 4 bits of each index: no mask, no conversion), and a
+ * shift by 4 exposes the high nibbles. The per-group scales are converted a block at a time (as in
+ * int4_rows_n) and broadcast from memory. */
+/* codes . x of one group (16 bytes at b; x0, x1 its 32 elements of x), as 16 fp32 partial sums. */
+static inline __m512 int4_group_z(const uint8_t* b, __m512 x0, __m512 x1, __m512 codes) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
+    __m512 lo = _mm512_permutexvar_ps(v, codes);                       /* codes j */
+    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), codes); /* codes j + 16 */
+    return _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+}
+
+/* The mins' part of int4 rows: sum_g min_g * sum(x_g), from the group sums after x. */
+static inline float int4_offset(const void* mn, int sdt, int64_t groups, const float* xsum) {
+    __m256 m = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
+    float offset = hsum8(m);
+    for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
+    return offset;
+}
+
+ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
+                              int sdt, int64_t K, const float* xp, float* out, const int nrows) {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t groups = K / NK_INT4_GROUP;
+    const float* xsum = xp + K;
+    __m512 acc[ROWS];
+    float sf[ROWS][NK_SCALE_BLOCK];
+    for (int r = 0; r < nrows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
+        const float* x = xp + g * NK_INT4_GROUP;
+        __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
+            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
+            acc[r] = _mm512_fmadd_ps(int4_group_z(b, x0, x1, codes), _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
+}
+#endif /* __AVX512F__ */
+
+#ifdef __AVX512BF16__
+/* bf16 weights, x as bf16 pairs (X_BF16_PAIRS, exact copy): vdpbf16ps multiplies 32 weights by 32
+ * elements of x and adds the pairs into 16 fp32 lanes, one instruction per 64 bytes of weights. The
+ * products are exact (bf16 x bf16 fits fp32's 24-bit significand); the instruction rounds to nearest
+ * even and treats subnormal inputs and results as zero (a bf16 subnormal is below 1.2e-38). */
+ZROWS_KERNEL void bf16_rows_dp(const uint16_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
+    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_BF16_PAIRS));
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) { /* two lines per row and iteration */
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k), x1 = (__m512bh)_mm512_loadu_si512(xb + k + 32);
+        for (int r = 0; r < nrows; r++) {
+            if (PF) {
+                _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w[r] + k + 32) + PF, _MM_HINT_T0);
+            }
+            a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512(w[r] + k), x0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)_mm512_loadu_si512(w[r] + k + 32), x1);
+        }
+    }
+    for (; k + 32 <= K; k += 32) {
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k);
+        for (int r = 0; r < nrows; r++) a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512(w[r] + k), x0);
+    }
+    for (int r = 0; r < nrows; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t j = k; j < K; j++) s = fmaf(bf16_to_f32(w[r][j]), xp[j], s);
+        out[r] = s;
+    }
+}
+
+/* bf16 weights with an fp32 x that is not all bf16 values (X_BF16_PAIRS, inexact copy): each weight
+ * widened to fp32 (vpmovzxwd, shift) and multiplied in fp32 with the natural-order x. */
+ZROWS_KERNEL void bf16_rows_f32(const uint16_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 x0 = _mm512_load_ps(xp + k), x1 = _mm512_load_ps(xp + k + 16);
+        for (int r = 0; r < nrows; r++) {
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w[r] + k))), 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w[r] + k + 16))), 16));
+            a0[r] = _mm512_fmadd_ps(w0, x0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(w1, x1, a1[r]);
+        }
+    }
+    for (int r = 0; r < nrows; r++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+        for (int64_t j = k; j < K; j++) s = fmaf(bf16_to_f32(w[r][j]), xp[j], s);
+        out[r] = s;
+    }
+}
+/* int4 weights with x as bf16 (X_INT4_BF16, exact copy): two groups at a time. Their 32 bytes widen to
+ * 32 words (vpmovzxbw); vpermw with a table of the bf16 values of 0 .. 15 (twice: it reads the low 5
+ * bits of each index) turns the low nibbles into codes as bf16 in one instruction, and a shift by 4 the
+ * high ones; two vdpbf16ps then give group A's partial sums in lanes 0-7 and B's in lanes 8-15, which
+ * take their scales in one FMA. The codes are small integers, exact in bf16, so the products are exact
+ * as in the fp32 kernel; an odd last group goes through int4_group_z. */
+ZROWS_KERNEL void int4_rows_dp(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
+                               int sdt, int64_t K, const float* xp, float* out, const int nrows) {
+    const __m512i lut = _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0,
+                                         0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000, 0x4170, 0x4160,
+                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0,
+                                         0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t groups = K / NK_INT4_GROUP;
+    const float* xsum = xp + K;
+    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_INT4_BF16));
+    __m512 acc[ROWS];
+    float sf[ROWS][NK_SCALE_BLOCK];
+    for (int r = 0; r < nrows; r++) acc[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) { /* NK_SCALE_BLOCK is even: a pair never straddles two blocks */
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
+        __m512bh xlo = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP);
+        __m512bh xhi = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP + 32);
+        for (int r = 0; r < nrows; r++) {
+            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
+            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)b));
+            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, lut);
+            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xlo), hi, xhi);
+            const float* s = sf[r] + g % NK_SCALE_BLOCK;
+            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
+            acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
+        }
+    }
+    if (g < groups) { /* the odd last group */
+        if (g % NK_SCALE_BLOCK == 0)
+            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
+        const float* x = xp + g * NK_INT4_GROUP;
+        __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
+        for (int r = 0; r < nrows; r++)
+            acc[r] = _mm512_fmadd_ps(int4_group_z(w[r] + g * (NK_INT4_GROUP / 2), x0, x1, codes),
+                                     _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
+    }
+    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
+}
+#endif /* __AVX512BF16__ */
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Driver                                                                                               */
@@ -332,6 +598,78 @@ static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
     store_scalar(a->y, a->y_dtype, n, acc);
 }
 
+/* The dot products of rows n[0 .. nrows) (nrows = ROWS or 1) with the prepared x, by the widest kernel
+ * this build has for the weight kind. */
+static inline __attribute__((always_inline)) void rows_kernel(const gemv_args* a, const int64_t n[ROWS], float* acc,
+                                                              const int nrows) {
+    const int64_t K = a->K;
+    switch (a->kind) {
+        case KIND_INT4: {
+            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
+            const uint8_t* w[ROWS];
+            const void *sc[ROWS], *mn[ROWS];
+            for (int r = 0; r < nrows; r++) {
+                w[r] = (const uint8_t*)a->W + n[r] * (K / 2);
+                sc[r] = (const char*)a->scales + n[r] * groups * ssize;
+                mn[r] = (const char*)a->mins + n[r] * groups * ssize;
+            }
+#if defined(__AVX512BF16__)
+            if (a->xp[nk_x_flag_at(K, X_INT4_BF16)] != 0.0f)
+                int4_rows_dp(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+            else
+                int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+#elif defined(__AVX512F__)
+            int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+#else
+            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
+#endif
+            return;
+        }
+        case KIND_BF16: {
+            const uint16_t* w[ROWS];
+            for (int r = 0; r < nrows; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
+#ifdef __AVX512BF16__
+            if (a->xp[nk_x_flag_at(K, X_BF16_PAIRS)] != 0.0f)
+                bf16_rows_dp(w, K, a->xp, acc, nrows);
+            else
+                bf16_rows_f32(w, K, a->xp, acc, nrows);
+#else
+            if (nrows == ROWS)
+                bf16_rows(w, K, a->xp, acc);
+            else
+                acc[0] = bf16_row(w[0], K, a->xp);
+#endif
+            return;
+        }
+        case KIND_F32: {
+            const float* w[ROWS];
+            for (int r = 0; r < nrows; r++) w[r] = (const float*)a->W + n[r] * K;
+#ifdef __AVX512F__
+            f32_rows_z(w, K, a->xp, acc, nrows);
+#else
+            if (nrows == ROWS)
+                f32_rows(w, K, a->xp, acc);
+            else
+                acc[0] = f32_row(w[0], K, a->xp);
+#endif
+            return;
+        }
+        default: {
+            const int8_t* w[ROWS];
+            for (int r = 0; r < nrows; r++) w[r] = (const int8_t*)a->W + n[r] * K;
+#ifdef __AVX512F__
+            int8_rows_z(w, K, a->xp, acc, nrows);
+#else
+            if (nrows == ROWS)
+                int8_rows(w, K, a->xp, acc);
+            else
+                acc[0] = int8_row(w[0], K, a->xp);
+#endif
+            return;
+        }
+    }
+}
+
 /* Rows [begin, end) of one thread. ROWS consecutive sub-ranges of q rows each are walked in
  * lockstep (row i of every sub-range together), so the thread reads ROWS long sequential streams: each
  * sub-range is contiguous in memory, across row ends. Taking ROWS adjacent rows instead puts several
@@ -340,52 +678,20 @@ static inline void finish_row(const gemv_args* a, int64_t n, float acc) {
  * bank and cache sets, which measurably slows e.g. N=2^k, K=1024); the rows left after the sub-ranges
  * (at most 2 * ROWS - 1) are done one at a time. */
 void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
-    const int64_t K = a->K, len = end - begin;
+    const int64_t len = end - begin;
     int64_t q = len / ROWS;
     if (q > 0 && q % 2 == 0) q -= 1;
     float acc[ROWS];
     for (int64_t i = 0; i < q; i++) {
         int64_t n[ROWS];
         for (int r = 0; r < ROWS; r++) n[r] = begin + r * q + i;
-        if (a->kind == KIND_INT4) {
-            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
-            const uint8_t* w[ROWS];
-            const void *sc[ROWS], *mn[ROWS];
-            for (int r = 0; r < ROWS; r++) {
-                w[r] = (const uint8_t*)a->W + n[r] * (K / 2);
-                sc[r] = (const char*)a->scales + n[r] * groups * ssize;
-                mn[r] = (const char*)a->mins + n[r] * groups * ssize;
-            }
-            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, ROWS);
-        } else if (a->kind == KIND_BF16) {
-            const uint16_t* w[ROWS];
-            for (int r = 0; r < ROWS; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
-            bf16_rows(w, K, a->xp, acc);
-        } else if (a->kind == KIND_F32) {
-            const float* w[ROWS];
-            for (int r = 0; r < ROWS; r++) w[r] = (const float*)a->W + n[r] * K;
-            f32_rows(w, K, a->xp, acc);
-        } else {
-            const int8_t* w[ROWS];
-            for (int r = 0; r < ROWS; r++) w[r] = (const int8_t*)a->W + n[r] * K;
-            int8_rows(w, K, a->xp, acc);
-        }
+        rows_kernel(a, n, acc, ROWS);
         for (int r = 0; r < ROWS; r++) finish_row(a, n[r], acc[r]);
     }
     for (int64_t n = begin + ROWS * q; n < end; n++) {
-        if (a->kind == KIND_INT4) {
-            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
-            const uint8_t* w[ROWS] = {(const uint8_t*)a->W + n * (K / 2)};
-            const void* sc[ROWS] = {(const char*)a->scales + n * groups * ssize};
-            const void* mn[ROWS] = {(const char*)a->mins + n * groups * ssize};
-            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, 1);
-            finish_row(a, n, acc[0]);
-            continue;
-        }
-        float s = a->kind == KIND_BF16  ? bf16_row((const uint16_t*)a->W + n * K, K, a->xp)
-                  : a->kind == KIND_F32 ? f32_row((const float*)a->W + n * K, K, a->xp)
-                                        : int8_row((const int8_t*)a->W + n * K, K, a->xp);
-        finish_row(a, n, s);
+        const int64_t one[ROWS] = {n};
+        rows_kernel(a, one, acc, 1);
+        finish_row(a, n, acc[0]);
     }
 }
 

@@ -327,7 +327,7 @@ NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
         float* x = tl_get(0, m->hidden);
         float* a = tl_get(1, m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = nk_xbuf_get(nk_x_floats(widest, X_GROUP_SUMS)); /* room for any layout */
+        float* xp = nk_xbuf_get(nk_x_floats_any(widest));
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;

@@ -519,6 +519,7 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, {platform.processor() or ''}".strip(
             ", "
         ),
+        "cpu": cpu_description(),
         "model": source,
         "dtype": args.dtype,
         "prompt_tokens": args.prompt_tokens,
@@ -530,6 +531,32 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
     }
 
 
+def cpu_description() -> str:
+    """The CPU's model name, its vector extensions that matter here, and the CPU-kernel variant in use
+    (every number must name its CPU: machines of one kind differ in AVX-512)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+    extensions = " ".join(flag for flag in wanted if flag in flags) or "none of " + "/".join(wanted)
+    try:
+        from nekomata_core.kernels.cpu import build
+
+        kernels = build.isa() or f"unavailable ({build.unavailable_reason()})"
+    except ImportError:
+        kernels = "not installed"
+    return f"{name}; {extensions}; CPU kernels: {kernels}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     bw = report["bandwidth_gbps"]
     kernels = ", ".join(f"{name.removesuffix('_gbps')} {value:.1f}" for name, value in bw.items()) or "-"
@@ -538,6 +565,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['new_tokens']} new tokens, batch {report.get('batch', 1)}, median of {report['runs']} runs"
         + (" (decode: tokens/s of all rows together)" if report.get("batch", 1) > 1 else ""),
         f"machine: {report['machine']}   read bandwidth at start (GB/s): {kernels}",
+        f"cpu: {report.get('cpu', '-')}",
         "",
         f"{'system':<40} {'load s':>7} {'RSS/weights':>11} {'prefill tok/s':>13} {'decode tok/s':>12} "
         f"{'vs HF':>6} {'GB/s':>5} {'% roofline':>10}",
