@@ -170,7 +170,7 @@ static inline int64_t nk_x_floats(int64_t K, int layout) {
 static inline int64_t nk_x_floats_any(int64_t K) { return nk_x_floats(K, X_INT4_BF16); }
 
 /* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
- * layout) floats, 32-byte aligned. */
+ * layout) floats, 64-byte aligned (the AVX-512 kernels load it in aligned 64-byte vectors). */
 NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout);
 
 /* The calling thread's activation buffer of at least K floats (64-byte aligned, grown as needed and
