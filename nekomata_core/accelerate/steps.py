@@ -7,8 +7,9 @@ bandwidth; what is left to win is overhead — Python dispatch, per-step allocat
 - `StaticStep`: the model's fixed-shape form (`model(tokens, cache=cache, position=p)`): attention
   covers the whole preallocated cache under a mask, keys go in with `index_copy_`, so no shape changes
   from step to step and `torch.compile` (CUDA graphs on GPUs) can capture it once (`compile=True`).
-- `NativeStep`: on x86-64 CPUs at batch 1, the whole step in one C call (kernels/cpu/step.c): the same
-  computation with the same rounding points and no per-operation overhead. Batches go to a StaticStep.
+- `NativeStep`: on x86-64 CPUs, the whole step in one C call (kernels/cpu/step.c): the same computation
+  with the same rounding points and no per-operation overhead. Up to NATIVE_MAX_BATCH rows go through
+  it together, each weight read once for all of them; larger batches go to a StaticStep.
 """
 
 from __future__ import annotations
@@ -84,8 +85,16 @@ class StaticStep:
         return logits[:, -1]
 
 
+# The most rows the C step takes in one call. Its batched GEMV multiplies each weight row into the rows
+# NK_BATCH_TILE (4) at a time from registers, re-reading the row from L1 for every further four rows: up
+# to 16 rows that costs little next to the one DRAM read, and the activations of all rows stay in L1/L2.
+# Larger batches are compute-bound, where PyTorch's blocked GEMMs (a StaticStep) do better.
+NATIVE_MAX_BATCH = 16
+
+
 class NativeStep:
-    """Each batch-1 step as one C call (kernels/cpu/step); batches of several rows go to a StaticStep.
+    """Each step of up to NATIVE_MAX_BATCH rows as one C call (kernels/cpu/step), left-padded rows with
+    their own key masks and NTK alphas; larger batches go to a StaticStep.
 
     The C step is bound to the model's weight tensors when it is made: make a new one after replacing
     parameters (in-place updates are seen).
@@ -127,32 +136,33 @@ class NativeStep:
         self._positions: torch.Tensor | None = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if tokens.shape[0] != 1:
+        batch = tokens.shape[0]
+        if batch > NATIVE_MAX_BATCH:
             if self._batched is None:
                 self._batched = StaticStep(self.model)
             return self._batched(tokens, cache)
         _require_prefilled(cache, "NativeStep")
         if self._positions is None or self._positions.shape[0] < cache.max_length:
             self._positions = torch.arange(cache.max_length)
-        position = cache.next_position(1)
+        position = cache.next_position(batch)
         config, pos = self.model.config, self._positions[position : position + 1]
         # The model's own rotary and logn functions; the C step does the rest of the maths itself.
-        cos, sin = rotary_cos_sin(pos, cache.inv_freq)  # Qwen quirk 3: the prefill's alpha
+        cos, sin = rotary_cos_sin(pos, cache.inv_freq)  # [Bα, 1, R]; Qwen quirk 3: each row's prefill alpha
         logn = None
         if config.use_logn_attn and position + 1 > config.seq_length:  # Qwen quirk 4, rounded like q
             logn = float(logn_scale(pos, config.seq_length).to(cache.dtype))
         logits = self._step.step(
-            int(tokens[0, 0]),
+            tokens.reshape(batch).to(torch.int64),
             position,
-            cos=cos.reshape(-1),
-            sin=sin.reshape(-1),
+            cos=cos.reshape(cos.shape[0], -1),  # [Bα, R]
+            sin=sin.reshape(sin.shape[0], -1),
             logn=logn,
             keys=cache.keys,
             values=cache.values,
             key_mask=cache.key_mask,
         )
         cache.length = position + 1
-        return logits[None]
+        return logits  # [B, V]
 
 
 def _linear_weights(module):
