@@ -3,7 +3,8 @@
  *
  * W is row-major [N, K] (bf16 bits, int8 with one scale per output row, or int4 codes two to a byte with a
  * scale and a min per group of 32 inputs), x has K elements,
- * y has N. Decoding one token at batch 1 reads every weight exactly once, so the speed of a GEMV is
+ * y has N. (The batched rows further down multiply each weight row into B vectors at once, for the native
+ * step of B > 1 rows.) Decoding one token at batch 1 reads every weight exactly once, so the speed of a GEMV is
  * bytes(W) / DRAM bandwidth as long as the arithmetic keeps up: the kernels below are built so that
  * converting and multiplying a 32-byte load costs fewer cycles than DRAM needs to deliver it.
  *
@@ -406,6 +407,13 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
  * of that vector alone, and does not depend on the batch size, the tile it falls in or the thread count.
  */
 
+/* Software prefetch distance of the batched rows, in bytes. They read ONE stream per thread (the batch-1
+ * kernels read ROWS streams, PF ahead each), so they need a longer distance to keep as many misses in
+ * flight (measured with a single-thread microbenchmark, N = 8192, K = 1024, bf16). */
+#ifndef PF_BATCH
+#define PF_BATCH 2048
+#endif
+
 /* bf16 weights, x split (see nk_load_x); nb vectors xp + b * xs. */
 static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t* w, int64_t K, const float* xp,
                                                                  int64_t xs, float* out, const int nb,
@@ -416,7 +424,7 @@ static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t*
     const int64_t full = K - K % 16;
     for (int64_t k = 0; k < full; k += 16) {
         /* one prefetch per 64-byte line (32 weights), for the first tile only: later tiles hit cache */
-        if (PF && prefetch && (k & 16) == 0) _mm_prefetch((const char*)(w + k) + PF, _MM_HINT_T0);
+        if (PF_BATCH && prefetch && (k & 16) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
         __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
         __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
@@ -441,7 +449,7 @@ static inline __attribute__((always_inline)) void int8_row_batch(const int8_t* w
     for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
     const int64_t full = K - K % 32;
     for (int64_t k = 0; k < full; k += 32) {
-        if (PF && prefetch && (k & 32) == 0) _mm_prefetch((const char*)(w + k) + PF, _MM_HINT_T0);
+        if (PF_BATCH && prefetch && (k & 32) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
         __m256 w0 = I8_LANE(w, k, 0), w1 = I8_LANE(w, k, 1), w2 = I8_LANE(w, k, 2), w3 = I8_LANE(w, k, 3);
         for (int b = 0; b < nb; b++) {
             const float* x = xp + b * xs + k;
@@ -467,7 +475,7 @@ static inline __attribute__((always_inline)) void f32_row_batch(const float* w, 
     for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
     const int64_t full = K - K % 16;
     for (int64_t k = 0; k < full; k += 16) { /* 16 floats = one 64-byte line */
-        if (PF && prefetch) _mm_prefetch((const char*)(w + k) + PF, _MM_HINT_T0);
+        if (PF_BATCH && prefetch) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
         __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
         for (int b = 0; b < nb; b++) {
             a0[b] = _mm256_fmadd_ps(w0, _mm256_load_ps(xp + b * xs + k), a0[b]);
@@ -492,7 +500,7 @@ static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* 
     for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t* p = w + g * (NK_INT4_GROUP / 2);
-        if (PF && prefetch && (g & 3) == 0) _mm_prefetch((const char*)p + PF, _MM_HINT_T0);
+        if (PF_BATCH && prefetch && (g & 3) == 0) _mm_prefetch((const char*)p + PF_BATCH, _MM_HINT_T0);
         __m256i v0 = I4_LANE(p), v1 = I4_LANE(p + 8);
         __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));
         __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));

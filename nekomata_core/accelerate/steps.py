@@ -8,8 +8,8 @@ bandwidth; what is left to win is overhead — Python dispatch, per-step allocat
   covers the whole preallocated cache under a mask, keys go in with `index_copy_`, so no shape changes
   from step to step and `torch.compile` (CUDA graphs on GPUs) can capture it once (`compile=True`).
 - `NativeStep`: on x86-64 CPUs, the whole step in one C call (kernels/cpu/step.c): the same computation
-  with the same rounding points and no per-operation overhead. Up to NATIVE_MAX_BATCH rows go through
-  it together, each weight read once for all of them; larger batches go to a StaticStep.
+  with the same rounding points and no per-operation overhead. Batches of up to `NativeStep.max_batch`
+  rows go through it together, each weight read once for all of them; larger ones go to a StaticStep.
 """
 
 from __future__ import annotations
@@ -85,16 +85,19 @@ class StaticStep:
         return logits[:, -1]
 
 
-# The most rows the C step takes in one call. Its batched GEMV multiplies each weight row into the rows
-# NK_BATCH_TILE (4) at a time from registers, re-reading the row from L1 for every further four rows: up
-# to 16 rows that costs little next to the one DRAM read, and the activations of all rows stay in L1/L2.
-# Larger batches are compute-bound, where PyTorch's blocked GEMMs (a StaticStep) do better.
-NATIVE_MAX_BATCH = 16
+# The most rows the C step takes in one call; larger batches go to a StaticStep. The C step's batched
+# GEMV (AVX2 FMAs, 4 rows per pass over a weight row) reads the weights once, so it wins while a step is
+# bound by memory; from about 8 rows on it is bound by arithmetic instead. Measured on a 2-core
+# AVX512-BF16 EPYC (8 blocks of the 620M shape, bf16): at 8 rows it ties PyTorch's oneDNN GEMM, which
+# has bf16 dot-product instructions, and at 16 it takes 1.8x as long; with int8 weights PyTorch's batched
+# path is much slower (the C step was 2.5x faster at 8 rows and 3.3x at 16). Hence two limits.
+NATIVE_MAX_BATCH_FLOAT = 8  # fp32 / bf16 weights
+NATIVE_MAX_BATCH_QUANTIZED = 16  # int8 / int4 weights
 
 
 class NativeStep:
-    """Each step of up to NATIVE_MAX_BATCH rows as one C call (kernels/cpu/step), left-padded rows with
-    their own key masks and NTK alphas; larger batches go to a StaticStep.
+    """Each step of up to `max_batch` rows as one C call (kernels/cpu/step), left-padded rows with their
+    own key masks and NTK alphas; larger batches go to a StaticStep.
 
     The C step is bound to the model's weight tensors when it is made: make a new one after replacing
     parameters (in-place updates are seen).
@@ -132,12 +135,14 @@ class NativeStep:
             rotary_dim=config.rotary_dim,
             eps=config.layer_norm_epsilon,
         )
+        quantized = any(p.dtype in (torch.int8, torch.uint8) for p in model.parameters())
+        self.max_batch = NATIVE_MAX_BATCH_QUANTIZED if quantized else NATIVE_MAX_BATCH_FLOAT
         self._batched: StaticStep | None = None
         self._positions: torch.Tensor | None = None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         batch = tokens.shape[0]
-        if batch > NATIVE_MAX_BATCH:
+        if batch > self.max_batch:
             if self._batched is None:
                 self._batched = StaticStep(self.model)
             return self._batched(tokens, cache)
