@@ -360,8 +360,9 @@ def _describe(value: Any) -> str:
 
 
 def _default_decode(model: QwenForCausalLM) -> DecodeFn:
-    """The "auto" step of `nekomata_core.accelerate.make_step`: the native C step for batch-1 steps
-    where it applies (CPU, float32/bfloat16/int8 weights), else the model's fixed-shape step. Both
+    """The "auto" step of `nekomata_core.accelerate.make_step`: the native C step (batches of up to 8
+    rows, 16 quantized) where it applies (CPU, float32/bfloat16/int8/int4 weights), else the model's
+    fixed-shape step. Both
     compute the same function as the plain forward (tests/test_steps.py)."""
     from .accelerate import make_step
 

@@ -3,7 +3,8 @@ its own cache name, selected by NEKOMATA_CPU_ISA, and passes the GEMV and native
 the CPU lacks, or a name that is not a variant, is refused with a reason naming it.
 
 The kernels' numerics are tested in tests/test_cpu_gemv.py (float64 references, 2e-6 relative bound,
-thread-count independence) and tests/test_steps.py (the native step against the PyTorch model): the
+thread-count independence), tests/test_steps.py and tests/test_native_batched_step.py (the native
+step, batch 1 and batched, against the PyTorch model): the
 best variant runs them in the main test process; here every other variant runs them again in a
 subprocess with NEKOMATA_CPU_ISA set, so that a machine with AVX-512 tests its AVX2 path too.
 """
@@ -116,7 +117,7 @@ def test_bf16_weights_with_an_fp32_x_of_bf16_values(variant, monkeypatch, fresh_
 @pytest.mark.parametrize("variant", _variants(best_included=False))
 def test_the_gemv_and_native_step_tests_pass_under_every_other_variant(variant):
     env = {**os.environ, build.ISA_ENV: variant, "PYTHONPATH": os.pathsep.join(sys.path)}
-    tests = ["tests/test_cpu_gemv.py", "tests/test_steps.py"]
+    tests = ["tests/test_cpu_gemv.py", "tests/test_steps.py", "tests/test_native_batched_step.py"]
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests, "-k", "not build and not compiler"],
         cwd=ROOT,

@@ -97,7 +97,7 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
 
 
 # ---------------------------------------------------------------------------------------------- native
-# The native step (kernels/cpu/step.c) runs the whole batch-1 step in C. It must compute what the
+# The native step (kernels/cpu/step.c) runs the whole step in C. It must compute what the
 # PyTorch model computes: fp32 to a few ulps (only summation orders differ), half precision to the
 # same accuracy as PyTorch's own half-precision step.
 
@@ -220,7 +220,8 @@ def test_native_int8_round_trip_through_a_saved_checkpoint(checkpoint_factory, t
 
 
 @needs_native
-def test_native_decoder_hands_batches_to_the_static_step(model):
+def test_native_batched_greedy_tokens_equal_the_eager_decoder(model):
+    # batch 2, one row left-padded (tests/test_native_batched_step.py covers batches in depth)
     ids, mask = padded_batch()
     fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=NativeStep(model))
     plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=make_step(model, "eager"))

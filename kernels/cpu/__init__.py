@@ -4,7 +4,8 @@
   bf16/fp16 conversions; the GEMV row entry points the step builds on);
 - `gemv.c` / `gemv.py`: bandwidth-bound bf16 and int8 GEMVs for one row (`linear_bf16`, `linear_int8`,
   and torch custom ops of both);
-- `step.c` / `step.py`: a whole batch-1 step of a Qwen v1 model in one call (`FusedStep`);
+- `step.c` / `step.py`: a whole step of a Qwen v1 model for B rows in one call (`FusedStep`), each weight
+  read once per step whatever B;
 - `abi.py`: the Python side of common.h's contract (one definition of each value);
 - `build.py`: the one build/cache module: compiles both C files into one library in a per-user cache
   that only the user can write, and loads it (`library()`, `available()`, `unavailable_reason()`).

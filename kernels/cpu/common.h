@@ -1,6 +1,6 @@
 /*
  * What the CPU kernels' translation units share: gemv.c (the GEMV row kernels and the exported GEMVs)
- * and step.c (the whole batch-1 step of a Qwen v1 model in one call, built on gemv.c's row kernels).
+ * and step.c (the whole step of a Qwen v1 model for B rows in one call, built on gemv.c's row kernels).
  * kernels/cpu/build.py compiles both, each including this header, into one shared library:
  *
  *     cc -O3 -flto -mavx2 -mfma -mf16c [ISA flags] -fopenmp -ffp-contract=off -fvisibility=hidden -fPIC
@@ -38,7 +38,7 @@
 /* Bumped whenever an exported signature, struct layout or semantic changes: the Python loader refuses a
  * library whose version differs from the one it was written for (a stale build from an old cache).
  * = abi.ABI_VERSION */
-#define NK_ABI_VERSION 4
+#define NK_ABI_VERSION 5
 
 /* Dtype codes of activations, biases, scales and outputs (x, bias, scales and y may each be any of
  * these). = abi.DTYPE_CODES */
@@ -151,6 +151,11 @@ static inline int nk_x_layout(int kind) {
     return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
 }
 
+/* The layout of the batched rows (nk_gemv_rows_batch): their kernels are the AVX2 ones in every build. */
+static inline int nk_x_layout_batch(int kind) {
+    return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
+}
+
 /* X_BF16_PAIRS and X_INT4_BF16: where (in floats from the start) the bf16 copy of x and the flag are. */
 static inline int64_t nk_x_bf16_at(int64_t K, int layout) {
     int64_t before = layout == X_INT4_BF16 ? K + K / NK_INT4_GROUP : K;
@@ -173,6 +178,10 @@ static inline int64_t nk_x_floats_any(int64_t K) { return nk_x_floats(K, X_INT4_
  * layout) floats, 64-byte aligned (the AVX-512 kernels load it in aligned 64-byte vectors). */
 NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout);
 
+/* The floats from one prepared x to the next when several are laid out one after another (the batched
+ * rows below): nk_x_floats rounded up to 16, so that every one starts 64-byte aligned. */
+static inline int64_t nk_x_stride(int64_t K, int layout) { return (nk_x_floats(K, layout) + 15) & ~(int64_t)15; }
+
 /* The calling thread's activation buffer of at least K floats (64-byte aligned, grown as needed and
  * kept), or NULL when it cannot be allocated. */
 NK_INTERNAL float* nk_xbuf_get(int64_t K);
@@ -180,5 +189,16 @@ NK_INTERNAL float* nk_xbuf_get(int64_t K);
 /* Rows [begin, end) of the GEMV `a`, each row finished (scale, bias, one rounding to y_dtype). A row's
  * value does not depend on which range it falls in, so neither does it on the thread count or schedule. */
 NK_INTERNAL void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end);
+
+/* The vectors a batched weight row is multiplied into per pass (gemv.c's nk_gemv_rows_batch dispatches
+ * on 1..4; its accumulators, two per vector, and the converted weights fill the 16 AVX2 registers). */
+#define NK_BATCH_TILE 4
+
+/* Rows [begin, end) of the GEMVs of `batch` vectors at once, each weight row read once for all of them:
+ * vector b is prepared at a->xp + b * nk_x_stride(K, layout), and its output row is y + b * N elements of
+ * y_dtype. Each value does not depend on the batch size, the thread count or the schedule; in the avx2
+ * build it is bit-identical to nk_gemv_rows on that vector alone (the same operations in the same order;
+ * the AVX-512 builds' batch-1 kernels sum in another order). */
+NK_INTERNAL void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end);
 
 #endif /* NEKOMATA_CPU_COMMON_H */

@@ -3,7 +3,8 @@
  *
  * W is row-major [N, K] (bf16 bits, int8 with one scale per output row, or int4 codes two to a byte with a
  * scale and a min per group of 32 inputs), x has K elements,
- * y has N. Decoding one token at batch 1 reads every weight exactly once, so the speed of a GEMV is
+ * y has N. (The batched rows further down multiply each weight row into B vectors at once, for the native
+ * step of B > 1 rows.) Decoding one token at batch 1 reads every weight exactly once, so the speed of a GEMV is
  * bytes(W) / DRAM bandwidth as long as the arithmetic keeps up: the kernels below are built so that
  * converting and multiplying a 32-byte load costs fewer cycles than DRAM needs to deliver it.
  *
@@ -692,6 +693,192 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
         const int64_t one[ROWS] = {n};
         rows_kernel(a, one, acc, 1);
         finish_row(a, n, acc[0]);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Batched rows: one weight row against B prepared activation vectors (the native step for B > 1).      */
+/*
+ * A step of B rows multiplies every weight by B vectors. Reading the weight from DRAM once per vector
+ * would cost B times the bandwidth of a batch-1 step; here each weight chunk is loaded and converted
+ * once and then multiplied into up to NK_BATCH_TILE vectors' accumulators (two per vector, as in the
+ * batch-1 kernels: 2 x 4 accumulators + the converted weights fit the 16 AVX2 registers). A batch of
+ * more than NK_BATCH_TILE vectors walks the same weight row again for each further tile of vectors; that
+ * row (at most a few tens of KB) is then still in L1/L2, so DRAM is read once per step either way.
+ *
+ * Every (weight row, vector) sum is the same sequence of IEEE operations, in the same order, as the
+ * one-row kernel of the same weight kind above (bf16_row, int8_row, f32_row, int4_rows_n with nrows 1,
+ * which the 4-row kernels equal): chunk by chunk into the same accumulators, the same horizontal sum,
+ * the same scalar tail, the same finish_row. So a vector's result is bit-identical to the avx2 build's
+ * batch-1 GEMV of that vector alone, and does not depend on the batch size, the tile it falls in or the
+ * thread count. (These kernels are AVX2 in every build, with the AVX2 layouts of x, nk_x_layout_batch;
+ * the AVX-512 builds' batch-1 kernels sum in another order, so there the two agree to fp32 rounding.)
+ */
+
+/* Software prefetch distance of the batched rows, in bytes. They read ONE stream per thread (the batch-1
+ * kernels read ROWS streams, PF ahead each), so they need a longer distance to keep as many misses in
+ * flight (measured with a single-thread microbenchmark, N = 8192, K = 1024, bf16). */
+#ifndef PF_BATCH
+#define PF_BATCH 2048
+#endif
+
+/* bf16 weights, x split (see nk_load_x); nb vectors xp + b * xs. */
+static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t* w, int64_t K, const float* xp,
+                                                                 int64_t xs, float* out, const int nb,
+                                                                 const int prefetch) {
+    const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 ae[NK_BATCH_TILE], ao[NK_BATCH_TILE];
+    for (int b = 0; b < nb; b++) ae[b] = ao[b] = _mm256_setzero_ps();
+    const int64_t full = K - K % 16;
+    for (int64_t k = 0; k < full; k += 16) {
+        /* one prefetch per 64-byte line (32 weights), for the first tile only: later tiles hit cache */
+        if (PF_BATCH && prefetch && (k & 16) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
+        __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
+        for (int b = 0; b < nb; b++) {
+            ae[b] = _mm256_fmadd_ps(we, _mm256_load_ps(xp + b * xs + k), ae[b]);
+            ao[b] = _mm256_fmadd_ps(wo, _mm256_load_ps(xp + b * xs + k + 8), ao[b]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* x = xp + b * xs;
+        float s = hsum8(_mm256_add_ps(ae[b], ao[b]));
+        for (int64_t k = full; k < K; k++) s = fmaf(bf16_to_f32(w[k]), x[k], s);
+        out[b] = s;
+    }
+}
+
+/* int8 weights, x in natural order. */
+static inline __attribute__((always_inline)) void int8_row_batch(const int8_t* w, int64_t K, const float* xp,
+                                                                 int64_t xs, float* out, const int nb,
+                                                                 const int prefetch) {
+    __m256 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
+    for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
+    const int64_t full = K - K % 32;
+    for (int64_t k = 0; k < full; k += 32) {
+        if (PF_BATCH && prefetch && (k & 32) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+        __m256 w0 = I8_LANE(w, k, 0), w1 = I8_LANE(w, k, 1), w2 = I8_LANE(w, k, 2), w3 = I8_LANE(w, k, 3);
+        for (int b = 0; b < nb; b++) {
+            const float* x = xp + b * xs + k;
+            a0[b] = _mm256_fmadd_ps(w0, _mm256_load_ps(x), a0[b]);
+            a1[b] = _mm256_fmadd_ps(w1, _mm256_load_ps(x + 8), a1[b]);
+            a0[b] = _mm256_fmadd_ps(w2, _mm256_load_ps(x + 16), a0[b]);
+            a1[b] = _mm256_fmadd_ps(w3, _mm256_load_ps(x + 24), a1[b]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* x = xp + b * xs;
+        float s = hsum8(_mm256_add_ps(a0[b], a1[b]));
+        for (int64_t k = full; k < K; k++) s = fmaf((float)w[k], x[k], s);
+        out[b] = s;
+    }
+}
+
+/* fp32 weights, x in natural order. */
+static inline __attribute__((always_inline)) void f32_row_batch(const float* w, int64_t K, const float* xp,
+                                                                int64_t xs, float* out, const int nb,
+                                                                const int prefetch) {
+    __m256 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
+    for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
+    const int64_t full = K - K % 16;
+    for (int64_t k = 0; k < full; k += 16) { /* 16 floats = one 64-byte line */
+        if (PF_BATCH && prefetch) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+        __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        for (int b = 0; b < nb; b++) {
+            a0[b] = _mm256_fmadd_ps(w0, _mm256_load_ps(xp + b * xs + k), a0[b]);
+            a1[b] = _mm256_fmadd_ps(w1, _mm256_load_ps(xp + b * xs + k + 8), a1[b]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* x = xp + b * xs;
+        float s = hsum8(_mm256_add_ps(a0[b], a1[b]));
+        for (int64_t k = full; k < K; k++) s = fmaf(w[k], x[k], s);
+        out[b] = s;
+    }
+}
+
+/* int4 weights, x in natural order followed by its group sums (X_GROUP_SUMS). */
+static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* w, const void* sc, const void* mn,
+                                                                 int sdt, int64_t K, const float* xp, int64_t xs,
+                                                                 float* out, const int nb, const int prefetch) {
+    const __m256i low = _mm256_set1_epi32(15);
+    const int64_t groups = K / NK_INT4_GROUP;
+    __m256 acc[NK_BATCH_TILE];
+    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t* p = w + g * (NK_INT4_GROUP / 2);
+        if (PF_BATCH && prefetch && (g & 3) == 0) _mm_prefetch((const char*)p + PF_BATCH, _MM_HINT_T0);
+        __m256i v0 = I4_LANE(p), v1 = I4_LANE(p + 8);
+        __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));
+        __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));
+        __m256 hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+        __m256 hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+        __m256 scale = _mm256_set1_ps(load_scalar(sc, sdt, g));
+        for (int b = 0; b < nb; b++) {
+            const float* x = xp + b * xs + g * NK_INT4_GROUP;
+            __m256 d0 = _mm256_mul_ps(lo0, _mm256_load_ps(x));
+            __m256 d1 = _mm256_mul_ps(lo1, _mm256_load_ps(x + 8));
+            d0 = _mm256_fmadd_ps(hi0, _mm256_load_ps(x + 16), d0);
+            d1 = _mm256_fmadd_ps(hi1, _mm256_load_ps(x + 24), d1);
+            acc[b] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), scale, acc[b]);
+        }
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* xsum = xp + b * xs + K;
+        __m256 m = _mm256_setzero_ps();
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
+        float offset = hsum8(m);
+        for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
+        out[b] = hsum8(acc[b]) + offset;
+    }
+}
+
+/* Weight row n against the nb (1..NK_BATCH_TILE, a constant after inlining) vectors at xp, stride xs. */
+static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, int64_t n, const float* xp,
+                                                            int64_t xs, float* out, const int nb,
+                                                            const int prefetch) {
+    const int64_t K = a->K;
+    switch (a->kind) {
+        case KIND_INT4: {
+            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
+            int4_row_batch((const uint8_t*)a->W + n * (K / 2), (const char*)a->scales + n * groups * ssize,
+                           (const char*)a->mins + n * groups * ssize, a->scales_dtype, K, xp, xs, out, nb, prefetch);
+            break;
+        }
+        case KIND_BF16: bf16_row_batch((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
+        case KIND_F32: f32_row_batch((const float*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
+        default: int8_row_batch((const int8_t*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
+    }
+}
+
+/* Rows [begin, end) of the GEMVs of `batch` vectors (see common.h). Each weight row is taken once and
+ * multiplied into every vector, NK_BATCH_TILE vectors per pass; the thread reads one sequential stream
+ * (its rows are contiguous), prefetched ahead on the first pass over each row. */
+_Static_assert(NK_BATCH_TILE == 4, "nk_gemv_rows_batch dispatches on 1..4 vectors per pass");
+
+void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end) {
+    const int64_t xs = nk_x_stride(a->K, nk_x_layout_batch(a->kind));
+    const size_t ysize = a->y_dtype == DT_F32 ? 4 : 2;
+    float acc[NK_BATCH_TILE];
+    gemv_args row = *a; /* row.y is moved to each vector's output row */
+    for (int64_t n = begin; n < end; n++) {
+        for (int64_t b0 = 0; b0 < batch; b0 += NK_BATCH_TILE) {
+            const float* xp = a->xp + b0 * xs;
+            const int64_t left = batch - b0;
+            const int first = b0 == 0, nb = left >= NK_BATCH_TILE ? NK_BATCH_TILE : (int)left;
+            switch (nb) { /* a constant count per call, so that the loops over vectors unroll */
+                case 1: row_batch(a, n, xp, xs, acc, 1, first); break;
+                case 2: row_batch(a, n, xp, xs, acc, 2, first); break;
+                case 3: row_batch(a, n, xp, xs, acc, 3, first); break;
+                default: row_batch(a, n, xp, xs, acc, 4, first); break;
+            }
+            for (int b = 0; b < nb; b++) {
+                row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
+                finish_row(&row, n, acc[b]);
+            }
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 /*
- * One whole batch-1 step of a Qwen v1 model in one call (one token in, its logits out): every block, the
- * final norm and lm_head.
+ * One whole step of a Qwen v1 model for B rows in one call (one token per row in, its logits out): every
+ * block, the final norm and lm_head.
  *
  * Built with gemv.c into one library (kernels/cpu/build.py); it reuses gemv.c's GEMV rows and activation
  * layout (nk_gemv_rows, nk_load_x, declared in common.h) and the header's conversions.
@@ -10,6 +10,13 @@
  * around them (norms, rotary, attention, casts, residuals), each paying dispatch and allocation, and the
  * OpenMP team waking up for every GEMV. Here one parallel region covers the step, and the threads meet
  * at a barrier only where a result of the whole team is needed (5 per block).
+
+Batches (B > 1): each linear multiplies every weight row into all B rows' activations at once
+(nk_gemv_rows_batch), so a step still reads the weights from memory once, whatever B. Rows are
+left-padded sequences sharing one position: each attends over its own cached keys under its own key
+mask row, with its own rotary tables (its own NTK alpha, or row 0's when all rows share one); logn
+depends on the position only. A row's result is bit-identical to a batch-1 step of that row alone (the
+batched GEMV rows sum in the batch-1 order, and everything else is the same code per row).
  *
  * Work is handed out in chunks (NK_CHUNKS_PER_THREAD per thread and matrix, first come first served)
  * rather than one fixed slab per thread: on a shared VM one core is often a little slower than the
@@ -60,17 +67,20 @@ typedef struct {
 } nk_model;
 
 typedef struct {
-    const void* embedding;    /* [H] act dtype: the embedding row of the input token */
-    const float* cos;         /* [R] fp32, laid out as cat(freqs, freqs) */
-    const float* sin;         /* [R] */
+    int64_t batch;            /* B: rows, one token each */
+    const void* embedding;    /* [V, H] act dtype: the embedding table */
+    const int64_t* tokens;    /* [B] the input tokens (0 <= token < V, checked by the caller) */
+    const float* cos;         /* [Bα, R] fp32, each row laid out as cat(freqs, freqs) */
+    const float* sin;         /* [Bα, R] */
+    int64_t rotary_rows;      /* Bα: B (a table per row, Qwen quirk 3 per row) or 1 (shared) */
     float logn;               /* the logn factor rounded to act, or 0 for none (Qwen quirk 4) */
-    int64_t position;         /* where the new key/value go; keys 0..position are attended to */
+    int64_t position;         /* where the new keys/values go; keys 0..position are attended to */
     int64_t max_length;       /* T_max of the cache */
-    const uint8_t* key_mask;  /* [T_max] bool: 1 = a real token */
-    void* keys;               /* [L, 1, N, T_max, D] act dtype */
+    const uint8_t* key_mask;  /* [B, T_max] bool: 1 = a real token (0 = left padding) */
+    void* keys;               /* [L, B, N, T_max, D] act dtype */
     void* values;
-    void* logits; /* [V] act dtype, output */
-    void* scratch; /* nekomata_step_scratch_bytes(model) bytes, shared by the team */
+    void* logits; /* [B, V] act dtype, output */
+    void* scratch; /* nekomata_step_scratch_bytes(model, B) bytes, shared by the team */
     int nthreads;
 } nk_step;
 
@@ -84,15 +94,16 @@ static inline float round_act(float v, int act) {
 
 static inline size_t act_size(int act) { return act == DT_F32 ? 4 : 2; }
 
-/* Shared buffers, all in the act dtype (what PyTorch would hold in tensors). */
+/* Shared buffers, all in the act dtype (what PyTorch would hold in tensors), one row per batch row:
+ * qkv [B, 3H], attn, o and m [B, H], h1, h2 and g [B, F]. */
 typedef struct {
     void *qkv, *attn, *o, *h1, *h2, *g, *m;
 } nk_buffers;
 
 /* Lays the buffers out in `scratch` (each on a 64-byte boundary) and returns the bytes they take; the
  * one place that knows the layout, so that nekomata_step_scratch_bytes cannot disagree with it. */
-static size_t carve(const nk_model* m, char* scratch, nk_buffers* b) {
-    const size_t e = act_size(m->act);
+static size_t carve(const nk_model* m, int64_t batch, char* scratch, nk_buffers* b) {
+    const size_t e = act_size(m->act) * (size_t)batch;
     const int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width,
                               m->mlp_width, m->hidden};
     void** slots[7] = {&b->qkv, &b->attn, &b->o, &b->h1, &b->h2, &b->g, &b->m};
@@ -104,9 +115,9 @@ static size_t carve(const nk_model* m, char* scratch, nk_buffers* b) {
     return offset;
 }
 
-NK_EXPORT int64_t nekomata_step_scratch_bytes(const nk_model* m) {
+NK_EXPORT int64_t nekomata_step_scratch_bytes(const nk_model* m, int64_t batch) {
     nk_buffers unused;
-    return (int64_t)carve(m, NULL, &unused);
+    return (int64_t)carve(m, batch, NULL, &unused);
 }
 
 /* Thread-private work vectors (fp32), grown as needed and kept: steady-state steps allocate nothing. */
@@ -135,13 +146,31 @@ static void rms_norm(const float* x, const void* w, int act, int64_t H, float ep
     for (int64_t i = 0; i < H; i++) out[i] = round_act(round_act(x[i] * r, act) * load_scalar(w, act, i), act);
 }
 
-/* Rows [begin, end) of y = lin(x), x given as the prepared vector xp (see nk_load_x). */
-static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t begin, int64_t end) {
+/* Rows [begin, end) of y = lin(x) for `batch` rows: x given as the prepared vectors xp (see nk_load_x,
+ * one per batch row, nk_x_stride apart), y [batch, N]. One row goes to the batch-1 kernels. */
+static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t batch, int64_t begin,
+                        int64_t end) {
     gemv_args a = {l->kind, l->W, xp, l->scales, l->mins, act, l->bias, act, y, act, l->N, l->K};
-    if (end > begin) nk_gemv_rows(&a, begin, end);
+    if (end <= begin) return;
+    if (batch == 1)
+        nk_gemv_rows(&a, begin, end);
+    else
+        nk_gemv_rows_batch(&a, batch, begin, end);
 }
 
-static inline int layout_for(const nk_linear* l) { return nk_x_layout(l->kind); }
+/* The batch-1 kernels take the layout of the widest kernel this build has; the batched ones the AVX2
+ * layouts (see nk_x_layout_batch). */
+static inline int layout_for(const nk_linear* l, int64_t batch) {
+    return batch == 1 ? nk_x_layout(l->kind) : nk_x_layout_batch(l->kind);
+}
+
+/* The `batch` rows of src ([batch, K] of src_dtype) prepared for lin into xp, nk_x_stride apart. */
+static void load_rows(float* xp, const void* src, int src_dtype, const nk_linear* l, int64_t batch) {
+    const int layout = layout_for(l, batch);
+    const int64_t K = l->K, xs = nk_x_stride(K, layout);
+    const size_t row = (size_t)K * (src_dtype == DT_F32 ? 4 : 2);
+    for (int64_t b = 0; b < batch; b++) nk_load_x(xp + b * xs, (const char*)src + b * row, src_dtype, K, layout);
+}
 
 /* Chunks per thread and matrix: enough that the last chunk to finish is a small part of the matrix,
  * few enough that each chunk is long (>= 16 rows) for the prefetchers (32 per thread measured slower). */
@@ -153,12 +182,13 @@ static inline int64_t chunk_rows(int64_t N, int team) {
     return c < 16 ? 16 : c;
 }
 
-/* y = lin(x) by the whole team, in chunks of rows taken first come first served. No barrier at the end:
- * the caller places one where the result is needed. */
-static void linear_team(const nk_linear* l, const float* xp, void* y, int act, int team) {
+/* y = lin(x) for `batch` rows by the whole team, in chunks of weight rows taken first come first served.
+ * No barrier at the end: the caller places one where the result is needed. */
+static void linear_team(const nk_linear* l, const float* xp, void* y, int act, int64_t batch, int team) {
     int64_t c = chunk_rows(l->N, team), n = (l->N + c - 1) / c;
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t i = 0; i < n; i++) linear_rows(l, xp, y, act, i * c, (i + 1) * c < l->N ? (i + 1) * c : l->N);
+    for (int64_t i = 0; i < n; i++)
+        linear_rows(l, xp, y, act, batch, i * c, (i + 1) * c < l->N ? (i + 1) * c : l->N);
 }
 
 /* 8 consecutive act-dtype elements from index i, as fp32. */
@@ -206,33 +236,41 @@ static void rope_head(const void* src, int act, int64_t D, int64_t R, const floa
     for (int64_t i = R; i < D; i++) out[i] = x[i];
 }
 
-/* Attention of the new token, heads shared out among the team: rotary on q and k, logn on q, the new key/value written
- * to the cache, then softmax(q k^T / sqrt(D)) v over the cached positions 0..position that the key mask
- * allows. Scores and probabilities stay fp32; the output is rounded once to act. */
+/* Attention of the new tokens, (row, head) pairs shared out among the team: rotary on q and k (with the
+ * row's tables), logn on q, the new key/value written to the row's cache, then softmax(q k^T / sqrt(D)) v
+ * over the cached positions 0..position that the row's key mask allows (left padding is masked out; the
+ * new token itself is always real). Scores and probabilities stay fp32; the output is rounded once to act. */
 static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffers* b, int64_t layer,
                             float* scores) {
     const int act = m->act;
     const size_t e = act_size(act);
-    const int64_t H = m->hidden, D = m->head_dim, T = s->max_length, pos = s->position;
+    const int64_t H = m->hidden, D = m->head_dim, T = s->max_length, pos = s->position, R = m->rotary_dim;
+    const int64_t N = m->n_heads, B = s->batch;
     const float scale = 1.0f / sqrtf((float)D);
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t h = 0; h < m->n_heads; h++) {
+    for (int64_t item = 0; item < B * N; item++) {
+        const int64_t row = item / N, h = item % N;
         float q[NK_MAX_HEAD_DIM], k[NK_MAX_HEAD_DIM], acc[NK_MAX_HEAD_DIM];
-        rope_head((const char*)b->qkv + (size_t)(h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, q);
-        rope_head((const char*)b->qkv + (size_t)(H + h * D) * e, act, D, m->rotary_dim, s->cos, s->sin, k);
+        const char* qkv = (const char*)b->qkv + (size_t)(row * 3 * H) * e; /* [3H]: q, k, v */
+        const int64_t table = s->rotary_rows == 1 ? 0 : row;               /* Qwen quirk 3, per row */
+        const float* cos = s->cos + table * R;
+        const float* sin = s->sin + table * R;
+        const uint8_t* key_mask = s->key_mask + row * T;
+        rope_head(qkv + (size_t)(h * D) * e, act, D, R, cos, sin, q);
+        rope_head(qkv + (size_t)(H + h * D) * e, act, D, R, cos, sin, k);
         if (s->logn != 0.0f)
             for (int64_t i = 0; i < D; i++) q[i] = round_act(q[i] * s->logn, act);
         /* The cache keeps keys after rotary (never logn) and values as projected. */
-        size_t head_off = (size_t)(((layer * m->n_heads) + h) * T) * (size_t)D;
+        size_t head_off = (size_t)((((layer * B) + row) * N + h) * T) * (size_t)D; /* [L, B, N, T, D] */
         char* kc = (char*)s->keys + head_off * e;
         char* vc = (char*)s->values + head_off * e;
-        const char* vsrc = (const char*)b->qkv + (size_t)(2 * H + h * D) * e;
+        const char* vsrc = qkv + (size_t)(2 * H + h * D) * e;
         for (int64_t i = 0; i < D; i++) store_scalar(kc + (size_t)(pos * D) * e, act, i, k[i]);
         memcpy(vc + (size_t)(pos * D) * e, vsrc, (size_t)D * e);
 
         float best = -INFINITY;
         for (int64_t j = 0; j <= pos; j++) {
-            if (!s->key_mask[j]) continue;
+            if (!key_mask[j]) continue;
             float sc = dot_act(q, kc + (size_t)(j * D) * e, act, D) * scale;
             scores[j] = sc;
             if (sc > best) best = sc;
@@ -240,94 +278,106 @@ static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffer
         float total = 0.0f;
         for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
         for (int64_t j = 0; j <= pos; j++) {
-            if (!s->key_mask[j]) continue;
+            if (!key_mask[j]) continue;
             float p = expf(scores[j] - best);
             total += p;
             axpy_act(acc, p, vc + (size_t)(j * D) * e, act, D);
         }
-        void* out = (char*)b->attn + (size_t)(h * D) * e;
+        void* out = (char*)b->attn + (size_t)(row * H + h * D) * e;
         for (int64_t i = 0; i < D; i++) store_scalar(out, act, i, acc[i] / total);
     }
 }
 
-/* g = round(w1(x) * round(silu(w2(x)))) for rows [begin, end), Qwen quirk 2: silu on the w2 branch.
- * h1 and h2 already hold the act-rounded projections. */
-static void swiglu_rows(const nk_buffers* b, int act, int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; j++) {
-        float up = load_scalar(b->h1, act, j);
-        float gate = load_scalar(b->h2, act, j);
-        float silu = round_act(gate / (1.0f + expf(-gate)), act);
-        store_scalar(b->g, act, j, up * silu);
-    }
+/* g = round(w1(x) * round(silu(w2(x)))) for columns [begin, end) of every batch row ([B, F] each),
+ * Qwen quirk 2: silu on the w2 branch. h1 and h2 already hold the act-rounded projections. */
+static void swiglu_rows(const nk_buffers* b, int act, int64_t F, int64_t batch, int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < batch; r++)
+        for (int64_t j = r * F + begin; j < r * F + end; j++) {
+            float up = load_scalar(b->h1, act, j);
+            float gate = load_scalar(b->h2, act, j);
+            float silu = round_act(gate / (1.0f + expf(-gate)), act);
+            store_scalar(b->g, act, j, up * silu);
+        }
 }
 
-/* x = round(x + delta), delta in the act dtype (the residual connection). */
-static void add_residual(float* x, const void* delta, int act, int64_t H) {
-    for (int64_t i = 0; i < H; i++) x[i] = round_act(x[i] + load_scalar(delta, act, i), act);
+/* x = round(x + delta), delta in the act dtype (the residual connection); n = B * H elements. */
+static void add_residual(float* x, const void* delta, int act, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = round_act(x[i] + load_scalar(delta, act, i), act);
+}
+
+/* ln(x) of every batch row (x and out [B, H] fp32). */
+static void rms_norm_rows(const float* x, const void* w, const nk_model* m, int64_t batch, float* out) {
+    for (int64_t r = 0; r < batch; r++) rms_norm(x + r * m->hidden, w, m->act, m->hidden, m->eps, out + r * m->hidden);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* The step.                                                                                            */
 
+/* x and a: the thread's [B, H] residual stream and its normalised form; xp: the prepared vectors. */
 static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b, int team, float* x,
                         float* a, float* xp, float* scores) {
     const int act = m->act;
-    const int64_t H = m->hidden, F = m->mlp_width;
-    for (int64_t i = 0; i < H; i++) x[i] = load_scalar(s->embedding, act, i);
+    const int64_t H = m->hidden, F = m->mlp_width, B = s->batch;
+    const size_t row = (size_t)H * act_size(act);
+    for (int64_t r = 0; r < B; r++)
+        for (int64_t i = 0; i < H; i++)
+            x[r * H + i] = load_scalar((const char*)s->embedding + (size_t)s->tokens[r] * row, act, i);
     for (int64_t l = 0; l < m->n_layers; l++) {
         const nk_layer* L = &m->layers[l];
         /* x + attn(ln_1(x)) */
-        rms_norm(x, L->ln_1, act, H, m->eps, a);
-        nk_load_x(xp, a, DT_F32, H, layout_for(&L->c_attn));
-        linear_team(&L->c_attn, xp, b->qkv, act, team);
+        rms_norm_rows(x, L->ln_1, m, B, a);
+        load_rows(xp, a, DT_F32, &L->c_attn, B);
+        linear_team(&L->c_attn, xp, b->qkv, act, B, team);
 #pragma omp barrier
         attention_heads(m, s, b, l, scores);
 #pragma omp barrier
-        nk_load_x(xp, b->attn, act, H, layout_for(&L->attn_proj));
-        linear_team(&L->attn_proj, xp, b->o, act, team);
+        load_rows(xp, b->attn, act, &L->attn_proj, B);
+        linear_team(&L->attn_proj, xp, b->o, act, B, team);
 #pragma omp barrier
-        add_residual(x, b->o, act, H);
+        add_residual(x, b->o, act, B * H);
         /* x + mlp(ln_2(x)): w1 and w2 of the same rows in one chunk, so SwiGLU follows at once */
-        rms_norm(x, L->ln_2, act, H, m->eps, a);
-        nk_load_x(xp, a, DT_F32, H, layout_for(&L->w1));
+        rms_norm_rows(x, L->ln_2, m, B, a);
+        load_rows(xp, a, DT_F32, &L->w1, B);
         {
             /* (w1 and w2 have the same weight kind, so the same prepared x: checked by the caller) */
             int64_t c = chunk_rows(F, team), n = (F + c - 1) / c;
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t i = 0; i < n; i++) {
                 int64_t lo = i * c, hi = (i + 1) * c < F ? (i + 1) * c : F;
-                linear_rows(&L->w1, xp, b->h1, act, lo, hi);
-                linear_rows(&L->w2, xp, b->h2, act, lo, hi);
-                swiglu_rows(b, act, lo, hi);
+                linear_rows(&L->w1, xp, b->h1, act, B, lo, hi);
+                linear_rows(&L->w2, xp, b->h2, act, B, lo, hi);
+                swiglu_rows(b, act, F, B, lo, hi);
             }
         }
 #pragma omp barrier
-        nk_load_x(xp, b->g, act, F, layout_for(&L->mlp_proj));
-        linear_team(&L->mlp_proj, xp, b->m, act, team);
+        load_rows(xp, b->g, act, &L->mlp_proj, B);
+        linear_team(&L->mlp_proj, xp, b->m, act, B, team);
 #pragma omp barrier
-        add_residual(x, b->m, act, H);
+        add_residual(x, b->m, act, B * H);
     }
-    rms_norm(x, m->ln_f, act, H, m->eps, a);
-    nk_load_x(xp, a, DT_F32, H, layout_for(&m->lm_head));
-    linear_team(&m->lm_head, xp, s->logits, act, team);
+    rms_norm_rows(x, m->ln_f, m, B, a);
+    load_rows(xp, a, DT_F32, &m->lm_head, B);
+    linear_team(&m->lm_head, xp, s->logits, act, B, team);
 }
 
-/* Runs one step; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim above
- * NK_MAX_HEAD_DIM (the caller checks both before calling). */
+/* Runs one step of s->batch rows; returns 0, -1 when a work buffer cannot be allocated, -2 for a head_dim
+ * above NK_MAX_HEAD_DIM, -3 for a batch below 1 or rotary tables for neither 1 nor every row (the
+ * caller checks all of these before calling). */
 NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
     if (m->head_dim > NK_MAX_HEAD_DIM) return -2;
+    if (s->batch < 1 || (s->rotary_rows != 1 && s->rotary_rows != s->batch)) return -3;
     nk_buffers b;
-    carve(m, (char*)s->scratch, &b);
+    carve(m, s->batch, (char*)s->scratch, &b);
     int64_t widest = m->hidden > m->mlp_width ? m->hidden : m->mlp_width;
     int team = s->nthreads < 1 ? 1 : s->nthreads;
     int failed = 0;
 #pragma omp parallel num_threads(team)
     {
         int n = omp_get_num_threads();
-        float* x = tl_get(0, m->hidden);
-        float* a = tl_get(1, m->hidden);
+        float* x = tl_get(0, s->batch * m->hidden);
+        float* a = tl_get(1, s->batch * m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = nk_xbuf_get(nk_x_floats_any(widest));
+        float* xp = nk_xbuf_get(s->batch * nk_x_stride(widest, s->batch == 1 ? X_INT4_BF16 : X_GROUP_SUMS)); /* room for any layout */
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;

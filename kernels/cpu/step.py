@@ -1,11 +1,17 @@
-"""A whole batch-1 step of a Qwen v1 model (one token in, its logits out) in one C call (``step.c``),
-for x86-64 CPUs.
+"""A whole step of a Qwen v1 model for B rows (one token per row in, their logits out) in one C call
+(``step.c``), for x86-64 CPUs.
 
 At batch 1 a step reads every weight once, so its floor is weight bytes / memory bandwidth. The GEMVs of
 `nekomata_core.kernels.cpu.gemv` reach that bandwidth, but a PyTorch step also runs ~60 small operations per block
 (norms, rotary, attention, casts, residuals), each with dispatch and allocation costs, and wakes the
 thread team for every GEMV: on a 2-core machine that was a third of the step. `FusedStep` hands the
 whole step — every block, the final norm and lm_head — to C, where one OpenMP region covers it.
+
+For B > 1 rows each linear reads every weight row once and multiplies it into all B rows
+(``nk_gemv_rows_batch`` in gemv.c), so a batch costs about the weight bytes of one step plus the
+arithmetic: the step is bandwidth-amortised. Row b of a batched step is bit-identical to a batch-1 step
+of row b alone (same operations, same order). Rows are left-padded sequences at one shared position,
+each with its own key-mask row and its own rotary tables (per-row NTK alpha) or one shared table.
 
 It computes what `nekomata_core.model` computes in the model dtype, with the same rounding points (see
 the header of step.c); only summation orders differ. Weights may be fp32, bf16, int8 with
@@ -111,9 +117,12 @@ class _Model(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [
+        ("batch", ctypes.c_int64),
         ("embedding", ctypes.c_void_p),
+        ("tokens", ctypes.c_void_p),
         ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
+        ("rotary_rows", ctypes.c_int64),
         ("logn", ctypes.c_float),
         ("position", ctypes.c_int64),
         ("max_length", ctypes.c_int64),
@@ -143,9 +152,10 @@ def stream_read(address: int, nbytes: int, num_threads: int) -> int:
 
 
 class FusedStep:
-    """A batch-1 step bound to one model's tensors (see the module docstring).
+    """A step of any batch size bound to one model's tensors (see the module docstring).
 
-    `step(...)` runs one token through every block and returns its logits [V] in the activation dtype.
+    `step(...)` runs one token per row through every block and returns their logits [B, V] in the
+    activation dtype.
     Construction checks every tensor (dtype, shape, device, layout) and raises ValueError naming the
     first one that does not fit; `step` checks the cache and the per-step inputs.
     """
@@ -164,6 +174,7 @@ class FusedStep:
     ) -> None:
         lib = _library()
         self._step_fn = lib.nekomata_step
+        self._scratch_bytes = lib.nekomata_step_scratch_bytes
         if embedding.dim() != 2:
             raise ValueError(f"embedding must be [vocab, hidden], got {_describe(embedding)}")
         act = embedding.dtype
@@ -215,8 +226,7 @@ class FusedStep:
             ln_f=self._vector(ln_f, "ln_f", hidden),
             lm_head=self._linear(lm_head, "lm_head", vocab, hidden),
         )
-        nbytes = lib.nekomata_step_scratch_bytes(ctypes.byref(self._model))
-        self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        self._scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch stepped
         self._cache_checked: tuple | None = None
         # The scratch buffers are shared by every call: two threads stepping one plan at once (ctypes
         # releases the GIL) would overwrite each other's activations, so calls are serialised.
@@ -274,7 +284,8 @@ class FusedStep:
         ident = (keys.data_ptr(), values.data_ptr(), key_mask.data_ptr(), tuple(keys.shape))
         if ident == self._cache_checked:
             return
-        want = (self.num_layers, 1, self.num_heads, keys.shape[3] if keys.dim() == 5 else -1, self.head_dim)
+        batch, t_max = (keys.shape[1], keys.shape[3]) if keys.dim() == 5 else (-1, -1)
+        want = (self.num_layers, batch, self.num_heads, t_max, self.head_dim)
         for name, t in (("keys", keys), ("values", values)):
             if not (
                 isinstance(t, torch.Tensor)
@@ -284,17 +295,21 @@ class FusedStep:
                 and t.is_contiguous()
             ):
                 raise ValueError(
-                    f"cache {name}: expected a contiguous CPU {self.act_dtype} tensor [L, 1, N, T_max, D] = "
+                    f"cache {name}: expected a contiguous CPU {self.act_dtype} tensor [L, B, N, T_max, D] = "
                     f"{list(want)}, got {_describe(t)}"
                 )
-        if not (key_mask.dtype == torch.bool and key_mask.is_contiguous() and key_mask.numel() == want[3]):
-            raise ValueError(f"key_mask: expected a contiguous bool tensor of {want[3]} positions, got {_describe(key_mask)}")
+        if not (
+            key_mask.dtype == torch.bool and key_mask.is_contiguous() and tuple(key_mask.shape) == (batch, t_max)
+        ):
+            raise ValueError(
+                f"key_mask: expected a contiguous bool tensor [B, T_max] = [{batch}, {t_max}], got {_describe(key_mask)}"
+            )
         self._cache_checked = ident
 
     # ------------------------------------------------------------------ the step
     def step(
         self,
-        token: int,
+        tokens: torch.Tensor,
         position: int,
         *,
         cos: torch.Tensor,
@@ -305,38 +320,62 @@ class FusedStep:
         key_mask: torch.Tensor,
         num_threads: int | None = None,
     ) -> torch.Tensor:
-        """Logits [V] (activation dtype) of `token` at `position`; writes its key/value into the cache.
+        """Logits [B, V] (activation dtype) of `tokens` [B] (int64, one per row) at `position`; writes
+        their keys/values into the cache.
 
-        cos/sin: fp32 [R] rotary tables for this position; logn: the factor already rounded to the
-        activation dtype, or None; keys/values: [L, 1, N, T_max, D]; key_mask: [T_max] bool (True =
-        real token, the new position included). Positions 0..position-1 must hold the earlier keys.
+        cos/sin: fp32 [Bα, R] rotary tables for this position, Bα = B (each row its own NTK alpha) or 1
+        (shared); logn: the factor already rounded to the activation dtype, or None; keys/values:
+        [L, B, N, T_max, D]; key_mask: [B, T_max] bool (True = real token, the new position included;
+        left padding False). Positions 0..position-1 must hold the earlier keys.
         """
         self._check_cache(keys, values, key_mask)
-        t_max = keys.shape[3]
+        batch, t_max = keys.shape[1], keys.shape[3]
         if not 0 <= position < t_max:
             raise ValueError(f"position {position} is outside the cache (0..{t_max - 1})")
-        if not 0 <= token < self.embedding.shape[0]:
-            raise ValueError(f"token id {token} is outside the vocabulary [0, {self.embedding.shape[0]})")
+        if not (isinstance(tokens, torch.Tensor) and tokens.dtype == torch.int64 and tuple(tokens.shape) == (batch,)):
+            raise ValueError(f"tokens: expected an int64 tensor of shape ({batch},), got {_describe(tokens)}")
+        tokens = tokens.contiguous()
+        vocab_in = self.embedding.shape[0]
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_in:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_in})")
+        rotary_dim = self._model.rotary_dim
         for name, t in (("cos", cos), ("sin", sin)):
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.numel() != self._model.rotary_dim:
-                raise ValueError(f"{name}: expected {self._model.rotary_dim} contiguous float32 values, got {_describe(t)}")
-        logits = torch.empty(self.vocab_size, dtype=self.act_dtype)
-        row_bytes = self.hidden * self.embedding.element_size()
-        args = _Step(
-            embedding=self.embedding.data_ptr() + token * row_bytes,
-            cos=cos.data_ptr(),
-            sin=sin.data_ptr(),
-            logn=0.0 if logn is None else float(logn),
-            position=position,
-            max_length=t_max,
-            key_mask=key_mask.data_ptr(),
-            keys=keys.data_ptr(),
-            values=values.data_ptr(),
-            logits=logits.data_ptr(),
-            scratch=self._scratch.data_ptr(),
-            nthreads=num_threads or torch.get_num_threads(),
-        )
+            if not (
+                t.dtype == torch.float32
+                and t.is_contiguous()
+                and t.dim() == 2
+                and t.shape[0] in (1, batch)
+                and t.shape[1] == rotary_dim
+            ):
+                raise ValueError(
+                    f"{name}: expected contiguous float32 tables [1 or {batch}, {rotary_dim}], got {_describe(t)}"
+                )
+        if cos.shape[0] != sin.shape[0]:
+            raise ValueError(f"cos and sin must have the same rows, got {cos.shape[0]} and {sin.shape[0]}")
+        logits = torch.empty(batch, self.vocab_size, dtype=self.act_dtype)
         with self._lock:
+            nbytes = self._scratch_bytes(ctypes.byref(self._model), batch)
+            if self._scratch.numel() < nbytes:
+                self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+            args = _Step(
+                batch=batch,
+                embedding=self.embedding.data_ptr(),
+                tokens=tokens.data_ptr(),
+                cos=cos.data_ptr(),
+                sin=sin.data_ptr(),
+                rotary_rows=cos.shape[0],
+                logn=0.0 if logn is None else float(logn),
+                position=position,
+                max_length=t_max,
+                key_mask=key_mask.data_ptr(),
+                keys=keys.data_ptr(),
+                values=values.data_ptr(),
+                logits=logits.data_ptr(),
+                scratch=self._scratch.data_ptr(),
+                nthreads=num_threads or torch.get_num_threads(),
+            )
             status = self._step_fn(ctypes.byref(self._model), ctypes.byref(args))
         if status == -1:
             raise MemoryError("the fused CPU step could not allocate its per-thread work buffers")

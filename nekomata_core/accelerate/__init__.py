@@ -11,7 +11,7 @@ same function faster where they can run (the Liger-Kernel `apply_…` / gpt-fast
 
 `make_step(model, mode)` gives the function `generate` calls for each new token:
 
-    "auto"      "native" where it applies (a CPU, batch 1, the model's own modules), else "static"
+    "auto"      "native" where it applies (a CPU, the model's own modules), else "static"
     "native"    the whole step in one C call (kernels/cpu/step.c)
     "static"    the model's fixed-shape step;  "compiled": the same under torch.compile
     "eager"     the plain forward, `model(tokens, cache=cache)`
