@@ -151,8 +151,12 @@ static inline int nk_x_layout(int kind) {
     return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
 }
 
-/* The layout of the batched rows (nk_gemv_rows_batch): their kernels are the AVX2 ones in every build. */
+/* The layout of the batched rows (nk_gemv_rows_batch): their kernels are the AVX2 ones in every build,
+ * except bf16 weights in the avx512bf16 build (vdpbf16ps, as its batch-1 kernel). */
 static inline int nk_x_layout_batch(int kind) {
+#ifdef __AVX512BF16__
+    if (kind == KIND_BF16) return X_BF16_PAIRS;
+#endif
     return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
 }
 

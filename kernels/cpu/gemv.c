@@ -835,6 +835,50 @@ static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* 
     }
 }
 
+#ifdef __AVX512BF16__
+/* bf16 weights against nb vectors prepared as X_BF16_PAIRS with exact bf16 copies (the avx512bf16 build):
+ * each 64-byte chunk of the weight row is loaded once and goes through vdpbf16ps with every vector, in
+ * exactly bf16_rows_dp's order (so a vector's result equals that build's batch-1 GEMV, bit for bit). */
+static inline __attribute__((always_inline)) void bf16_row_batch_dp(const uint16_t* w, int64_t K, const float* xp,
+                                                                    int64_t xs, float* out, const int nb,
+                                                                    const int prefetch) {
+    const int64_t at = nk_x_bf16_at(K, X_BF16_PAIRS);
+    __m512 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
+    for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        if (PF_BATCH && prefetch) {
+            _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)(w + k + 32) + PF_BATCH, _MM_HINT_T0);
+        }
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+        for (int b = 0; b < nb; b++) {
+            const uint16_t* xb = (const uint16_t*)(xp + b * xs + at);
+            a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512(xb + k));
+            a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_loadu_si512(xb + k + 32));
+        }
+    }
+    for (; k + 32 <= K; k += 32) {
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
+        for (int b = 0; b < nb; b++)
+            a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const uint16_t*)(xp + b * xs + at) + k));
+    }
+    for (int b = 0; b < nb; b++) {
+        const float* x = xp + b * xs;
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+        for (int64_t j = k; j < K; j++) s = fmaf(bf16_to_f32(w[j]), x[j], s);
+        out[b] = s;
+    }
+}
+
+/* The same rows when some vector is not all bf16 values: each vector on its own through bf16_rows_f32
+ * (the weight row is in cache after the first). */
+static inline void bf16_row_batch_f32(const uint16_t* w, int64_t K, const float* xp, int64_t xs, float* out, int nb) {
+    const uint16_t* rows[ROWS] = {w};
+    for (int b = 0; b < nb; b++) bf16_rows_f32(rows, K, xp + b * xs, out + b, 1);
+}
+#endif
+
 /* Weight row n against the nb (1..NK_BATCH_TILE, a constant after inlining) vectors at xp, stride xs. */
 static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, int64_t n, const float* xp,
                                                             int64_t xs, float* out, const int nb,
@@ -847,7 +891,19 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
                            (const char*)a->mins + n * groups * ssize, a->scales_dtype, K, xp, xs, out, nb, prefetch);
             break;
         }
-        case KIND_BF16: bf16_row_batch((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
+        case KIND_BF16: {
+#ifdef __AVX512BF16__
+            int exact = 1;
+            for (int b = 0; b < nb; b++) exact &= xp[b * xs + nk_x_flag_at(K, X_BF16_PAIRS)] != 0.0f;
+            if (exact)
+                bf16_row_batch_dp((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch);
+            else
+                bf16_row_batch_f32((const uint16_t*)a->W + n * K, K, xp, xs, out, nb);
+#else
+            bf16_row_batch((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch);
+#endif
+            break;
+        }
         case KIND_F32: f32_row_batch((const float*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
         default: int8_row_batch((const int8_t*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
     }
