@@ -68,6 +68,10 @@ def _rank_main(rank: int, world: int, port: int, results) -> None:
                 shm.all_reduce(torch.ones(4))
             except local_collectives.SharedMemoryTimeout as exc:
                 out["timeout"] = str(exc)
+            try:
+                shm.all_reduce(torch.ones(4))
+            except NekomataError as exc:
+                out["after_timeout"] = str(exc)
         dist.barrier()
         shm.close()
         shm.close()  # idempotent
@@ -164,6 +168,8 @@ def test_a_rank_that_never_arrives_is_named_in_one_timeout_error(runs):
         message = runs[3][rank]["timeout"]
         assert "waiting for rank 2 (rank 2 is at #" in message, message
     assert "timeout" not in runs[2][1] and "timeout" not in runs[3][2]
+    # Afterwards the sequences disagree: the group refuses to pair one rank's data with another's older data.
+    assert runs[2][0]["after_timeout"].startswith("this shared-memory group is unusable after: rank 0: ")
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -80,7 +80,8 @@ class SharedMemoryGroup:
 
     Build it with `setup` (collective over a torch.distributed group); `rank` is the rank in that group.
     Every rank must call the same operations in the same order with the same shapes and dtypes, as
-    with torch.distributed."""
+    with torch.distributed, from one thread. After a timeout the ranks' sequences no longer match, so
+    the group refuses further use (it would pair one rank's data with another's older data)."""
 
     def __init__(self, buffer: mmap.mmap, rank: int, world_size: int, slot_bytes: int, data_offset: int,
                  timeout_s: float = DEFAULT_TIMEOUT_S, name: str = "") -> None:  # fmt: skip
@@ -92,6 +93,7 @@ class SharedMemoryGroup:
         self._bytes = torch.frombuffer(buffer, dtype=torch.uint8)
         self._data_offset = data_offset
         self._views: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._broken: str | None = None  # the timeout that ended this group
         self._sequence = self._counters[self._counter(rank)]  # 0 on a fresh segment
 
     # -- the two collectives ------------------------------------------------------------------------
@@ -141,8 +143,11 @@ class SharedMemoryGroup:
 
     def _exchange(self, part: torch.Tensor, what: str) -> list[torch.Tensor]:
         """Publish `part` as this rank's data of the next operation; the N ranks' slots once all are in."""
-        if self._buffer is None:
-            raise NekomataError("this shared-memory group is closed; set it up again with setup(group)")
+        if self._buffer is None or self._broken is not None:
+            raise NekomataError(
+                f"this shared-memory group is {'closed' if self._broken is None else 'unusable after: ' + self._broken}"
+                "; set up a new one with setup(group)"
+            )
         self._sequence += 1
         k, which, n = self._sequence, self._sequence % 2, part.numel()
         self._slot(self.rank, which, part.dtype)[:n].copy_(part)
@@ -164,7 +169,9 @@ class SharedMemoryGroup:
                     started = now
                 waited = now - started
                 if waited > self.timeout_s:
-                    raise self._timeout(k, what)
+                    error = self._timeout(k, what)
+                    self._broken = str(error)
+                    raise error
                 if waited < _YIELD_S:
                     os.sched_yield()
                 else:
@@ -250,16 +257,14 @@ def setup(group: dist.ProcessGroup | None = None, slot_bytes: int = DEFAULT_SLOT
             box[0] = (name, nonce)
         except OSError as exc:
             error = f"rank 0 could not create {SHM_DIR}/{name}: {exc}"
-    dist.broadcast_object_list(box, group=group, group_src=0)  # the name and nonce, or None
-    try:
-        if rank != 0 and box[0] is not None:
+    try:  # from here on, rank 0 unlinks the file whatever happens
+        dist.broadcast_object_list(box, group=group, group_src=0)  # the name and nonce, or None
+        if rank != 0 and box[0] is not None:  # (None: rank 0 reports why)
             name, nonce = box[0]
             try:
                 fd, buffer = _attach(os.path.join(SHM_DIR, name), size, (world, slot_bytes, data_offset, nonce))
             except (OSError, NekomataError) as exc:
                 error = f"rank {rank} could not attach {SHM_DIR}/{name}: {exc}"
-        elif box[0] is None and error is None:
-            error = "rank 0 could not create the segment"
         # Everybody attached (or nobody uses it): only then may rank 0 unlink the file.
         errors: list = [None] * world
         dist.all_gather_object(errors, error, group=group)
