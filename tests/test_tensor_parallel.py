@@ -51,6 +51,14 @@ def _rank_main(rank: int, world: int, port: int, folders: dict, results) -> None
         ids = torch.tensor(PROMPT)
         with torch.inference_mode():
             out["logits"] = model(ids).numpy()
+        out["collectives"] = model.tensor_parallel.collectives.kind
+        if world == 2:  # the same model on gloo's collectives
+            os.environ["NEKOMATA_TP_SHM"] = "0"
+            on_gloo = QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, tensor_parallel=True)
+            del os.environ["NEKOMATA_TP_SHM"]
+            out["gloo_collectives"] = on_gloo.tensor_parallel.collectives.kind
+            with torch.inference_mode():
+                out["gloo_logits"] = on_gloo(ids).numpy()
         out["params"] = {name: p.numpy().copy() for name, p in model.named_parameters()}
         step = make_step(model, "auto")
         out["step"] = type(step).__name__
@@ -157,6 +165,15 @@ def test_every_rank_computes_the_single_process_logits(runs, single, world):
         reference = single[0](torch.tensor(PROMPT))
     for rank, out in runs[world].items():
         assert _close(torch.from_numpy(out["logits"]), reference) <= 1e-5, rank
+
+
+def test_ranks_on_one_host_use_shared_memory_and_get_gloos_logits_bit_for_bit(runs):
+    """Two ranks: a + b = b + a, so shared memory's rank-order sums are gloo's; NEKOMATA_TP_SHM=0 turns it off."""
+    for world in (2, 3):
+        assert {out["collectives"] for out in runs[world].values()} == {"shared memory"}
+    for out in runs[2].values():
+        assert out["gloo_collectives"] == "gloo (NEKOMATA_TP_SHM=0)"
+        assert torch.equal(torch.from_numpy(out["logits"]), torch.from_numpy(out["gloo_logits"]))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -306,6 +323,7 @@ def test_bench_under_torchrun_reports_each_ranks_memory_and_speed(checkpoint_fac
     proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("GB weights") == 2 and "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
+    assert proc.stdout.count("collectives: shared memory") == 2
     ranks = json.loads(out.read_text())["results"]
     assert [r["rank"] for r in ranks] == ["0/2", "1/2"]
     full = sum(p.numel() * 4 for p in _single_process_parameters(folder))

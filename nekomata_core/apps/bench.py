@@ -158,6 +158,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         rank, world = dist.get_rank(), dist.get_world_size()
     return {
         "rank": f"{rank}/{world}" if tensor_parallel else None,
+        "collectives": model.tensor_parallel.collectives.kind if tensor_parallel else None,
         "system": f"nekomata_core ({_decode_label(args.decode, decoder)}{', ' + args.quantize if args.quantize else ''})",
         "load_seconds": load_seconds,
         "peak_rss_bytes": peak_after_load,
@@ -585,6 +586,7 @@ def format_report(report: dict[str, Any]) -> str:
         if r.get("rank"):  # tensor parallel: this rank's memory
             gb = 1e9
             system += f" rank {r['rank']}: {r['weight_bytes'] / gb:.2f} GB weights, {r['peak_rss_bytes'] / gb:.2f} GB RSS"
+            system += f", collectives: {r['collectives']}" if r.get("collectives") else ""
         lines.append(
             f"{system:<40} {r['load_seconds']:>7.2f} {r['rss_over_weights']:>11.2f} "
             f"{r['prefill_tokens_per_second']:>13.1f} {r['decode_tokens_per_second']:>12.2f} {ratio:>6} "
