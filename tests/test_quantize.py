@@ -282,3 +282,18 @@ def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(metho
         got, expected = fast(x).float(), reference(x).float()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_a_saved_int4_model_smaller_than_one_byte_per_parameter_loads(checkpoint_factory, tmp_path):
+    """A wide MLP and a small vocabulary: most parameters are int4 (5 bits with scales and mins), so the
+    files hold fewer bytes than the config has parameters, as a saved nekomata-7b int4 checkpoint does."""
+    folder = checkpoint_factory("tiny", seed=4, vocab_size=64, hidden_size=128, num_attention_heads=4, kv_channels=32,
+                                intermediate_size=4096, num_hidden_layers=2)  # fmt: skip
+    model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
+    saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
+    file_bytes = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
+    assert file_bytes < model.config.num_parameters()
+    reloaded = QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids), reloaded(ids))
