@@ -323,6 +323,16 @@ static inline __m256 load8(const void* p, int dtype, int64_t i) {
     }
 }
 
+/* The mins' part of int4 rows: sum_g min_g * sum(x_g), from the group sums after x. */
+static inline float int4_offset(const void* mn, int sdt, int64_t groups, const float* xsum) {
+    __m256 m = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
+    float offset = hsum8(m);
+    for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
+    return offset;
+}
+
 /* The scales of one row's groups [from, from + NK_SCALE_BLOCK) (fewer at the row's end) as fp32 into
  * dst: the inner loops then broadcast each from memory, where converting a bf16 scale at every group
  * cost a third of the int4 kernel's instructions. Blocks keep dst on the stack (2 KB for ROWS rows). */
@@ -363,14 +373,7 @@ static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* con
             acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
         }
     }
-    for (int r = 0; r < nrows; r++) {
-        __m256 m = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn[r], sdt, g), _mm256_loadu_ps(xsum + g), m);
-        float offset = hsum8(m);
-        for (; g < groups; g++) offset = fmaf(load_scalar(mn[r], sdt, g), xsum[g], offset);
-        out[r] = hsum8(acc[r]) + offset;
-    }
+    for (int r = 0; r < nrows; r++) out[r] = hsum8(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
 }
 
 #ifdef __AVX512F__
@@ -446,16 +449,6 @@ static inline __m512 int4_group_z(const uint8_t* b, __m512 x0, __m512 x1, __m512
     __m512 lo = _mm512_permutexvar_ps(v, codes);                       /* codes j */
     __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), codes); /* codes j + 16 */
     return _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
-}
-
-/* The mins' part of int4 rows: sum_g min_g * sum(x_g), from the group sums after x. */
-static inline float int4_offset(const void* mn, int sdt, int64_t groups, const float* xsum) {
-    __m256 m = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
-    float offset = hsum8(m);
-    for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
-    return offset;
 }
 
 ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
@@ -824,15 +817,7 @@ static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* 
             acc[b] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), scale, acc[b]);
         }
     }
-    for (int b = 0; b < nb; b++) {
-        const float* xsum = xp + b * xs + K;
-        __m256 m = _mm256_setzero_ps();
-        int64_t g = 0;
-        for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
-        float offset = hsum8(m);
-        for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
-        out[b] = hsum8(acc[b]) + offset;
-    }
+    for (int b = 0; b < nb; b++) out[b] = hsum8(acc[b]) + int4_offset(mn, sdt, groups, xp + b * xs + K);
 }
 
 #ifdef __AVX512BF16__
