@@ -9,15 +9,14 @@ their inputs and results as float32 (exact for bfloat16 and float16), and the te
 from __future__ import annotations
 
 import os
-import socket
 import stat
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from nekomata_core.accelerate import local_collectives
 from nekomata_core.errors import NekomataError
+from tests.ranks import run_ranks
 
 SLOT_BYTES = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -86,30 +85,9 @@ def _rank_main(rank: int, world: int, port: int, results) -> None:
     results.put((rank, out))
 
 
-def _run(world: int) -> dict[int, dict]:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = [context.Process(target=_rank_main, args=(r, world, port, results)) for r in range(world)]
-    for process in processes:
-        process.start()
-    try:
-        outs = dict(results.get(timeout=120) for _ in range(world))
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    for rank, out in outs.items():
-        assert "crash" not in out, f"rank {rank}: {out['crash']}"
-    return outs
-
-
 @pytest.fixture(scope="module")
 def runs():
-    return {world: _run(world) for world in (2, 3)}
+    return {world: run_ranks(_rank_main, world) for world in (2, 3)}
 
 
 def _rank_order_sum(world: int, dtype: torch.dtype, size: int) -> torch.Tensor:

@@ -11,31 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from nekomata_core import QwenForCausalLM
 from nekomata_core.accelerate.tensor_parallel import TensorParallelError, check_divisible
 from nekomata_core.config import QwenConfig
 from nekomata_core.generation import generate
 from nekomata_core.quantize import save_quantized
+from tests.ranks import free_port, run_ranks
 
 # 6 heads and a vocabulary and MLP width that 2 and 3 divide.
 SIX_HEADS = dict(vocab_size=384, hidden_size=96, num_attention_heads=6, intermediate_size=192)
 PROMPT = [[3, 17, 42, 99, 250, 7, 1]]
 NEW_TOKENS = 6
 SAMPLE_SEED = 1234
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, folders: dict, results) -> None:
@@ -105,25 +98,6 @@ def _int4_ranks(folders: dict, ids: torch.Tensor, out: dict) -> None:
         out["int4_error"] = str(exc)
 
 
-def _run(world: int, folders: dict) -> dict[int, dict]:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_rank_main, args=(r, world, port, folders, results)) for r in range(world)]
-    for process in processes:
-        process.start()
-    try:
-        outs = dict(results.get(timeout=120) for _ in range(world))
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    for rank, out in outs.items():
-        assert "crash" not in out, f"rank {rank}: {out['crash']}"
-    return outs
-
-
 @pytest.fixture(scope="module")
 def folders(checkpoint_factory, tmp_path_factory):
     four = str(checkpoint_factory("tiny", vocab_size=384))
@@ -140,7 +114,7 @@ def folders(checkpoint_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(folders):
-    return {world: _run(world, folders) for world in (2, 3)}
+    return {world: run_ranks(_rank_main, world, folders) for world in (2, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +279,7 @@ def test_torchrun_generate_prints_once_the_tokens_of_one_process(checkpoint_fact
     alone = capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nekomata_core"]
+              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "nekomata_core"]
     proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == alone  # the same text, printed by rank 0 only
@@ -317,7 +291,7 @@ def test_bench_under_torchrun_reports_each_ranks_memory_and_speed(checkpoint_fac
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-              "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "nekomata_core"]  # fmt: skip
+              "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "nekomata_core"]  # fmt: skip
     args = ["bench", folder, "--dtype", "float32", "--runs", "1", "--warmup", "0", "--prompt-tokens", "6",
             "--new-tokens", "3", "--threads", "1", "--bandwidth-gib", "0.02", "--no-transformers", "--json", str(out)]  # fmt: skip
     proc = subprocess.run(launch + args, capture_output=True, text=True, timeout=180, env=env)
