@@ -175,6 +175,15 @@ def _group_vector(t: torch.Tensor, shape: tuple[int, int], what: str, name: str)
     return code
 
 
+def _int4_shape(qweight: torch.Tensor, name: str) -> tuple[int, int]:
+    """(N, K) of a packed int4 weight (uint8 [N, K/2], K a multiple of the group size), else ValueError."""
+    _check_weight(qweight, torch.uint8, name)
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if k % INT4_GROUP_SIZE:
+        raise ValueError(f"{name}: K = {k} inputs is not a multiple of the int4 group size {INT4_GROUP_SIZE}")
+    return n, k
+
+
 def linear_int4(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -192,12 +201,7 @@ def linear_int4(
     is on), RuntimeError when `available()` is False.
     """
     fn = _library().nekomata_gemv_int4
-    _check_weight(qweight, torch.uint8, "linear_int4")
-    n, k = qweight.shape[0], 2 * qweight.shape[1]
-    if k % INT4_GROUP_SIZE:
-        raise ValueError(
-            f"linear_int4: K = {k} inputs is not a multiple of the int4 group size {INT4_GROUP_SIZE}"
-        )
+    n, k = _int4_shape(qweight, "linear_int4")
     x = _check_x(x, k, "linear_int4")
     shape = (n, k // INT4_GROUP_SIZE)
     scales_code = _group_vector(scales, shape, "scales", "linear_int4")
@@ -222,12 +226,7 @@ def dequantize_int4(
     `nekomata_core.quantize.dequantize_int4(...).to(dtype)`, in one pass (for prefills, which multiply the
     weight by many rows). Same layouts as `linear_int4`; uses torch.get_num_threads() threads."""
     fn = _library().nekomata_dequantize_int4
-    _check_weight(qweight, torch.uint8, "dequantize_int4")
-    n, k = qweight.shape[0], 2 * qweight.shape[1]
-    if k % INT4_GROUP_SIZE:
-        raise ValueError(
-            f"dequantize_int4: K = {k} inputs is not a multiple of the int4 group size {INT4_GROUP_SIZE}"
-        )
+    n, k = _int4_shape(qweight, "dequantize_int4")
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dequantize_int4: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     shape = (n, k // INT4_GROUP_SIZE)
