@@ -175,8 +175,6 @@ static inline int64_t nk_x_floats(int64_t K, int layout) {
     return layout == X_GROUP_SUMS ? K + K / NK_INT4_GROUP : K;
 }
 
-/* Room for a prepared x of K elements in any layout (X_INT4_BF16 is the largest). */
-static inline int64_t nk_x_floats_any(int64_t K) { return nk_x_floats(K, X_INT4_BF16); }
 
 /* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
  * layout) floats, 64-byte aligned (the AVX-512 kernels load it in aligned 64-byte vectors). */

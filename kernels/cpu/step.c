@@ -377,7 +377,7 @@ NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
         float* x = tl_get(0, s->batch * m->hidden);
         float* a = tl_get(1, s->batch * m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = nk_xbuf_get(s->batch * nk_x_stride(widest, X_INT4_BF16)); /* room for any layout */
+        float* xp = nk_xbuf_get(s->batch * nk_x_stride(widest, X_INT4_BF16)); /* X_INT4_BF16: the largest layout */
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;
