@@ -1,5 +1,8 @@
-"""Weight-only quantization: int8 (per output channel) and int4 (groups of 32 inputs); activations stay
-in the model dtype.
+"""Weight quantization: int8 (per output channel) and int4 (groups of 32 inputs). The modules here (the
+reference, and what GPUs run) multiply in the activation dtype; on a CPU, decode steps go through the C
+GEMVs of kernels/cpu, which quantize each activation row to int8 per block of 32 as well
+(kernels/cpu/q8.c: the integer products are exact and 64 of them take one VNNI instruction) and
+prefills expand the weights for PyTorch's matmul.
 
 Decoding one token reads every weight once, so at batch 1 speed is set by the bytes of the weights:
 int8 halves them against bf16, int4 nearly quarters them.
@@ -291,13 +294,15 @@ class Int4Linear(nn.Module):
         x: torch.Tensor,
         dtype: torch.dtype,
         dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        block_rows: int | None = None,
     ) -> torch.Tensor:
         """x @ W^T + bias computed in `dtype` and rounded once to x.dtype, with W expanded by
-        `dequantize(packed, scales, mins)` (→ `dtype`) a few thousand rows at a time: never a whole copy."""
+        `dequantize(packed, scales, mins)` (→ `dtype`) `block_rows` rows at a time (default: ~4M weights):
+        never a whole copy."""
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).to(dtype)
         y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype, device=x.device)
-        step = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
+        step = block_rows or max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
         for begin in range(0, self.out_features, step):
             end = min(begin + step, self.out_features)
             w = dequantize(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])

@@ -48,8 +48,11 @@ def test_supported_variants_follow_the_cpu_flags(monkeypatch):
     assert build.supported_isas() == ["avx2"]
     monkeypatch.setattr(build, "_cpu_flags", lambda: base | {"avx512f", "avx512bw", "avx512dq", "avx512vl"})
     assert build.supported_isas() == ["avx512", "avx2"]
-    monkeypatch.setattr(build, "_cpu_flags", lambda: base | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"})
-    assert build.supported_isas() == ["avx512bf16", "avx512", "avx2"]
+    monkeypatch.setattr(build, "_cpu_flags", lambda: base | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"})
+    assert build.supported_isas() == ["avx512vnni", "avx512", "avx2"]
+    avx512_all = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"}
+    monkeypatch.setattr(build, "_cpu_flags", lambda: base | avx512_all)
+    assert build.supported_isas() == ["avx512bf16", "avx512vnni", "avx512", "avx2"]
     monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512dq", "avx512vl"})
     assert build.supported_isas() == []  # no AVX2/FMA/F16C: nothing at all
 
@@ -131,22 +134,29 @@ def test_the_gemv_and_native_step_tests_pass_under_every_other_variant(variant):
 
 
 @requires_kernels
-@pytest.mark.parametrize("variant", _variants(best_included=True))
-@pytest.mark.parametrize("k", [32, 96, 1024, 2816])
-def test_int4_with_an_fp32_x_of_bf16_values(variant, k, monkeypatch, fresh_state):
-    """The int4 GEMV of the native step in a bf16 model (x: fp32 holding bf16 values; the vdpbf16ps path of
-    avx512bf16, odd group counts included), to fp32 accuracy against the float64 reference."""
-    monkeypatch.setenv(build.ISA_ENV, variant)
-    build.reset()
-    g = torch.Generator().manual_seed(k)
-    n = 37
-    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, k // 32, generator=g) / 8).to(torch.bfloat16)
-    mins = (-torch.rand(n, k // 32, generator=g)).to(torch.bfloat16)
-    x = torch.randn(k, generator=g).to(torch.bfloat16).float()
-    b = packed.reshape(n, k // 32, 16).long()
-    codes = torch.cat((b & 15, b >> 4), dim=2).double()
-    w = (codes * scales.double()[:, :, None] + mins.double()[:, :, None]).reshape(n, k)
-    ref, bound = x.double() @ w.T, x.double().abs() @ w.abs().T
-    y = gemv.linear_int4(x, packed, scales, mins, None)
-    assert torch.all((y.double() - ref).abs() <= 2e-6 * bound), variant
+def test_int8_and_int4_gemvs_are_bit_identical_in_every_variant(monkeypatch, fresh_state):
+    """int8 and int4 weights multiply an int8-quantized x (kernels/cpu/q8.c): exact integer sums, then the
+    same fp32 operations lane by lane in every build (VNNI, AVX-512 and AVX2), so each variant this CPU
+    has gives the avx2 variant's results bit for bit (their accuracy is tests/test_cpu_gemv.py's)."""
+    from nekomata_core.quantize import quantize_int4_weight
+
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for n, k in ((37, 32), (5, 96), (64, 1024), (9, 2816), (3, 160)):
+        x = torch.randn(k, generator=g).to(torch.bfloat16)
+        packed, scales, mins = quantize_int4_weight(torch.randn(n, k, generator=g), torch.bfloat16)
+        cases.append(("int4", x, packed, scales, mins))
+    for n, k in ((7, 33), (64, 1024), (3, 4097), (1000, 64)):
+        x = torch.randn(k, generator=g)
+        q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        cases.append(("int8", x, q, (torch.rand(n, generator=g) / 127).bfloat16(), None))
+    results = {}
+    for variant in SUPPORTED:
+        monkeypatch.setenv(build.ISA_ENV, variant)
+        build.reset()
+        assert build.isa() == variant
+        results[variant] = [
+            gemv.linear_int4(x, w, s, m) if kind == "int4" else gemv.linear_int8(x, w, s) for kind, x, w, s, m in cases
+        ]
+    for variant, ys in results.items():
+        assert all(torch.equal(y, ref) for y, ref in zip(ys, results["avx2"], strict=True)), variant

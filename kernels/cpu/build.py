@@ -89,7 +89,7 @@ __all__ = [
 
 _HERE = Path(__file__).resolve().parent
 # Compiled as separate translation units and linked into one library; the header is hashed with them.
-SOURCES: tuple[Path, ...] = (_HERE / "gemv.c", _HERE / "step.c")
+SOURCES: tuple[Path, ...] = (_HERE / "gemv.c", _HERE / "q8.c", _HERE / "step.c")
 HEADERS: tuple[Path, ...] = (_HERE / "common.h",)
 # Explicit ISA flags, not -march=native: the cached library may be loaded on another machine sharing the
 # home directory, and the CPU flags are checked at run time instead.
@@ -108,13 +108,17 @@ _CPU_FLAGS = ("avx2", "fma", "f16c")
 # names) it needs on top of the base ones. The C code chooses its kernels with #ifdef on what the flags
 # define (see common.h). `isa()` picks the first one this CPU has; NEKOMATA_CPU_ISA names one instead
 # (so that every variant the CPU has can be run and tested here, e.g. NEKOMATA_CPU_ISA=avx2).
+# Every CPU with AVX512-BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and later) also has AVX512-VNNI, so
+# avx512bf16 includes it; avx512vnni is Cascade Lake / Ice Lake; avx512 is Skylake-SP.
 _AVX512 = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+_AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl")
 ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx512bf16": (
-        ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16"),
-        (*_AVX512, "avx512_bf16"),
+        (*_AVX512_FLAGS, "-mavx512vnni", "-mavx512bf16"),
+        (*_AVX512, "avx512_vnni", "avx512_bf16"),
     ),
-    "avx512": (("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"), _AVX512),
+    "avx512vnni": ((*_AVX512_FLAGS, "-mavx512vnni"), (*_AVX512, "avx512_vnni")),
+    "avx512": (_AVX512_FLAGS, _AVX512),
     "avx2": ((), ()),
 }
 ISA_ENV = "NEKOMATA_CPU_ISA"
@@ -126,12 +130,12 @@ _LIBRARY_PREFIX = "nekomata_cpu"
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _PROTOTYPES: dict[str, tuple[type, list[type]]] = {
     "nekomata_abi_version": (_I32, []),
-    # W, x, bias, y, N, K, flags
-    "nekomata_gemv_bf16": (_I32, [_P, _P, _P, _P, _I64, _I64, _I32]),
-    # W, scales, x, bias, y, N, K, flags
-    "nekomata_gemv_int8": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _I32]),
-    # W, scales, mins, x, bias, y, N, K, flags
-    "nekomata_gemv_int4": (_I32, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32]),
+    # W, x, bias, y, N, K, M (rows of x), flags
+    "nekomata_gemv_bf16": (_I32, [_P, _P, _P, _P, _I64, _I64, _I64, _I32]),
+    # W, scales, x, bias, y, N, K, M, flags
+    "nekomata_gemv_int8": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
+    # W, scales, mins, x, bias, y, N, K, M, flags
+    "nekomata_gemv_int4": (_I32, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
     "nekomata_dequantize_int4": (_I32, [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I32]),
     "nekomata_step": (_I32, [_P, _P]),  # const nk_model*, const nk_step*
     "nekomata_step_scratch_bytes": (_I64, [_P, _I64]),  # const nk_model*, batch

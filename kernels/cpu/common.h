@@ -1,16 +1,18 @@
 /*
- * What the CPU kernels' translation units share: gemv.c (the GEMV row kernels and the exported GEMVs)
- * and step.c (the whole step of a Qwen v1 model for B rows in one call, built on gemv.c's row kernels).
+ * What the CPU kernels' translation units share: gemv.c (the GEMV row kernels and the exported GEMVs),
+ * q8.c (the int8 and int4 weights' kernels, on an int8-quantized x) and step.c (the whole step of a Qwen v1 model for B rows in one call, built on gemv.c's row kernels).
  * kernels/cpu/build.py compiles both, each including this header, into one shared library:
  *
  *     cc -O3 -flto -mavx2 -mfma -mf16c [ISA flags] -fopenmp -ffp-contract=off -fvisibility=hidden -fPIC
- *        -shared gemv.c step.c -o <cache>/nekomata_cpu-<isa>-<hash of sources, header, flags>.so -lm
+ *        -shared gemv.c q8.c step.c -o <cache>/nekomata_cpu-<isa>-<hash of sources, header, flags>.so -lm
  *
  * ISA variants (build.py picks the best one the CPU has at run time; NEKOMATA_CPU_ISA forces one):
  * "avx2" (the flags above), "avx512" (+ -mavx512f -mavx512bw -mavx512dq -mavx512vl: 512-bit row kernels
- * for fp32, int8 and int4 weights) and "avx512bf16" (+ -mavx512bf16: bf16 weights through vdpbf16ps).
- * The code for each lives under #ifdef __AVX512F__ / __AVX512BF16__; every variant keeps the numerics
- * below (only the order of the fp32 sums differs between variants, never between thread counts).
+ * for fp32 weights), "avx512vnni" (+ -mavx512vnni: int8 and int4 weights through vpdpbusd, q8.c) and
+ * "avx512bf16" (+ -mavx512bf16: bf16 weights through vdpbf16ps). The code for each lives under
+ * #ifdef __AVX512F__ / __AVX512VNNI__ / __AVX512BF16__. int8 and int4 results are bit-identical in every
+ * variant (q8.c); bf16 and fp32 ones differ between variants only in the order of the fp32 sums, never
+ * between thread counts.
  *
  * Numerics, for every file: every float operation is an ordinary IEEE fp32 (or, where said, double)
  * operation, and -ffp-contract=off keeps `a * b + c` two roundings, as in PyTorch's elementwise ops;
@@ -38,7 +40,7 @@
 /* Bumped whenever an exported signature, struct layout or semantic changes: the Python loader refuses a
  * library whose version differs from the one it was written for (a stale build from an old cache).
  * = abi.ABI_VERSION */
-#define NK_ABI_VERSION 5
+#define NK_ABI_VERSION 6
 
 /* Dtype codes of activations, biases, scales and outputs (x, bias, scales and y may each be any of
  * these). = abi.DTYPE_CODES */
@@ -133,48 +135,40 @@ typedef struct {
     int64_t N, K;
 } gemv_args;
 
-/* The layouts of a prepared x (nk_load_x): natural order (int8, fp32 weights), split (bf16 weights:
- * every block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones), natural order
- * followed by the K / NK_INT4_GROUP group sums of x (int4 weights), or (bf16 weights, in a build with
- * AVX512-BF16) natural order followed by x as bf16 bits, two to a dword as vdpbf16ps takes them, and a
- * flag saying whether every element of x is a bf16 value (see nk_load_x). */
-/* X_INT4_BF16 (int4 weights, AVX512-BF16 builds): X_GROUP_SUMS, then x as bf16 arranged for the int4
- * kernel's vdpbf16ps, 64 values per pair of groups (A, B): A's first 16, B's first 16, A's last 16,
- * B's last 16; then the same flag. */
-enum { X_NATURAL = 0, X_SPLIT = 1, X_GROUP_SUMS = 2, X_BF16_PAIRS = 3, X_INT4_BF16 = 4 };
+/* The layouts of a prepared x (nk_load_x): natural order (fp32 weights), split (bf16 weights: every
+ * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones), or (bf16 weights, in a
+ * build with AVX512-BF16) natural order followed by x as bf16 bits, two to a dword as vdpbf16ps takes
+ * them, and a flag saying whether every element of x is a bf16 value (see nk_load_x). int8 and int4
+ * weights take x quantized to int8 (X_Q8_INT8, X_Q8_INT4: see q8.c), in every build. */
+enum { X_NATURAL = 0, X_SPLIT = 1, X_BF16_PAIRS = 3, X_Q8_INT8 = 5, X_Q8_INT4 = 6 };
 
 static inline int nk_x_layout(int kind) {
-#ifdef __AVX512BF16__
-    if (kind == KIND_BF16) return X_BF16_PAIRS;
-    if (kind == KIND_INT4) return X_INT4_BF16;
-#endif
-    return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
-}
-
-/* The layout of the batched rows (nk_gemv_rows_batch): their kernels are the AVX2 ones in every build,
- * except bf16 weights in the avx512bf16 build (vdpbf16ps, as its batch-1 kernel). */
-static inline int nk_x_layout_batch(int kind) {
+    if (kind == KIND_INT8) return X_Q8_INT8;
+    if (kind == KIND_INT4) return X_Q8_INT4;
 #ifdef __AVX512BF16__
     if (kind == KIND_BF16) return X_BF16_PAIRS;
 #endif
-    return kind == KIND_BF16 ? X_SPLIT : kind == KIND_INT4 ? X_GROUP_SUMS : X_NATURAL;
+    return kind == KIND_BF16 ? X_SPLIT : X_NATURAL;
 }
 
-/* X_BF16_PAIRS and X_INT4_BF16: where (in floats from the start) the bf16 copy of x and the flag are. */
-static inline int64_t nk_x_bf16_at(int64_t K, int layout) {
-    int64_t before = layout == X_INT4_BF16 ? K + K / NK_INT4_GROUP : K;
-    return (before + 15) & ~(int64_t)15;
-}
-static inline int64_t nk_x_flag_at(int64_t K, int layout) {
-    return nk_x_bf16_at(K, layout) + (((K + 1) / 2 + 15) & ~(int64_t)15);
-}
+/* X_BF16_PAIRS: where (in floats from the start) the bf16 copy of x and the flag are. */
+static inline int64_t nk_x_bf16_at(int64_t K) { return (K + 15) & ~(int64_t)15; }
+static inline int64_t nk_x_flag_at(int64_t K) { return nk_x_bf16_at(K) + (((K + 1) / 2 + 15) & ~(int64_t)15); }
+
+/* X_Q8_INT8: the bytes of qx (K rounded up to whole 64-byte loads). X_Q8_INT4: the groups of x rounded
+ * up to whole 64-byte loads of int4 weights (4 groups). */
+static inline int64_t nk_q8_int8_padded(int64_t K) { return (K + 63) & ~(int64_t)63; }
+static inline int64_t nk_q8_int4_groups(int64_t K) { return ((K / NK_INT4_GROUP) + 3) & ~(int64_t)3; }
 
 /* The floats a prepared x of K elements takes in `layout`. */
 static inline int64_t nk_x_floats(int64_t K, int layout) {
-    if (layout == X_BF16_PAIRS || layout == X_INT4_BF16) return nk_x_flag_at(K, layout) + 16;
-    return layout == X_GROUP_SUMS ? K + K / NK_INT4_GROUP : K;
+    switch (layout) {
+        case X_BF16_PAIRS: return nk_x_flag_at(K) + 16;
+        case X_Q8_INT8: return nk_q8_int8_padded(K) / 2;                   /* qx, then dx per 4 lanes */
+        case X_Q8_INT4: return nk_q8_int4_groups(K) * (NK_INT4_GROUP / 4 + 2); /* qx, dx, group sums */
+        default: return K;
+    }
 }
-
 
 /* x (K elements of x_dtype) converted to fp32 into dst in `layout` (X_*); dst holds nk_x_floats(K,
  * layout) floats, 64-byte aligned (the AVX-512 kernels load it in aligned 64-byte vectors). */
@@ -184,6 +178,14 @@ NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, in
  * rows below): nk_x_floats rounded up to 16, so that every one starts 64-byte aligned. */
 static inline int64_t nk_x_stride(int64_t K, int layout) { return (nk_x_floats(K, layout) + 15) & ~(int64_t)15; }
 
+/* The largest nk_x_stride of any layout (a buffer that holds a prepared x whatever the weight kind). */
+static inline int64_t nk_x_stride_max(int64_t K) {
+    const int layouts[] = {X_NATURAL, X_BF16_PAIRS, X_Q8_INT8, X_Q8_INT4};
+    int64_t most = 0;
+    for (int i = 0; i < 4; i++) most = nk_x_stride(K, layouts[i]) > most ? nk_x_stride(K, layouts[i]) : most;
+    return most;
+}
+
 /* The calling thread's activation buffer of at least K floats (64-byte aligned, grown as needed and
  * kept), or NULL when it cannot be allocated. */
 NK_INTERNAL float* nk_xbuf_get(int64_t K);
@@ -191,6 +193,18 @@ NK_INTERNAL float* nk_xbuf_get(int64_t K);
 /* Rows [begin, end) of the GEMV `a`, each row finished (scale, bias, one rounding to y_dtype). A row's
  * value does not depend on which range it falls in, so neither does it on the thread count or schedule. */
 NK_INTERNAL void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end);
+
+/* Output rows a batch-1 GEMV handles together (each x load serves them all; see gemv.c). */
+#define NK_ROWS 4
+
+/* q8.c: x quantized to int8 into dst in layout X_Q8_INT8 or X_Q8_INT4 (nk_load_x calls it); the dot
+ * products of rows n[0 .. nrows) (nrows = NK_ROWS or 1) of an int8 or int4 GEMV with a->xp; and of
+ * row n with nb (1..NK_BATCH_TILE) vectors at xp, xs floats apart (the first pass over a row prefetches).
+ * Without the int8 row scale (finish_row applies it) and without the bias. */
+NK_INTERNAL void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout);
+NK_INTERNAL void nk_q8_rows(const gemv_args* a, const int64_t n[NK_ROWS], float* acc, int nrows);
+NK_INTERNAL void nk_q8_row_batch(const gemv_args* a, int64_t n, const float* xp, int64_t xs, float* out, int nb,
+                                 int prefetch);
 
 /* The vectors a batched weight row is multiplied into per pass (gemv.c's nk_gemv_rows_batch dispatches
  * on 1..4; its accumulators, two per vector, and the converted weights fill the 16 AVX2 registers). */

@@ -8,6 +8,9 @@
  * bytes(W) / DRAM bandwidth as long as the arithmetic keeps up: the kernels below are built so that
  * converting and multiplying a 32-byte load costs fewer cycles than DRAM needs to deliver it.
  *
+ * The int8 and int4 weights' row kernels live in q8.c (they multiply an int8-quantized x); this file
+ * has the bf16 and fp32 ones, the drivers and the exported entry points.
+ *
  * Accumulation is in fp32 (fused multiply-add); the summation order differs from PyTorch's but every
  * product and partial sum is an ordinary IEEE fp32 operation, so NaN and inf propagate as usual.
  * Results are rounded once to the requested output dtype (round-to-nearest-even, like torch's casts)
@@ -24,7 +27,7 @@
 /* Output rows handled together: each x vector load serves ROWS rows, which cuts the L1 load traffic per
  * weight, and 4 rows x 2 accumulators = 8 independent FMA chains, enough to cover the FMA latency.
  * hsum8x4 assumes 4. */
-#define ROWS 4
+#define ROWS NK_ROWS
 
 /* Software prefetch distance in bytes, per stream. Each thread reads ROWS streams; the hardware
  * prefetchers alone leave too few misses in flight, and a prefetch 1 KB ahead streams markedly faster
@@ -58,7 +61,8 @@ static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
  * that x must be split the same way, once per call: block j of 16 stores x[16j+0,2,..,14] then
  * x[16j+1,3,..,15].
  *
- * int8 keeps the natural order (see I8_LANE). Either way x is converted to fp32 here, once per call.
+ * fp32 weights keep the natural order. Either way x is converted to fp32 here, once per call (int8 and
+ * int4 weights take it quantized instead: nk_q8_load_x).
  *
  * The elements after the last full block (the tail) stay in place and are handled by scalar code.
  * The buffer is thread-local and grows as needed, so steady-state calls allocate nothing; thread-local
@@ -102,6 +106,10 @@ static inline void load16(const void* x, int x_dtype, int64_t i, __m256* c0, __m
  * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones); the tail after the last
  * block of 16 stays in natural order. Vectorised, as it runs serially on every call. */
 void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
+    if (layout == X_Q8_INT8 || layout == X_Q8_INT4) {
+        nk_q8_load_x(dst, x, x_dtype, K, layout);
+        return;
+    }
     const int split = layout == X_SPLIT;
     int64_t full = K - K % 16;
     for (int64_t j = 0; j < full; j += 16) {
@@ -124,7 +132,7 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
         /* x again as bf16 bits, and whether that copy is exact: vdpbf16ps multiplies bf16 by bf16, which
          * equals the fp32 product only if x holds bf16 values (it does in bf16 models, whose activations
          * PyTorch rounds to bf16). An fp32 x that is not sends the kernel to the fp32 path instead. */
-        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
+        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K));
         __mmask16 inexact = 0;
         int64_t k = 0;
         for (; k + 16 <= K; k += 16) {
@@ -140,33 +148,9 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
             xb[k] = (uint16_t)(u >> 16);
         }
         if (K & 1) xb[K] = 0; /* the odd element's pair partner (never multiplied: tails are scalar) */
-        dst[nk_x_flag_at(K, layout)] = (inexact || tail_inexact) ? 0.0f : 1.0f;
-    }
-    if (layout == X_INT4_BF16) {
-        /* K is a multiple of NK_INT4_GROUP, so of 16: whole vectors only. Pairs of groups (see common.h);
-         * an odd last group is left out (the kernel does it in fp32). */
-        uint16_t* xb = (uint16_t*)(dst + nk_x_bf16_at(K, layout));
-        __mmask16 inexact = 0;
-        for (int64_t k = 0; k < K; k += 16)
-            inexact |= _mm512_test_epi32_mask(_mm512_castps_si512(_mm512_load_ps(dst + k)), _mm512_set1_epi32(0xffff));
-        for (int64_t p = 0; p + 1 < K / NK_INT4_GROUP; p += 2) {
-            const float* a = dst + p * NK_INT4_GROUP;
-            const float* b = a + NK_INT4_GROUP;
-            const float* parts[4] = {a, b, a + 16, b + 16};
-            for (int i = 0; i < 4; i++)
-                _mm256_storeu_si256((__m256i*)(xb + p * NK_INT4_GROUP + 16 * i),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(parts[i])));
-        }
-        dst[nk_x_flag_at(K, layout)] = inexact ? 0.0f : 1.0f;
+        dst[nk_x_flag_at(K)] = (inexact || tail_inexact) ? 0.0f : 1.0f;
     }
 #endif
-    if (layout == X_GROUP_SUMS || layout == X_INT4_BF16) /* K is a multiple of NK_INT4_GROUP (checked by the callers) */
-        for (int64_t g = 0; g < K / NK_INT4_GROUP; g++) {
-            const float* p = dst + g * NK_INT4_GROUP;
-            __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_load_ps(p), _mm256_load_ps(p + 8)),
-                                     _mm256_add_ps(_mm256_load_ps(p + 16), _mm256_load_ps(p + 24)));
-            dst[K + g] = hsum8(s);
-        }
 }
 
 static int team_size(int64_t N, int64_t K, int nthreads) {
@@ -228,48 +212,6 @@ static inline float bf16_row(const uint16_t* w, int64_t K, const float* xp) {
     return s;
 }
 
-/* 8 int8 weights at w + k + 8 * b, sign-extended (vpmovsxbd straight from memory) and converted to fp32.
- * Isolating the bytes of a 32-byte load with shifts instead (as bf16 does) needs 7 shifts per 32
- * weights against 4 extensions and measured slower, so x keeps its natural order for int8. */
-#define I8_LANE(w, k, b) \
-    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((w) + (k) + 8 * (b)))))
-
-static inline void int8_rows(const int8_t* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
-    __m256 a0[ROWS], a1[ROWS];
-    for (int r = 0; r < ROWS; r++) a0[r] = a1[r] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-        __m256 x0 = _mm256_load_ps(xp + k), x1 = _mm256_load_ps(xp + k + 8);
-        __m256 x2 = _mm256_load_ps(xp + k + 16), x3 = _mm256_load_ps(xp + k + 24);
-        for (int r = 0; r < ROWS; r++) {
-            /* one prefetch per 64-byte line: every other iteration (k is a multiple of 32) */
-            if (PF && (k & 32) == 0) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
-            a0[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 0), x0, a0[r]);
-            a1[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 1), x1, a1[r]);
-            a0[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 2), x2, a0[r]);
-            a1[r] = _mm256_fmadd_ps(I8_LANE(w[r], k, 3), x3, a1[r]);
-        }
-    }
-    _mm_storeu_ps(out, hsum8x4(_mm256_add_ps(a0[0], a1[0]), _mm256_add_ps(a0[1], a1[1]),
-                               _mm256_add_ps(a0[2], a1[2]), _mm256_add_ps(a0[3], a1[3])));
-    for (; k < K; k++)
-        for (int r = 0; r < ROWS; r++) out[r] = fmaf((float)w[r][k], xp[k], out[r]);
-}
-
-static inline float int8_row(const int8_t* w, int64_t K, const float* xp) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t full = K - K % 32;
-    for (int64_t k = 0; k < full; k += 32) {
-        a0 = _mm256_fmadd_ps(I8_LANE(w, k, 0), _mm256_load_ps(xp + k), a0);
-        a1 = _mm256_fmadd_ps(I8_LANE(w, k, 1), _mm256_load_ps(xp + k + 8), a1);
-        a0 = _mm256_fmadd_ps(I8_LANE(w, k, 2), _mm256_load_ps(xp + k + 16), a0);
-        a1 = _mm256_fmadd_ps(I8_LANE(w, k, 3), _mm256_load_ps(xp + k + 24), a1);
-    }
-    float s = hsum8(_mm256_add_ps(a0, a1));
-    for (int64_t k = full; k < K; k++) s = fmaf((float)w[k], xp[k], s);
-    return s;
-}
-
 /* fp32 weights (used by the fused step of step.c for fp32 models): x in natural order. */
 static inline void f32_rows(const float* const w[ROWS], int64_t K, const float* xp, float out[ROWS]) {
     __m256 a0[ROWS], a1[ROWS];
@@ -299,81 +241,6 @@ static inline float f32_row(const float* w, int64_t K, const float* xp) {
     float s = hsum8(_mm256_add_ps(a0, a1));
     for (int64_t k = full; k < K; k++) s = fmaf(w[k], xp[k], s);
     return s;
-}
-
-/* int4: per group of 32 inputs, 16 bytes; byte j holds code j (low nibble) and code j + 16 (high).
- * vpmovzxbd widens 8 bytes straight from memory to 8 dwords; `& 15` then gives codes j..j+7 and `>> 4`
- * codes j+16..j+23, both in x's natural order, so x needs no shuffle. A group's dot product with the
- * codes is scaled once (one FMA into the row's accumulator); the mins multiply the group sums of x
- * that nk_load_x appended after x: y = sum_g scale_g * (codes_g . x_g) + sum_g min_g * sum(x_g).
- *
- * The `nrows` rows are interleaved (so each x load serves all of them and the FMA chains overlap), but
- * every row goes through exactly the same operations in the same order whatever nrows is, so a row's
- * value does not depend on which kernel (4 rows or 1) computes it. */
-#define I4_LANE(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p)))
-
-/* 8 consecutive scales or mins from index i, as fp32 (bf16, fp16 or fp32). */
-static inline __m256 load8(const void* p, int dtype, int64_t i) {
-    switch (dtype) {
-        case DT_BF16:
-            return _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
-        case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-        default: return _mm256_loadu_ps((const float*)p + i);
-    }
-}
-
-/* The mins' part of int4 rows: sum_g min_g * sum(x_g), from the group sums after x. */
-static inline float int4_offset(const void* mn, int sdt, int64_t groups, const float* xsum) {
-    __m256 m = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) m = _mm256_fmadd_ps(load8(mn, sdt, g), _mm256_loadu_ps(xsum + g), m);
-    float offset = hsum8(m);
-    for (; g < groups; g++) offset = fmaf(load_scalar(mn, sdt, g), xsum[g], offset);
-    return offset;
-}
-
-/* The scales of one row's groups [from, from + NK_SCALE_BLOCK) (fewer at the row's end) as fp32 into
- * dst: the inner loops then broadcast each from memory, where converting a bf16 scale at every group
- * cost a third of the int4 kernel's instructions. Blocks keep dst on the stack (2 KB for ROWS rows). */
-#define NK_SCALE_BLOCK 128
-
-static inline void scales_to_f32(const void* p, int dtype, int64_t from, int64_t groups, float* dst) {
-    int64_t n = groups - from < NK_SCALE_BLOCK ? groups - from : NK_SCALE_BLOCK, i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(p, dtype, from + i));
-    for (; i < n; i++) dst[i] = load_scalar(p, dtype, from + i);
-}
-
-static inline __attribute__((always_inline)) void int4_rows_n(const uint8_t* const w[ROWS],
-                                                              const void* const sc[ROWS],
-                                                              const void* const mn[ROWS], int sdt,
-                                                              int64_t K, const float* xp, float* out,
-                                                              const int nrows) {
-    const __m256i low = _mm256_set1_epi32(15);
-    const int64_t groups = K / NK_INT4_GROUP;
-    const float* xsum = xp + K;
-    __m256 acc[ROWS];
-    float sf[ROWS][NK_SCALE_BLOCK];
-    for (int r = 0; r < nrows; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        if (g % NK_SCALE_BLOCK == 0)
-            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
-        const float* x = xp + g * NK_INT4_GROUP;
-        __m256 x0 = _mm256_load_ps(x), x1 = _mm256_load_ps(x + 8);
-        __m256 x2 = _mm256_load_ps(x + 16), x3 = _mm256_load_ps(x + 24);
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
-            /* one prefetch per 64-byte line: every fourth group */
-            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
-            __m256i v0 = I4_LANE(b), v1 = I4_LANE(b + 8);
-            __m256 d0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), x0);
-            __m256 d1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), x1);
-            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x2, d0);
-            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, d1);
-            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
-        }
-    }
-    for (int r = 0; r < nrows; r++) out[r] = hsum8(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
 }
 
 #ifdef __AVX512F__
@@ -412,66 +279,6 @@ ZROWS_KERNEL void f32_rows_z(const float* const w[ROWS], int64_t K, const float*
     }
 }
 
-/* int8 weights, x natural: 16 weights sign-extended straight from memory (vpmovsxbd) per FMA. */
-#define I8_LANE_Z(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
-
-ZROWS_KERNEL void int8_rows_z(const int8_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
-    __m512 a0[ROWS], a1[ROWS];
-    for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) { /* one 64-byte line per row and iteration */
-        __m512 x0 = _mm512_load_ps(xp + k), x1 = _mm512_load_ps(xp + k + 16);
-        __m512 x2 = _mm512_load_ps(xp + k + 32), x3 = _mm512_load_ps(xp + k + 48);
-        for (int r = 0; r < nrows; r++) {
-            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
-            a0[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k), x0, a0[r]);
-            a1[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 16), x1, a1[r]);
-            a0[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 32), x2, a0[r]);
-            a1[r] = _mm512_fmadd_ps(I8_LANE_Z(w[r] + k + 48), x3, a1[r]);
-        }
-    }
-    for (int r = 0; r < nrows; r++) {
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-        for (int64_t j = k; j < K; j++) s = fmaf((float)w[r][j], xp[j], s);
-        out[r] = s;
-    }
-}
-
-/* int4 weights, x with its group sums (X_GROUP_SUMS), the same formula as int4_rows_n:
- * y = sum_g scale_g * (codes_g . x_g) + sum_g min_g * sum(x_g). A group's 16 bytes widen to 16 dwords
- * (vpmovzxbd); vpermps with the table 0.0 .. 15.0 then turns each dword's low nibble into its code as a
- * float in one instruction (it reads only the low 4 bits of each index: no mask, no conversion), and a
- * shift by 4 exposes the high nibbles. The per-group scales are converted a block at a time (as in
- * int4_rows_n) and broadcast from memory. */
-/* codes . x of one group (16 bytes at b; x0, x1 its 32 elements of x), as 16 fp32 partial sums. */
-static inline __m512 int4_group_z(const uint8_t* b, __m512 x0, __m512 x1, __m512 codes) {
-    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b));
-    __m512 lo = _mm512_permutexvar_ps(v, codes);                       /* codes j */
-    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), codes); /* codes j + 16 */
-    return _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
-}
-
-ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
-                              int sdt, int64_t K, const float* xp, float* out, const int nrows) {
-    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t groups = K / NK_INT4_GROUP;
-    const float* xsum = xp + K;
-    __m512 acc[ROWS];
-    float sf[ROWS][NK_SCALE_BLOCK];
-    for (int r = 0; r < nrows; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        if (g % NK_SCALE_BLOCK == 0)
-            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
-        const float* x = xp + g * NK_INT4_GROUP;
-        __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
-            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
-            acc[r] = _mm512_fmadd_ps(int4_group_z(b, x0, x1, codes), _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
-        }
-    }
-    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
-}
 #endif /* __AVX512F__ */
 
 #ifdef __AVX512BF16__
@@ -480,7 +287,7 @@ ZROWS_KERNEL void int4_rows_z(const uint8_t* const w[ROWS], const void* const sc
  * products are exact (bf16 x bf16 fits fp32's 24-bit significand); the instruction rounds to nearest
  * even and treats subnormal inputs and results as zero (a bf16 subnormal is below 1.2e-38). */
 ZROWS_KERNEL void bf16_rows_dp(const uint16_t* const w[ROWS], int64_t K, const float* xp, float* out, const int nrows) {
-    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_BF16_PAIRS));
+    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K));
     __m512 a0[ROWS], a1[ROWS];
     for (int r = 0; r < nrows; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -527,54 +334,6 @@ ZROWS_KERNEL void bf16_rows_f32(const uint16_t* const w[ROWS], int64_t K, const 
         out[r] = s;
     }
 }
-/* int4 weights with x as bf16 (X_INT4_BF16, exact copy): two groups at a time. Their 32 bytes widen to
- * 32 words (vpmovzxbw); vpermw with a table of the bf16 values of 0 .. 15 (twice: it reads the low 5
- * bits of each index) turns the low nibbles into codes as bf16 in one instruction, and a shift by 4 the
- * high ones; two vdpbf16ps then give group A's partial sums in lanes 0-7 and B's in lanes 8-15, which
- * take their scales in one FMA. The codes are small integers, exact in bf16, so the products are exact
- * as in the fp32 kernel; an odd last group goes through int4_group_z. */
-ZROWS_KERNEL void int4_rows_dp(const uint8_t* const w[ROWS], const void* const sc[ROWS], const void* const mn[ROWS],
-                               int sdt, int64_t K, const float* xp, float* out, const int nrows) {
-    const __m512i lut = _mm512_set_epi16(0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0,
-                                         0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000, 0x4170, 0x4160,
-                                         0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0,
-                                         0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
-    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t groups = K / NK_INT4_GROUP;
-    const float* xsum = xp + K;
-    const uint16_t* xb = (const uint16_t*)(xp + nk_x_bf16_at(K, X_INT4_BF16));
-    __m512 acc[ROWS];
-    float sf[ROWS][NK_SCALE_BLOCK];
-    for (int r = 0; r < nrows; r++) acc[r] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) { /* NK_SCALE_BLOCK is even: a pair never straddles two blocks */
-        if (g % NK_SCALE_BLOCK == 0)
-            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
-        __m512bh xlo = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP);
-        __m512bh xhi = (__m512bh)_mm512_loadu_si512(xb + g * NK_INT4_GROUP + 32);
-        for (int r = 0; r < nrows; r++) {
-            const uint8_t* b = w[r] + g * (NK_INT4_GROUP / 2);
-            if (PF && (g & 3) == 0) _mm_prefetch((const char*)b + PF, _MM_HINT_T0);
-            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)b));
-            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(v, lut);
-            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
-            __m512 d = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), lo, xlo), hi, xhi);
-            const float* s = sf[r] + g % NK_SCALE_BLOCK;
-            __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1);
-            acc[r] = _mm512_fmadd_ps(d, scale, acc[r]);
-        }
-    }
-    if (g < groups) { /* the odd last group */
-        if (g % NK_SCALE_BLOCK == 0)
-            for (int r = 0; r < nrows; r++) scales_to_f32(sc[r], sdt, g, groups, sf[r]);
-        const float* x = xp + g * NK_INT4_GROUP;
-        __m512 x0 = _mm512_load_ps(x), x1 = _mm512_load_ps(x + 16);
-        for (int r = 0; r < nrows; r++)
-            acc[r] = _mm512_fmadd_ps(int4_group_z(w[r] + g * (NK_INT4_GROUP / 2), x0, x1, codes),
-                                     _mm512_set1_ps(sf[r][g % NK_SCALE_BLOCK]), acc[r]);
-    }
-    for (int r = 0; r < nrows; r++) out[r] = _mm512_reduce_add_ps(acc[r]) + int4_offset(mn[r], sdt, groups, xsum);
-}
 #endif /* __AVX512BF16__ */
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -598,32 +357,13 @@ static inline __attribute__((always_inline)) void rows_kernel(const gemv_args* a
                                                               const int nrows) {
     const int64_t K = a->K;
     switch (a->kind) {
-        case KIND_INT4: {
-            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
-            const uint8_t* w[ROWS];
-            const void *sc[ROWS], *mn[ROWS];
-            for (int r = 0; r < nrows; r++) {
-                w[r] = (const uint8_t*)a->W + n[r] * (K / 2);
-                sc[r] = (const char*)a->scales + n[r] * groups * ssize;
-                mn[r] = (const char*)a->mins + n[r] * groups * ssize;
-            }
-#if defined(__AVX512BF16__)
-            if (a->xp[nk_x_flag_at(K, X_INT4_BF16)] != 0.0f)
-                int4_rows_dp(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
-            else
-                int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
-#elif defined(__AVX512F__)
-            int4_rows_z(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
-#else
-            int4_rows_n(w, sc, mn, a->scales_dtype, K, a->xp, acc, nrows);
-#endif
-            return;
-        }
+        case KIND_INT4:
+        case KIND_INT8: nk_q8_rows(a, n, acc, nrows); return;
         case KIND_BF16: {
             const uint16_t* w[ROWS];
             for (int r = 0; r < nrows; r++) w[r] = (const uint16_t*)a->W + n[r] * K;
 #ifdef __AVX512BF16__
-            if (a->xp[nk_x_flag_at(K, X_BF16_PAIRS)] != 0.0f)
+            if (a->xp[nk_x_flag_at(K)] != 0.0f)
                 bf16_rows_dp(w, K, a->xp, acc, nrows);
             else
                 bf16_rows_f32(w, K, a->xp, acc, nrows);
@@ -648,19 +388,7 @@ static inline __attribute__((always_inline)) void rows_kernel(const gemv_args* a
 #endif
             return;
         }
-        default: {
-            const int8_t* w[ROWS];
-            for (int r = 0; r < nrows; r++) w[r] = (const int8_t*)a->W + n[r] * K;
-#ifdef __AVX512F__
-            int8_rows_z(w, K, a->xp, acc, nrows);
-#else
-            if (nrows == ROWS)
-                int8_rows(w, K, a->xp, acc);
-            else
-                acc[0] = int8_row(w[0], K, a->xp);
-#endif
-            return;
-        }
+        default: return; /* no other kinds reach here (the exported GEMVs set the kind) */
     }
 }
 
@@ -700,12 +428,13 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
  * row (at most a few tens of KB) is then still in L1/L2, so DRAM is read once per step either way.
  *
  * Every (weight row, vector) sum is the same sequence of IEEE operations, in the same order, as the
- * one-row kernel of the same weight kind above (bf16_row, int8_row, f32_row, int4_rows_n with nrows 1,
- * which the 4-row kernels equal): chunk by chunk into the same accumulators, the same horizontal sum,
+ * one-row kernel of the same weight kind above (bf16_row, f32_row, which the 4-row kernels equal; int8
+ * and int4: the same q8.c kernel serves both): chunk by chunk into the same accumulators, the same horizontal sum,
  * the same scalar tail, the same finish_row. So a vector's result is bit-identical to the avx2 build's
  * batch-1 GEMV of that vector alone, and does not depend on the batch size, the tile it falls in or the
- * thread count. (These kernels are AVX2 in every build, with the AVX2 layouts of x, nk_x_layout_batch;
- * the AVX-512 builds' batch-1 kernels sum in another order, so there the two agree to fp32 rounding.)
+ * thread count. (The bf16 and fp32 ones are AVX2 in every build, except bf16 in avx512bf16;
+ * the AVX-512 builds' other batch-1 kernels sum in another order, so there the two agree to fp32
+ * rounding. int8 and int4 are bit-identical to batch 1 in every build.)
  */
 
 /* Software prefetch distance of the batched rows, in bytes. They read ONE stream per thread (the batch-1
@@ -742,32 +471,6 @@ static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t*
     }
 }
 
-/* int8 weights, x in natural order. */
-static inline __attribute__((always_inline)) void int8_row_batch(const int8_t* w, int64_t K, const float* xp,
-                                                                 int64_t xs, float* out, const int nb,
-                                                                 const int prefetch) {
-    __m256 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
-    for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
-    const int64_t full = K - K % 32;
-    for (int64_t k = 0; k < full; k += 32) {
-        if (PF_BATCH && prefetch && (k & 32) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
-        __m256 w0 = I8_LANE(w, k, 0), w1 = I8_LANE(w, k, 1), w2 = I8_LANE(w, k, 2), w3 = I8_LANE(w, k, 3);
-        for (int b = 0; b < nb; b++) {
-            const float* x = xp + b * xs + k;
-            a0[b] = _mm256_fmadd_ps(w0, _mm256_load_ps(x), a0[b]);
-            a1[b] = _mm256_fmadd_ps(w1, _mm256_load_ps(x + 8), a1[b]);
-            a0[b] = _mm256_fmadd_ps(w2, _mm256_load_ps(x + 16), a0[b]);
-            a1[b] = _mm256_fmadd_ps(w3, _mm256_load_ps(x + 24), a1[b]);
-        }
-    }
-    for (int b = 0; b < nb; b++) {
-        const float* x = xp + b * xs;
-        float s = hsum8(_mm256_add_ps(a0[b], a1[b]));
-        for (int64_t k = full; k < K; k++) s = fmaf((float)w[k], x[k], s);
-        out[b] = s;
-    }
-}
-
 /* fp32 weights, x in natural order. */
 static inline __attribute__((always_inline)) void f32_row_batch(const float* w, int64_t K, const float* xp,
                                                                 int64_t xs, float* out, const int nb,
@@ -791,35 +494,6 @@ static inline __attribute__((always_inline)) void f32_row_batch(const float* w, 
     }
 }
 
-/* int4 weights, x in natural order followed by its group sums (X_GROUP_SUMS). */
-static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* w, const void* sc, const void* mn,
-                                                                 int sdt, int64_t K, const float* xp, int64_t xs,
-                                                                 float* out, const int nb, const int prefetch) {
-    const __m256i low = _mm256_set1_epi32(15);
-    const int64_t groups = K / NK_INT4_GROUP;
-    __m256 acc[NK_BATCH_TILE];
-    for (int b = 0; b < nb; b++) acc[b] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t* p = w + g * (NK_INT4_GROUP / 2);
-        if (PF_BATCH && prefetch && (g & 3) == 0) _mm_prefetch((const char*)p + PF_BATCH, _MM_HINT_T0);
-        __m256i v0 = I4_LANE(p), v1 = I4_LANE(p + 8);
-        __m256 lo0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, low));
-        __m256 lo1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, low));
-        __m256 hi0 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
-        __m256 hi1 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
-        __m256 scale = _mm256_set1_ps(load_scalar(sc, sdt, g));
-        for (int b = 0; b < nb; b++) {
-            const float* x = xp + b * xs + g * NK_INT4_GROUP;
-            __m256 d0 = _mm256_mul_ps(lo0, _mm256_load_ps(x));
-            __m256 d1 = _mm256_mul_ps(lo1, _mm256_load_ps(x + 8));
-            d0 = _mm256_fmadd_ps(hi0, _mm256_load_ps(x + 16), d0);
-            d1 = _mm256_fmadd_ps(hi1, _mm256_load_ps(x + 24), d1);
-            acc[b] = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), scale, acc[b]);
-        }
-    }
-    for (int b = 0; b < nb; b++) out[b] = hsum8(acc[b]) + int4_offset(mn, sdt, groups, xp + b * xs + K);
-}
-
 #ifdef __AVX512BF16__
 /* bf16 weights against nb vectors prepared as X_BF16_PAIRS with exact bf16 copies (the avx512bf16 build):
  * each 64-byte chunk of the weight row is loaded once and goes through vdpbf16ps with every vector, in
@@ -827,7 +501,7 @@ static inline __attribute__((always_inline)) void int4_row_batch(const uint8_t* 
 static inline __attribute__((always_inline)) void bf16_row_batch_dp(const uint16_t* w, int64_t K, const float* xp,
                                                                     int64_t xs, float* out, const int nb,
                                                                     const int prefetch) {
-    const int64_t at = nk_x_bf16_at(K, X_BF16_PAIRS);
+    const int64_t at = nk_x_bf16_at(K);
     __m512 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
     for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -870,16 +544,12 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
                                                             const int prefetch) {
     const int64_t K = a->K;
     switch (a->kind) {
-        case KIND_INT4: {
-            const int64_t groups = K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
-            int4_row_batch((const uint8_t*)a->W + n * (K / 2), (const char*)a->scales + n * groups * ssize,
-                           (const char*)a->mins + n * groups * ssize, a->scales_dtype, K, xp, xs, out, nb, prefetch);
-            break;
-        }
+        case KIND_INT4:
+        case KIND_INT8: nk_q8_row_batch(a, n, xp, xs, out, nb, prefetch); break;
         case KIND_BF16: {
 #ifdef __AVX512BF16__
             int exact = 1;
-            for (int b = 0; b < nb; b++) exact &= xp[b * xs + nk_x_flag_at(K, X_BF16_PAIRS)] != 0.0f;
+            for (int b = 0; b < nb; b++) exact &= xp[b * xs + nk_x_flag_at(K)] != 0.0f;
             if (exact)
                 bf16_row_batch_dp((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch);
             else
@@ -890,7 +560,6 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
             break;
         }
         case KIND_F32: f32_row_batch((const float*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
-        default: int8_row_batch((const int8_t*)a->W + n * K, K, xp, xs, out, nb, prefetch); break;
     }
 }
 
@@ -900,7 +569,7 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
 _Static_assert(NK_BATCH_TILE == 4, "nk_gemv_rows_batch dispatches on 1..4 vectors per pass");
 
 void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end) {
-    const int64_t xs = nk_x_stride(a->K, nk_x_layout_batch(a->kind));
+    const int64_t xs = nk_x_stride(a->K, nk_x_layout(a->kind));
     const size_t ysize = a->y_dtype == DT_F32 ? 4 : 2;
     float acc[NK_BATCH_TILE];
     gemv_args row = *a; /* row.y is moved to each vector's output row */
@@ -923,41 +592,56 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
     }
 }
 
-static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads) {
-    if (a->N <= 0) return 0;
+/* The GEMVs of M rows of x ([M, K] of x_dtype, row-major) into y [M, N]: one row through the batch-1 rows,
+ * more through the batched rows (each weight row read once for all of them), the output rows split over
+ * the threads either way. */
+static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads, int64_t M) {
+    if (a->N <= 0 || M <= 0) return 0;
     const int layout = nk_x_layout(a->kind);
-    float* xp = nk_xbuf_get(a->K > 0 ? nk_x_floats(a->K, layout) : 1);
+    const int64_t xs = nk_x_stride(a->K, layout);
+    float* xp = nk_xbuf_get(a->K > 0 ? M * xs : 1);
     if (!xp) return -1;
-    nk_load_x(xp, x, x_dtype, a->K, layout);
+    const size_t row = (size_t)a->K * (x_dtype == DT_F32 ? 4 : 2);
+    for (int64_t m = 0; m < M; m++) nk_load_x(xp + m * xs, (const char*)x + m * row, x_dtype, a->K, layout);
     a->xp = xp;
-    int team = team_size(a->N, a->K, nthreads);
+    int team = team_size(a->N, a->K * M, nthreads);
     if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
-        nk_gemv_rows(a, 0, a->N);
+        if (M == 1)
+            nk_gemv_rows(a, 0, a->N);
+        else
+            nk_gemv_rows_batch(a, M, 0, a->N);
         return 0;
     }
     /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
      * and threads share no cache line of W and only the boundary line of y. */
 #pragma omp parallel for schedule(static) num_threads(team)
-    for (int t = 0; t < team; t++) nk_gemv_rows(a, a->N * t / team, a->N * (t + 1) / team);
+    for (int t = 0; t < team; t++) {
+        if (M == 1)
+            nk_gemv_rows(a, a->N * t / team, a->N * (t + 1) / team);
+        else
+            nk_gemv_rows_batch(a, M, a->N * t / team, a->N * (t + 1) / team);
+    }
     return 0;
 }
 
 /* `flags` packs the dtype codes and the thread count (FLAG_* in common.h). */
 
-/* y[n] = sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
+/* Each exported GEMV takes M rows of x ([M, K]) and writes y [M, N].
+ *
+ * y[n] = sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
 NK_EXPORT int nekomata_gemv_bf16(const uint16_t* W, const void* x, const void* bias, void* y, int64_t N,
-                                 int64_t K, int flags) {
+                                 int64_t K, int64_t M, int flags) {
     gemv_args a = {KIND_BF16, W, NULL, NULL, NULL, DT_F32, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
-    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags), M);
 }
 
 /* y[n] = scales[n] * sum_k W[n,k] x[k] + bias[n] (bias may be NULL), rounded once to the y dtype.
  * Returns 0, or -1 if the activation buffer cannot be allocated. */
 NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void* x, const void* bias, void* y,
-                                 int64_t N, int64_t K, int flags) {
+                                 int64_t N, int64_t K, int64_t M, int flags) {
     gemv_args a = {KIND_INT8, W, NULL, scales, NULL, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
-    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags), M);
 }
 
 /* y[n] = sum_g scales[n,g] * sum_j code[n, g*G+j] x[g*G+j] + sum_g mins[n,g] * sum_j x[g*G+j] + bias[n]
@@ -965,10 +649,10 @@ NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void
  * [N, K/2] (see NK_INT4_GROUP), scales and mins [N, K/G] of the scales dtype.
  * Returns 0, -1 if the activation buffer cannot be allocated, -3 if K is not a multiple of G. */
 NK_EXPORT int nekomata_gemv_int4(const uint8_t* W, const void* scales, const void* mins, const void* x,
-                                 const void* bias, void* y, int64_t N, int64_t K, int flags) {
+                                 const void* bias, void* y, int64_t N, int64_t K, int64_t M, int flags) {
     if (K % NK_INT4_GROUP) return -3;
     gemv_args a = {KIND_INT4, W, NULL, scales, mins, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
-    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags));
+    return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags), M);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -1033,10 +717,10 @@ NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, con
 
 NK_EXPORT void gemv_bf16(const uint16_t* W, const float* x, const float* bias, float* y, int64_t N, int64_t K,
                          int nthreads) {
-    nekomata_gemv_bf16(W, x, bias, y, N, K, nthreads << 16);
+    nekomata_gemv_bf16(W, x, bias, y, N, K, 1, nthreads << 16);
 }
 
 NK_EXPORT void gemv_int8(const int8_t* W, const float* scales, const float* x, const float* bias, float* y,
                          int64_t N, int64_t K, int nthreads) {
-    nekomata_gemv_int8(W, scales, x, bias, y, N, K, nthreads << 16);
+    nekomata_gemv_int8(W, scales, x, bias, y, N, K, 1, nthreads << 16);
 }

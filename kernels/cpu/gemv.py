@@ -13,8 +13,12 @@ that on AVX2 machines without bf16 instructions (bf16 ``F.linear`` for one row i
   `nekomata_core.quantize.Int4Linear` (uint8 [N, K/2], two codes a byte; scales and mins [N, K/32]);
 - `linear_bf16_op`, `linear_int8_op`, `linear_int4_op`: the same as torch custom ops, for compiled graphs.
 
-Both take exactly one row (``x.numel() == K``; the caller routes only M=1 here), accumulate in fp32 and
-round once to ``x.dtype`` after adding the bias (and applying the scale) in fp32.
+Each takes x [..., K] of M = x.numel() / K rows (M = 1: a batch-1 decode step; a few rows: a batched
+step, each weight row read once for all of them), accumulates in fp32 and rounds once to ``x.dtype``
+after adding the bias (and applying the scale) in fp32. The int8 and int4 linears quantize each row of
+x to int8 per block of 32 first (kernels/cpu/q8.c: x_i ~ dx * qx_i, dx = max|x| / 127 of the block) and
+sum the integer products exactly; bf16 multiplies x as given. A row's result does not depend on M, the
+thread count or the CPU's ISA variant (int8, int4) — only on the row.
 
 The library is built on first use (not at import) by `nekomata_core.kernels.cpu.build`, which also decides where it
 is cached and which cached library may be loaded. `available()` says whether that worked (x86-64 Linux,
@@ -40,6 +44,7 @@ __all__ = [
     "linear_int8_op",
     "linear_int4",
     "linear_int4_op",
+    "MAX_ROWS",
     "unavailable_reason",
 ]
 
@@ -73,18 +78,25 @@ def _check_weight(w: torch.Tensor, dtype: torch.dtype, name: str) -> None:
         )
 
 
-def _check_x(x: torch.Tensor, k: int, name: str) -> torch.Tensor:
+# The most rows of x one call takes: the rows' prepared copies live in one buffer of the library (about
+# 2 bytes per element for int8/int4 weights, 6 for bf16), and wide products belong to PyTorch's matmul.
+MAX_ROWS = 256
+
+
+def _check_x(x: torch.Tensor, k: int, name: str) -> tuple[torch.Tensor, int]:
+    """x made contiguous, and its number of rows M."""
     if not (isinstance(x, torch.Tensor) and x.dtype in DTYPE_CODES and x.is_cpu):
         raise ValueError(f"{name}: x must be a CPU float32/bfloat16/float16 tensor, got {_describe(x)}")
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"{name}: x must end with the {k} input features of the weight, got {_describe(x)}")
-    if x.numel() != k or (k == 0 and x.shape[:-1].numel() != 1):
+    m = x.shape[:-1].numel()
+    if not 1 <= m <= MAX_ROWS:
         raise ValueError(
-            f"{name}: x must hold exactly one row (x.numel() == {k}), got {_describe(x)}; "
-            "route only batch-1 generation steps (M == 1) here and use F.linear otherwise"
+            f"{name}: x must hold 1 to {MAX_ROWS} rows, got {_describe(x)}; "
+            "use F.linear (or the module's own forward) for wider products"
         )
-    # A single row is at most a few hundred KB: copying a strided one is cheaper than refusing it.
-    return x if x.is_contiguous() else x.contiguous()
+    # A few rows are at most a few MB: copying strided ones is cheaper than refusing them.
+    return (x if x.is_contiguous() else x.contiguous()), m
 
 
 def _vector_code(t: torch.Tensor | None, n: int, what: str, name: str) -> int:
@@ -111,7 +123,7 @@ def _output(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for one row: x [..., K] (fp32/bf16/fp16, x.numel() == K), weight a
+    """``F.linear(x, weight, bias)``: x [..., K] (fp32/bf16/fp16, 1 to MAX_ROWS rows), weight a
     contiguous bf16 [N, K], bias [N] (fp32/bf16/fp16) or None. Returns [..., N] in x.dtype, accumulated
     in fp32 and rounded once (bias added in fp32 first). Uses torch.get_num_threads() threads.
 
@@ -121,7 +133,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     fn = _library().nekomata_gemv_bf16
     _check_weight(weight, torch.bfloat16, "linear_bf16")
     n, k = weight.shape
-    x = _check_x(x, k, "linear_bf16")
+    x, m = _check_x(x, k, "linear_bf16")
     bias_code = _vector_code(bias, n, "bias", "linear_bf16")
     _check_grad("linear_bf16", x, weight, bias)
     y = _output(x, n)
@@ -129,7 +141,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # the FLAG_* layout of common.h: x, bias, y dtype codes, then the thread count
     flags = code | bias_code << 4 | code << 8 | torch.get_num_threads() << 16
     if fn(
-        weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k, flags
+        weight.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), n, k, m, flags
     ):
         raise MemoryError(f"linear_bf16: cannot allocate the {k}-element activation buffer")
     return y
@@ -138,10 +150,11 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear_int8(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(x @ qweight.T) * scales + bias`` for one row: x [..., K] (fp32/bf16/fp16, x.numel() == K),
-    qweight a contiguous int8 [N, K], scales [N] (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in
-    x.dtype: the int8 dot product is accumulated in fp32, multiplied by the scale and the bias added, in
-    fp32, then rounded once. Uses torch.get_num_threads() threads.
+    """``(x @ qweight.T) * scales + bias``: x [..., K] (fp32/bf16/fp16, 1 to MAX_ROWS rows), qweight a
+    contiguous int8 [N, K], scales [N] (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in x.dtype:
+    each row of x quantized to int8 per block of 32 (see the module docstring), the integer dot products
+    summed exactly and scaled in fp32, multiplied by the row scale and the bias added in fp32, then
+    rounded once. Uses torch.get_num_threads() threads.
 
     Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
     is on: there is no backward), RuntimeError when `available()` is False.
@@ -149,7 +162,7 @@ def linear_int8(
     fn = _library().nekomata_gemv_int8
     _check_weight(qweight, torch.int8, "linear_int8")
     n, k = qweight.shape
-    x = _check_x(x, k, "linear_int8")
+    x, m = _check_x(x, k, "linear_int8")
     if scales is None:
         raise ValueError("linear_int8: scales are required (one per output row)")
     scales_code = _vector_code(scales, n, "scales", "linear_int8")
@@ -160,7 +173,7 @@ def linear_int8(
     # the FLAG_* layout of common.h: x, bias, y, scales dtype codes, then the thread count
     flags = code | bias_code << 4 | code << 8 | scales_code << 12 | torch.get_num_threads() << 16
     bias_ptr = None if bias is None else bias.data_ptr()
-    if fn(qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
+    if fn(qweight.data_ptr(), scales.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, m, flags):
         raise MemoryError(f"linear_int8: cannot allocate the {k}-element activation buffer")
     return y
 
@@ -191,18 +204,19 @@ def linear_int4(
     mins: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` for one row, W[n, k] = code[n, k] * scales[n, k // G] + mins[n, k // G]
-    (G = abi.INT4_GROUP_SIZE): x [..., K] (fp32/bf16/fp16, x.numel() == K, K a multiple of G), qweight a
+    """``x @ W.T + bias``, W[n, k] = code[n, k] * scales[n, k // G] + mins[n, k // G] (G =
+    abi.INT4_GROUP_SIZE): x [..., K] (fp32/bf16/fp16, 1 to MAX_ROWS rows, K a multiple of G), qweight a
     contiguous uint8 [N, K/2] packed as `nekomata_core.quantize.pack_int4` does, scales and mins
-    [N, K/G] of one dtype (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in x.dtype, accumulated
-    in fp32 and rounded once. Uses torch.get_num_threads() threads.
+    [N, K/G] of one dtype (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in x.dtype: per group,
+    scale * (codes . qx) * dx with x quantized to int8 (see the module docstring) plus min * sum(x) with
+    x as given, accumulated in fp32 and rounded once. Uses torch.get_num_threads() threads.
 
     Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
     is on), RuntimeError when `available()` is False.
     """
     fn = _library().nekomata_gemv_int4
     n, k = _int4_shape(qweight, "linear_int4")
-    x = _check_x(x, k, "linear_int4")
+    x, m = _check_x(x, k, "linear_int4")
     shape = (n, k // INT4_GROUP_SIZE)
     scales_code = _group_vector(scales, shape, "scales", "linear_int4")
     if _group_vector(mins, shape, "mins", "linear_int4") != scales_code:
@@ -213,18 +227,23 @@ def linear_int4(
     code = DTYPE_CODES[x.dtype]
     flags = code | bias_code << 4 | code << 8 | scales_code << 12 | torch.get_num_threads() << 16
     bias_ptr = None if bias is None else bias.data_ptr()
-    if fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, flags):
+    if fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, m, flags):
         raise MemoryError(f"linear_int4: cannot allocate the {k}-element activation buffer")
     return y
 
 
 def dequantize_int4(
-    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weight [N, K] in `dtype` (fp32 or bf16) that int4 (qweight, scales, mins) stands for: each value
     code * scale + min computed in fp32 and rounded once, i.e. exactly
     `nekomata_core.quantize.dequantize_int4(...).to(dtype)`, in one pass (for prefills, which multiply the
-    weight by many rows). Same layouts as `linear_int4`; uses torch.get_num_threads() threads."""
+    weight by many rows). Same layouts as `linear_int4`; uses torch.get_num_threads() threads. `out`: a
+    contiguous [N, K] tensor of `dtype` to write into (a reused buffer: no allocation per call)."""
     fn = _library().nekomata_dequantize_int4
     n, k = _int4_shape(qweight, "dequantize_int4")
     if dtype not in (torch.float32, torch.bfloat16):
@@ -233,7 +252,10 @@ def dequantize_int4(
     code = _group_vector(scales, shape, "scales", "dequantize_int4")
     if _group_vector(mins, shape, "mins", "dequantize_int4") != code:
         raise ValueError(f"dequantize_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
-    out = torch.empty(n, k, dtype=dtype)
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype)
+    elif not (isinstance(out, torch.Tensor) and out.dtype == dtype and tuple(out.shape) == (n, k) and out.is_contiguous() and out.is_cpu):
+        raise ValueError(f"dequantize_int4: out must be a contiguous CPU {dtype} tensor of shape {(n, k)}, got {_describe(out)}")
     status = fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), code, out.data_ptr(),
                 DTYPE_CODES[dtype], n, k, torch.get_num_threads())  # fmt: skip
     if status:

@@ -158,15 +158,9 @@ static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, i
         nk_gemv_rows_batch(&a, batch, begin, end);
 }
 
-/* The batch-1 kernels take the layout of the widest kernel this build has; the batched ones the AVX2
- * layouts (see nk_x_layout_batch). */
-static inline int layout_for(const nk_linear* l, int64_t batch) {
-    return batch == 1 ? nk_x_layout(l->kind) : nk_x_layout_batch(l->kind);
-}
-
 /* The `batch` rows of src ([batch, K] of src_dtype) prepared for lin into xp, nk_x_stride apart. */
 static void load_rows(float* xp, const void* src, int src_dtype, const nk_linear* l, int64_t batch) {
-    const int layout = layout_for(l, batch);
+    const int layout = nk_x_layout(l->kind); /* batch 1 and batched alike */
     const int64_t K = l->K, xs = nk_x_stride(K, layout);
     const size_t row = (size_t)K * (src_dtype == DT_F32 ? 4 : 2);
     for (int64_t b = 0; b < batch; b++) nk_load_x(xp + b * xs, (const char*)src + b * row, src_dtype, K, layout);
@@ -377,7 +371,7 @@ NK_EXPORT int nekomata_step(const nk_model* m, const nk_step* s) {
         float* x = tl_get(0, s->batch * m->hidden);
         float* a = tl_get(1, s->batch * m->hidden);
         float* scores = tl_get(2, s->max_length);
-        float* xp = nk_xbuf_get(s->batch * nk_x_stride(widest, X_INT4_BF16)); /* X_INT4_BF16: the largest layout */
+        float* xp = nk_xbuf_get(s->batch * nk_x_stride_max(widest));
         if (!x || !a || !scores || !xp) {
 #pragma omp atomic write
             failed = 1;

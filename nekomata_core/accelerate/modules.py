@@ -11,6 +11,8 @@ one-row int4 GEMV (`TritonInt4Linear`).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,55 +62,97 @@ class CpuLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-class CpuInt8Linear(Int8Linear):
-    """Int8Linear whose one-row calls go to the C int8 GEMV (same per-channel scales, fp32 sums), and whose
-    wide calls (a prefill) convert the weight and multiply in `prefill_dtype`.
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 1
 
-    PyTorch's int8 matmul (`_weight_int8pack_mm`) runs at about half the speed of its bf16 or fp32 matmul on
-    these CPUs; converting the int8 weight costs far less than that (the values -127…127 are exact in
-    bf16 and fp32, so nothing is rounded). `prefill_dtype` (set by `accelerate`): the activation dtype
-    where the CPU multiplies it in hardware, else fp32; None keeps PyTorch's int8 matmul.
+
+# Wide (prefill) products expand a quantized weight a block of rows at a time into this much memory,
+# reused from call to call: allocating a fresh block each time costs the kernel's page faults on every
+# call (the allocator hands large blocks back to the OS), which measured as long as the expansion itself.
+_WORKSPACE_BYTES = 8 << 20
+_workspace = threading.local()
+
+
+def _expansion_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] `dtype` view of this thread's workspace (grown when a block needs more)."""
+    need = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    buf = getattr(_workspace, "buffer", None)
+    if buf is None or buf.numel() < need:
+        buf = _workspace.buffer = torch.empty(max(need, _WORKSPACE_BYTES), dtype=torch.uint8)
+    return buf[:need].view(dtype).view(rows, cols)
+
+
+def _block_rows(in_features: int, dtype: torch.dtype) -> int:
+    return max(1, _WORKSPACE_BYTES // (max(in_features, 1) * torch.empty(0, dtype=dtype).element_size()))
+
+
+class CpuInt8Linear(Int8Linear):
+    """Int8Linear whose decode calls (fewer than QUANTIZED_WIDE_ROWS rows: batch 1 or a batched step) go to
+    the C int8 GEMV, and whose wide calls (a prefill) expand the weight a block of rows at a time and
+    multiply in `prefill_dtype`.
+
+    The C GEMV quantizes each row of x to int8 per block of 32 and sums the integer products exactly
+    (kernels/cpu/q8.c: VNNI or AVX2 byte products, the bytes DRAM delivers need no conversion). PyTorch's
+    int8 matmul (`_weight_int8pack_mm`) runs at about half the speed of its bf16 or fp32 matmul on these
+    CPUs; converting the int8 weight costs far less than that (the values -127…127 are exact in bf16 and
+    fp32, so nothing is rounded). `prefill_dtype` (set by `accelerate`): the activation dtype where the CPU
+    multiplies it in hardware, else fp32; None keeps PyTorch's int8 matmul.
     """
 
     prefill_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
+        if _rows(x) < QUANTIZED_WIDE_ROWS:
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
                 return gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
             return gemv.linear_int8(x, self.weight, self.scales, self.bias)
-        if self.prefill_dtype is not None and x.numel() >= QUANTIZED_WIDE_ROWS * x.shape[-1]:
-            dtype = self.prefill_dtype
-            y = F.linear(x.to(dtype), self.weight.to(dtype)) * self.scales.to(dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(dtype)
-            return y.to(x.dtype)
-        return super().forward(x)
+        if self.prefill_dtype is None:
+            return super().forward(x)
+        dtype = self.prefill_dtype
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1]).to(dtype)
+        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
+        step = _block_rows(self.in_features, dtype)
+        for begin in range(0, self.out_features, step):
+            end = min(begin + step, self.out_features)
+            w = _expansion_buffer(end - begin, self.in_features, dtype)
+            w.copy_(self.weight[begin:end])
+            y[:, begin:end] = x2d @ w.T
+        y *= self.scales.to(dtype)
+        if self.bias is not None:
+            y += self.bias.to(dtype)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
 class CpuInt4Linear(Int4Linear):
-    """Int4Linear whose one-row calls go to the C int4 GEMV (the same group scales and mins, fp32 sums), and
-    whose wide calls (a prefill) expand blocks of rows into `prefill_dtype` in C and hand them to PyTorch's
+    """Int4Linear whose decode calls (fewer than QUANTIZED_WIDE_ROWS rows) go to the C int4 GEMV (x quantized
+    to int8 per block of 32, integer products of codes and x, the group scales and mins in fp32), and whose
+    wide calls (a prefill) expand blocks of rows into `prefill_dtype` in C and hand them to PyTorch's
     matmul (the Int4Linear reference multiplies in fp32, about twice as slow where the CPU multiplies bf16
     in hardware; a bf16 weight is rounded by 2⁻⁹ at most, far below the 4-bit step)."""
 
     prefill_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
+        if _rows(x) < QUANTIZED_WIDE_ROWS:
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
                 return gemv.linear_int4_op(x, self.weight, self.scales, self.mins, self.bias)
             return gemv.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
-        if self.prefill_dtype is None or x.numel() < QUANTIZED_WIDE_ROWS * x.shape[-1]:
+        if self.prefill_dtype is None:
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
 
         dtype = self.prefill_dtype
-        return self.blocked_matmul(x, dtype, lambda packed, scales, mins: gemv.dequantize_int4(packed, scales, mins, dtype))
+
+        def expand(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+            out = _expansion_buffer(packed.shape[0], self.in_features, dtype)
+            return gemv.dequantize_int4(packed, scales, mins, dtype, out=out)
+
+        return self.blocked_matmul(x, dtype, expand, block_rows=_block_rows(self.in_features, dtype))
 
 
 class TritonInt4Linear(Int4Linear):

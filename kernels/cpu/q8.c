@@ -1,0 +1,412 @@
+/*
+ * Dot products of quantized weights (int8 rows, int4 groups) with an activation vector quantized to int8
+ * (the "q8" path): the integer work is exact, so the 8-bit multiply-accumulate instructions do it, 64
+ * products per instruction (AVX512-VNNI vpdpbusd) or 32 (AVX2 vpmaddubsw + vpmaddwd).
+ *
+ * Why quantize the activations: a decode step reads every weight once, so it is as fast as DRAM delivers
+ * the bytes, provided the arithmetic keeps up. Widening 4- or 8-bit weights to fp32 (or bf16) and
+ * multiplying in floating point costs several instructions per 16 or 32 weights, which on two cores
+ * runs below the memory's speed; multiplying bytes by bytes costs one per 64. llama.cpp does the same
+ * (its Q8_0 / Q8_K activation blocks). The error it adds is small next to the weights': x is rounded to
+ * 255 levels per block of 32 (relative error ~2e-3 per element), a 4-bit weight to 16.
+ *
+ * Activation quantization (nk_q8_load_x), per block of NK_Q8_BLOCK = 32 consecutive elements of x:
+ *     amax = max |x_i|            (a NaN anywhere makes amax NaN: compared as integer bit patterns)
+ *     dx   = amax / 127           (fp32)
+ *     inv  = amax > 0 ? 127 / amax : 0
+ *     qx_i = round_half_even(x_i * inv), saturated to int8
+ * so x_i ≈ dx * qx_i. The last block of an int8 GEMV may be partial (K any); int4 has whole groups.
+ *
+ * Results, every one an ordinary sequence of IEEE fp32 operations after the exact integer sums:
+ *     int8:  y[n] = scale[n] * sum_lanes acc,  acc_lane += float(I_lane) * dx_block(lane)
+ *     int4:  y[n] = sum_lanes acc + sum_lanes macc,
+ *            acc_lane += float(I_lane) * (scale[n, g(lane)] * dx_g(lane)),
+ *            macc_l += min[n, g] * xsum_g over the groups g = l mod 4 (4 lanes, summed (0+2)+(1+3))
+ * where I_lane is the exact integer sum of a lane's products (4 consecutive weights for int8; 4 low and
+ * 4 high nibbles for int4), xsum_g the fp32 sum of group g of the unquantized x (the mins' term takes
+ * x as it is), and acc has 16 lanes summed as (lanes 0-7 + lanes 8-15) then hsum8. The AVX2 kernels keep
+ * the 16 lanes as two 8-lane halves and do the very same operations lane by lane, so every build gives
+ * bit-identical results; and a (weight row, vector) pair goes through the same operations whether its
+ * GEMV is batch 1 (4 rows at a time, or 1) or batched (1 row, up to 4 vectors): results depend neither
+ * on the ISA, the batch, the thread count nor the schedule.
+ *
+ * The prepared layouts (floats from dst, 64-byte aligned; sizes in common.h's nk_x_floats):
+ *   X_Q8_INT8: qx in natural order, K rounded up to 64 bytes (zero padding), then per 4 elements of
+ *              that the float dx of their block (one lane of the accumulator).
+ *   X_Q8_INT4: per 4 groups (128 elements, one 64-byte load of int4 weights: byte j of group g holds
+ *              codes j and j + 16), 64 bytes of low halves (qx of elements 0-15 of each group) then 64 of
+ *              high halves (16-31); then dx per group and the fp32 group sums, both padded to 4 groups.
+ */
+#include "common.h"
+
+#define NK_Q8_BLOCK 32 /* activations per quantization block = NK_INT4_GROUP */
+_Static_assert(NK_Q8_BLOCK == NK_INT4_GROUP, "an int4 group and an activation block coincide");
+
+/* Software prefetch distance in bytes per weight stream (gemv.c's PF). */
+#ifndef PF_Q8
+#define PF_Q8 1024
+#endif
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Activation quantization.                                                                             */
+
+/* One block of n <= 32 elements of x from index i, as fp32 into f[32] (zeros after n). */
+static void block_to_f32(const void* x, int x_dtype, int64_t i, int n, float f[NK_Q8_BLOCK]) {
+    for (int j = 0; j < NK_Q8_BLOCK; j++) f[j] = j < n ? load_scalar(x, x_dtype, i + j) : 0.0f;
+}
+
+/* qx[32] and dx of one block f[32] (see the header comment). */
+static float quantize_block(const float f[NK_Q8_BLOCK], int8_t qx[NK_Q8_BLOCK]) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+    __m256i m = _mm256_setzero_si256();
+    for (int j = 0; j < NK_Q8_BLOCK; j += 8) /* |x| as bit patterns: NaN > inf > every finite value */
+        m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(f + j)), magnitude));
+    uint32_t lanes[8], top = 0;
+    _mm256_storeu_si256((__m256i*)lanes, m);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    float amax;
+    memcpy(&amax, &top, sizeof amax);
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < NK_Q8_BLOCK; j += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(f + j), _mm256_set1_ps(inv)));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(f + j + 8), _mm256_set1_ps(inv)));
+        __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8); /* 16 int16 in order */
+        __m128i q = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        _mm_storeu_si128((__m128i*)(qx + j), q);
+    }
+    return amax / 127.0f;
+}
+
+/* The fp32 sum of one block, in gemv.c's order for group sums: ((f0..7 + f8..15) + (f16..23 + f24..31)),
+ * then hsum8. */
+static float block_sum(const float f[NK_Q8_BLOCK]) {
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(f), _mm256_loadu_ps(f + 8)),
+                             _mm256_add_ps(_mm256_loadu_ps(f + 16), _mm256_loadu_ps(f + 24)));
+    return hsum8(s);
+}
+
+void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
+    float f[NK_Q8_BLOCK];
+    int8_t q[NK_Q8_BLOCK];
+    if (layout == X_Q8_INT8) {
+        const int64_t padded = nk_q8_int8_padded(K), blocks = padded / NK_Q8_BLOCK;
+        int8_t* qx = (int8_t*)dst;
+        float* dxl = dst + padded / 4;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t at = b * NK_Q8_BLOCK;
+            const int n = at >= K ? 0 : (K - at < NK_Q8_BLOCK ? (int)(K - at) : NK_Q8_BLOCK);
+            block_to_f32(x, x_dtype, at, n, f);
+            const float dx = n ? quantize_block(f, q) : 0.0f;
+            if (!n) memset(q, 0, sizeof q);
+            memcpy(qx + at, q, NK_Q8_BLOCK);
+            for (int j = 0; j < NK_Q8_BLOCK / 4; j++) dxl[at / 4 + j] = dx;
+        }
+        return;
+    }
+    /* X_Q8_INT4: K is a multiple of NK_INT4_GROUP (checked by the callers) */
+    const int64_t groups = K / NK_INT4_GROUP, padded = nk_q8_int4_groups(K);
+    int8_t* qx = (int8_t*)dst;
+    float* dx = dst + padded * (NK_INT4_GROUP / 4);
+    float* xsum = dx + padded;
+    for (int64_t g = 0; g < padded; g++) {
+        int8_t* lo = qx + (g / 4) * 128 + (g % 4) * 16;
+        if (g >= groups) {
+            memset(lo, 0, 16);
+            memset(lo + 64, 0, 16);
+            dx[g] = xsum[g] = 0.0f;
+            continue;
+        }
+        block_to_f32(x, x_dtype, g * NK_INT4_GROUP, NK_INT4_GROUP, f);
+        dx[g] = quantize_block(f, q);
+        xsum[g] = block_sum(f);
+        memcpy(lo, q, 16);
+        memcpy(lo + 64, q + 16, 16);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* int4 scales and mins                                                                                 */
+
+/* 8 consecutive scales or mins from index i, as fp32 (bf16, fp16 or fp32). */
+static inline __m256 load8(const void* p, int dtype, int64_t i) {
+    switch (dtype) {
+        case DT_BF16:
+            return _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
+        case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+        default: return _mm256_loadu_ps((const float*)p + i);
+    }
+}
+
+/* The scales and mins of one row's groups [from, from + SCALE_BLOCK) as fp32 into sf and mf (fewer at the
+ * row's end, zero-filled to a multiple of 4): the kernels take them four at a time from there. Converting
+ * a block ahead of the loop that uses it lets their loads overlap the code bytes' work. */
+#define SCALE_BLOCK 128
+
+static inline void scales_to_f32(const void* sc, const void* mn, int dtype, int64_t from, int64_t groups, float* sf,
+                                 float* mf) {
+    int64_t n = groups - from < SCALE_BLOCK ? groups - from : SCALE_BLOCK, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(sf + i, load8(sc, dtype, from + i));
+        _mm256_storeu_ps(mf + i, load8(mn, dtype, from + i));
+    }
+    for (; i < n; i++) {
+        sf[i] = load_scalar(sc, dtype, from + i);
+        mf[i] = load_scalar(mn, dtype, from + i);
+    }
+    for (; i % 4; i++) sf[i] = mf[i] = 0.0f;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Kernels: R weight rows (w[r]) times V prepared vectors (xp[v]), R * V <= 4 accumulators, both counts   */
+/* constants after inlining (R = NK_ROWS or 1 with V = 1: batch 1; R = 1, V = 1..4: batched).           */
+
+#define Q8_KERNEL static inline __attribute__((always_inline))
+#define MAX_ACC 4
+
+/* Each kernel below is a loop over 64-byte blocks of the weight rows. The loop body (a *_block function)
+ * is written once and used twice: for the whole blocks, read in place, and for a row's last partial block,
+ * copied into a zeroed buffer first (zeros add nothing). The copy is kept out of the main loop: a call to
+ * memcpy there would make the compiler keep the accumulators in memory across it (every vector register
+ * is caller-saved). */
+
+/* The int4 scales and mins are separate streams from the codes, 1/8 of their bytes: one prefetch of each
+ * per 32 groups (a 64-byte line of bf16 scales), PF_Q8 / 8 bytes ahead (the same distance in rows). */
+static inline void prefetch_scales(const void* sc, const void* mn, int sdt, int64_t g) {
+    const int64_t at = g * (sdt == DT_F32 ? 4 : 2) + PF_Q8 / 2;
+    _mm_prefetch((const char*)sc + at, _MM_HINT_T0);
+    _mm_prefetch((const char*)mn + at, _MM_HINT_T0);
+}
+
+#if defined(__AVX512VNNI__)
+/* 512-bit lanes, vpdpbusd: unsigned bytes times signed bytes, four products per lane into int32. */
+
+typedef __m512 acc_t;
+static inline acc_t acc_zero(void) { return _mm512_setzero_ps(); }
+static inline float reduce16(acc_t acc) {
+    return hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1)));
+}
+
+/* Block k of int8 rows (the sign trick: |qx| is unsigned and the weight takes qx's sign, so vpdpbusd sums
+ * w * qx exactly). wb[r]: the block's 64 weight bytes of row r. */
+Q8_KERNEL void int8_block(const uint8_t* const wb[], int64_t k, int64_t padded, const float* const xp[],
+                          acc_t* acc, const int R, const int V) {
+    __m512i ax[MAX_ACC];
+    __mmask64 neg[MAX_ACC];
+    __m512 dx[MAX_ACC];
+    for (int v = 0; v < V; v++) {
+        __m512i q = _mm512_load_si512((const int8_t*)xp[v] + k);
+        ax[v] = _mm512_abs_epi8(q);
+        neg[v] = _mm512_movepi8_mask(q);
+        dx[v] = _mm512_load_ps(xp[v] + padded / 4 + k / 4);
+    }
+    for (int r = 0; r < R; r++) {
+        __m512i wv = _mm512_loadu_si512(wb[r]);
+        for (int v = 0; v < V; v++) {
+            __m512i ws = _mm512_mask_sub_epi8(wv, neg[v], _mm512_setzero_si512(), wv);
+            __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax[v], ws);
+            acc[r * V + v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), dx[v], acc[r * V + v]);
+        }
+    }
+}
+
+/* Groups g .. g+3 of int4 rows: wb[r] their 64 code bytes, s4[r] and m4[r] their scales and mins as fp32;
+ * macc[r * V + b] gathers the mins' term min_g * xsum_g, four groups to a vector. */
+Q8_KERNEL void int4_block(const uint8_t* const wb[], const float* const s4[], const float* const m4[], int64_t g,
+                          int64_t padded, const float* const xp[], acc_t* acc, __m128* macc, const int R, const int V) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    for (int r = 0; r < R; r++) {
+        __m512i v = _mm512_loadu_si512(wb[r]);
+        __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        __m128 sr = _mm_loadu_ps(s4[r]), mr = _mm_loadu_ps(m4[r]);
+        for (int b = 0; b < V; b++) {
+            const float* xsum = xp[b] + padded * (NK_INT4_GROUP / 4) + padded;
+            macc[r * V + b] = _mm_fmadd_ps(mr, _mm_load_ps(xsum + g), macc[r * V + b]);
+            const int8_t* q = (const int8_t*)xp[b] + g * NK_INT4_GROUP; /* 128 bytes per 4 groups */
+            __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(q));
+            i = _mm512_dpbusd_epi32(i, hi, _mm512_load_si512(q + 64));
+            __m128 s = _mm_mul_ps(sr, _mm_load_ps(xp[b] + padded * (NK_INT4_GROUP / 4) + g));
+            __m512 scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s));
+            acc[r * V + b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), scale, acc[r * V + b]);
+        }
+    }
+}
+
+#else
+/* AVX2: each 512-bit lane set as two 256-bit halves (h = 0: lanes 0-7, h = 1: lanes 8-15); vpmaddubsw
+ * multiplies unsigned by signed bytes into int16 pairs (no saturation here: |pair| <= 2 * 128 * 127 for
+ * int8, 2 * 15 * 127 twice for int4) and vpmaddwd by ones sums the pairs into the same int32 lanes as
+ * vpdpbusd, then the same fp32 operations lane by lane. */
+
+typedef struct {
+    __m256 h[2];
+} acc_t;
+static inline acc_t acc_zero(void) { return (acc_t){{_mm256_setzero_ps(), _mm256_setzero_ps()}}; }
+static inline float reduce16(acc_t acc) { return hsum8(_mm256_add_ps(acc.h[0], acc.h[1])); }
+
+Q8_KERNEL void int8_block(const uint8_t* const wb[], int64_t k, int64_t padded, const float* const xp[],
+                          acc_t* acc, const int R, const int V) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256i qx[MAX_ACC], ax[MAX_ACC];
+        __m256 dx[MAX_ACC];
+        for (int v = 0; v < V; v++) {
+            qx[v] = _mm256_load_si256((const __m256i*)((const int8_t*)xp[v] + k + 32 * h));
+            ax[v] = _mm256_abs_epi8(qx[v]);
+            dx[v] = _mm256_load_ps(xp[v] + padded / 4 + k / 4 + 8 * h);
+        }
+        for (int r = 0; r < R; r++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i*)(wb[r] + 32 * h));
+            for (int v = 0; v < V; v++) {
+                __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[v], _mm256_sign_epi8(wv, qx[v])), ones);
+                acc[r * V + v].h[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dx[v], acc[r * V + v].h[h]);
+            }
+        }
+    }
+}
+
+Q8_KERNEL void int4_block(const uint8_t* const wb[], const float* const s4[], const float* const m4[], int64_t g,
+                          int64_t padded, const float* const xp[], acc_t* acc, __m128* macc, const int R, const int V) {
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < R; r++) {
+        __m128 sr = _mm_loadu_ps(s4[r]), mr = _mm_loadu_ps(m4[r]);
+        for (int b = 0; b < V; b++) {
+            const float* xsum = xp[b] + padded * (NK_INT4_GROUP / 4) + padded;
+            macc[r * V + b] = _mm_fmadd_ps(mr, _mm_load_ps(xsum + g), macc[r * V + b]);
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256i spread = h ? _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+            __m256i v = _mm256_loadu_si256((const __m256i*)(wb[r] + 32 * h));
+            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int b = 0; b < V; b++) {
+                const int8_t* q = (const int8_t*)xp[b] + g * NK_INT4_GROUP + 32 * h;
+                __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i*)q)),
+                                                 _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i*)(q + 64))));
+                __m256i i = _mm256_madd_epi16(pairs, ones);
+                __m128 s = _mm_mul_ps(sr, _mm_load_ps(xp[b] + padded * (NK_INT4_GROUP / 4) + g));
+                __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s), spread);
+                acc[r * V + b].h[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), scale, acc[r * V + b].h[h]);
+            }
+        }
+    }
+}
+#endif
+
+/* int8 rows w[0..R) times vectors xp[0..V): out[r * V + v], before the row scale. */
+Q8_KERNEL void int8_kernel(const int8_t* const w[], int64_t K, const float* const xp[], float* out, const int R,
+                           const int V, const int prefetch) {
+    const int64_t padded = nk_q8_int8_padded(K), whole = K - K % 64;
+    acc_t acc[MAX_ACC];
+    const uint8_t* wb[NK_ROWS];
+    for (int i = 0; i < R * V; i++) acc[i] = acc_zero();
+    for (int64_t k = 0; k < whole; k += 64) {
+        for (int r = 0; r < R; r++) {
+            wb[r] = (const uint8_t*)w[r] + k;
+            if (PF_Q8 && prefetch) _mm_prefetch((const char*)wb[r] + PF_Q8, _MM_HINT_T0);
+        }
+        int8_block(wb, k, padded, xp, acc, R, V);
+    }
+    if (whole < K) {
+        uint8_t tail[NK_ROWS][64] __attribute__((aligned(64)));
+        for (int r = 0; r < R; r++) {
+            memset(tail[r], 0, 64);
+            memcpy(tail[r], (const uint8_t*)w[r] + whole, (size_t)(K - whole));
+            wb[r] = tail[r];
+        }
+        int8_block(wb, whole, padded, xp, acc, R, V);
+    }
+    for (int i = 0; i < R * V; i++) out[i] = reduce16(acc[i]);
+}
+
+/* int4 rows (codes w, scales sc, mins mn) times vectors xp[0..V): out[r * V + v], the mins' term included. */
+Q8_KERNEL void int4_kernel(const uint8_t* const w[], const void* const sc[], const void* const mn[], int sdt,
+                           int64_t K, const float* const xp[], float* out, const int R, const int V,
+                           const int prefetch) {
+    const int64_t groups = K / NK_INT4_GROUP, padded = nk_q8_int4_groups(K), whole = groups - groups % 4;
+    acc_t acc[MAX_ACC];
+    __m128 macc[MAX_ACC];
+    float sf[NK_ROWS][SCALE_BLOCK], mf[NK_ROWS][SCALE_BLOCK];
+    const uint8_t* wb[NK_ROWS];
+    const float *s4[NK_ROWS], *m4[NK_ROWS];
+    for (int i = 0; i < R * V; i++) {
+        acc[i] = acc_zero();
+        macc[i] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < whole; g += 4) { /* 4 groups = 64 bytes of each row */
+        if (g % SCALE_BLOCK == 0)
+            for (int r = 0; r < R; r++) scales_to_f32(sc[r], mn[r], sdt, g, groups, sf[r], mf[r]);
+        for (int r = 0; r < R; r++) {
+            wb[r] = w[r] + g * (NK_INT4_GROUP / 2);
+            s4[r] = sf[r] + g % SCALE_BLOCK;
+            m4[r] = mf[r] + g % SCALE_BLOCK;
+            if (PF_Q8 && prefetch) {
+                _mm_prefetch((const char*)wb[r] + PF_Q8, _MM_HINT_T0);
+                if (g % 32 == 0) prefetch_scales(sc[r], mn[r], sdt, g);
+            }
+        }
+        int4_block(wb, s4, m4, g, padded, xp, acc, macc, R, V);
+    }
+    if (whole < groups) {
+        uint8_t tail[NK_ROWS][64] __attribute__((aligned(64)));
+        if (whole % SCALE_BLOCK == 0)
+            for (int r = 0; r < R; r++) scales_to_f32(sc[r], mn[r], sdt, whole, groups, sf[r], mf[r]);
+        for (int r = 0; r < R; r++) {
+            memset(tail[r], 0, 64);
+            memcpy(tail[r], w[r] + whole * (NK_INT4_GROUP / 2), (size_t)((groups - whole) * (NK_INT4_GROUP / 2)));
+            wb[r] = tail[r];
+            s4[r] = sf[r] + whole % SCALE_BLOCK;
+            m4[r] = mf[r] + whole % SCALE_BLOCK;
+        }
+        int4_block(wb, s4, m4, whole, padded, xp, acc, macc, R, V);
+    }
+    for (int i = 0; i < R * V; i++) {
+        __m128 m = _mm_add_ps(macc[i], _mm_movehl_ps(macc[i], macc[i])); /* (m0 + m2) + (m1 + m3) */
+        out[i] = reduce16(acc[i]) + _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Entry points for gemv.c's drivers.                                                                   */
+
+/* Row n's weights, scales and mins. */
+static inline void row_pointers(const gemv_args* a, int64_t n, const void** w, const void** sc, const void** mn) {
+    if (a->kind == KIND_INT4) {
+        const int64_t groups = a->K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
+        *w = (const uint8_t*)a->W + n * (a->K / 2);
+        *sc = (const char*)a->scales + n * groups * ssize;
+        *mn = (const char*)a->mins + n * groups * ssize;
+    } else {
+        *w = (const int8_t*)a->W + n * a->K;
+        *sc = *mn = NULL;
+    }
+}
+
+Q8_KERNEL void tile(const gemv_args* a, const int64_t* n, const float* const xp[], float* out, const int R,
+                    const int V, const int prefetch) {
+    const void *w[NK_ROWS], *sc[NK_ROWS], *mn[NK_ROWS];
+    for (int r = 0; r < R; r++) row_pointers(a, n[r], &w[r], &sc[r], &mn[r]);
+    if (a->kind == KIND_INT4)
+        int4_kernel((const uint8_t* const*)w, sc, mn, a->scales_dtype, a->K, xp, out, R, V, prefetch);
+    else
+        int8_kernel((const int8_t* const*)w, a->K, xp, out, R, V, prefetch);
+}
+
+void nk_q8_rows(const gemv_args* a, const int64_t n[NK_ROWS], float* acc, int nrows) {
+    const float* xp[1] = {a->xp};
+    if (nrows == NK_ROWS)
+        tile(a, n, xp, acc, NK_ROWS, 1, 1);
+    else
+        tile(a, n, xp, acc, 1, 1, 1);
+}
+
+void nk_q8_row_batch(const gemv_args* a, int64_t n, const float* xp0, int64_t xs, float* out, int nb, int prefetch) {
+    const float* xp[MAX_ACC];
+    for (int b = 0; b < nb; b++) xp[b] = xp0 + b * xs;
+    switch (nb) { /* a constant count per call, so that the loops over vectors unroll */
+        case 1: tile(a, &n, xp, out, 1, 1, prefetch); break;
+        case 2: tile(a, &n, xp, out, 1, 2, prefetch); break;
+        case 3: tile(a, &n, xp, out, 1, 3, prefetch); break;
+        default: tile(a, &n, xp, out, 1, 4, prefetch); break;
+    }
+}
