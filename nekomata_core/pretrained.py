@@ -81,7 +81,13 @@ def load_pretrained(
     otherwise, with the command that converts them to safetensors. `tensor_parallel=True` (in a
     process started by torchrun) loads only this rank's shard (`accelerate.tensor_parallel`)."""
     from .loader import check_checkpoint, load_weights
-    from .quantize import QUANTIZE_CHOICES, QuantizeOnLoad, convert_to_quantized_structure, quantization_of
+    from .quantize import (
+        QUANTIZE_CHOICES,
+        QuantizeOnLoad,
+        check_saved_int8_codes,
+        convert_to_quantized_structure,
+        quantization_of,
+    )
 
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
@@ -123,6 +129,8 @@ def load_pretrained(
         allow_pickle=allow_pickle,
         selection=tp_module.shard_selection(config, tp, saved_quantization) if tp is not None else None,
     )
+    if saved_quantization is not None:
+        check_saved_int8_codes(model, folder)
     if tp is not None:
         tp_module.apply(model, tp)  # local head counts, the all-reduces and the logits' all-gather
     # The architecture is plain PyTorch; the fast modules for this device are swapped in from outside.

@@ -425,6 +425,21 @@ def convert_to_quantized_structure(model: nn.Module, dtype: torch.dtype, method:
     return model
 
 
+def check_saved_int8_codes(model: nn.Module, folder: str | os.PathLike[str]) -> None:
+    """Refuse int8 weights that hold -128: our int8 codes are -127..127 (symmetric around 0, as
+    `Int8Linear.from_linear` rounds them), and the CPU kernels rely on it (they move the activation's
+    sign onto the weight, and -(-128) does not fit a byte). A file with -128 was not written by
+    save_quantized."""
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear) and module.weight.device.type != "meta":
+            if bool((module.weight == -128).any()):
+                raise QuantizeError(
+                    f"{folder}: the int8 weight of {name} holds -128, outside the -127..127 range of "
+                    "nekomata_core's int8 format (save_quantized never writes it); quantize the float "
+                    "checkpoint again (quantize='int8') instead of loading this file"
+                )
+
+
 # The config.json method names save_quantized writes, and the `quantize` choice each stands for.
 _METHODS = {QUANT_METHOD: "int8", INT4_METHOD: "int4"}
 

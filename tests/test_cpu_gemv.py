@@ -483,6 +483,26 @@ def test_int4_dequantize_is_the_reference_weight_rounded_once(n, k, scale_dtype,
 
 
 @requires_kernels
+def test_int4_dequantize_keeps_subnormal_values_and_writes_into_out():
+    """The avx512bf16 build rounds with vcvtne2ps2bf16, which reads subnormals as zero: a group whose
+    values are subnormal (scales of 1e-39) must still come out as PyTorch rounds them; `out` is filled
+    in place."""
+    n, k = 3, 256
+    packed = torch.randint(0, 256, (n, k // 2), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    scales = torch.full((n, k // 32), 0.25)
+    mins = torch.full((n, k // 32), -2.0)
+    scales[1, 3], mins[1, 3] = 1e-39, 0.0  # one group of subnormal values, in the middle of a row
+    b = packed.reshape(n, k // 32, 16).long()
+    codes = torch.cat((b & 15, b >> 4), dim=2).float()
+    expected = (codes * scales[:, :, None] + mins[:, :, None]).reshape(n, k).to(torch.bfloat16)
+    out = torch.empty(n, k, dtype=torch.bfloat16)
+    assert gemv.dequantize_int4(packed, scales, mins, torch.bfloat16, out=out) is out
+    assert torch.equal(out, expected) and bool((out[1, 96:128] != 0).any())
+    with pytest.raises(ValueError, match="out must be"):
+        gemv.dequantize_int4(packed, scales, mins, torch.bfloat16, out=torch.empty(n, k))
+
+
+@requires_kernels
 def test_int4_dequantize_refuses_what_it_cannot_expand():
     packed, scales, mins = _int4_weight(4, 64, torch.float32, seed=0)
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):

@@ -67,6 +67,43 @@ def test_quantize_save_load_gives_the_same_logits(folder, tmp_path):
         assert torch.equal(manual(ids), model(ids))
 
 
+def test_a_saved_int8_weight_of_minus_128_is_refused(folder, tmp_path):
+    """Our int8 codes are -127..127 (the CPU kernels move the activation's sign onto the weight): a file
+    holding -128 is refused with the layer named, not multiplied wrongly."""
+    from safetensors.torch import load_file, save_file
+
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int8")
+    saved = save_quantized(model, tmp_path / "int8", source_dir=folder)
+    (weights,) = saved.glob("*.safetensors")
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("mlp.w1.weight"))
+    tensors[key][0, 0] = -128
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(QuantizeError, match=r"mlp\.w1 holds -128"):
+        QwenForCausalLM.from_pretrained(saved, dtype="float32", device="cpu", progress=False)
+
+
+def test_int4_decode_with_quantized_activations_is_about_as_accurate(folder):
+    """The CPU decode GEMVs quantize x to int8 per block of 32 (kernels/cpu/q8.c). Teacher-forced decode
+    logits of the int4 model (token by token through those GEMVs) vs the fp32 model: no more than 10%
+    above the error of the same int4 weights with unquantized activations (a prefill, one wide call)."""
+    from nekomata_core.kernels.cpu import gemv
+
+    if not gemv.available():
+        pytest.skip(gemv.unavailable_reason())
+    fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    int4 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = fp32(ids)[0]
+        wide = int4(ids)[0]  # 40 rows: expanded weights, unquantized x
+        cache = int4.allocate_cache(1, 48)
+        step = [int4(ids[:, t : t + 1], cache=cache)[0, -1] for t in range(40)]  # one row: the C GEMVs
+    decode_err = (torch.stack(step) - ref).abs().mean().item()
+    wide_err = (wide - ref).abs().mean().item()
+    assert 0 < wide_err and decode_err <= 1.1 * wide_err, (decode_err, wide_err)
+
+
 def test_int8_tracks_the_bf16_model(folder):
     """Accuracy report: int8 vs bf16 (the dtype it is meant to replace), both against fp32."""
     fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)

@@ -50,9 +50,25 @@ _Static_assert(NK_Q8_BLOCK == NK_INT4_GROUP, "an int4 group and an activation bl
 /* ---------------------------------------------------------------------------------------------------- */
 /* Activation quantization.                                                                             */
 
-/* One block of n <= 32 elements of x from index i, as fp32 into f[32] (zeros after n). */
+/* One block of n <= 32 elements of x from index i, as fp32 into f[32] (zeros after n). Vectorised for
+ * whole blocks: it runs on every call, serially. */
 static void block_to_f32(const void* x, int x_dtype, int64_t i, int n, float f[NK_Q8_BLOCK]) {
-    for (int j = 0; j < NK_Q8_BLOCK; j++) f[j] = j < n ? load_scalar(x, x_dtype, i + j) : 0.0f;
+    if (n < NK_Q8_BLOCK) {
+        for (int j = 0; j < NK_Q8_BLOCK; j++) f[j] = j < n ? load_scalar(x, x_dtype, i + j) : 0.0f;
+        return;
+    }
+    for (int j = 0; j < NK_Q8_BLOCK; j += 8) {
+        __m256 v;
+        switch (x_dtype) {
+            case DT_BF16:
+                v = _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + j))), 16));
+                break;
+            case DT_F16: v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + j))); break;
+            default: v = _mm256_loadu_ps((const float*)x + i + j); break;
+        }
+        _mm256_storeu_ps(f + j, v);
+    }
 }
 
 /* qx[32] and dx of one block f[32] (see the header comment). */
