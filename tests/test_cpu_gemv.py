@@ -483,6 +483,25 @@ def test_int4_dequantize_is_the_reference_weight_rounded_once(n, k, scale_dtype,
 
 
 @requires_kernels
+@pytest.mark.parametrize("n, k", [(1, 1), (3, 17), (64, 1024), (129, 2816)])
+def test_int8_expansion_is_the_weight_in_the_float_dtype(n, k, threads):
+    """The prefill's int8 → bf16/fp32 expansion equals PyTorch's conversion bit for bit (int8 values are
+    exact in both), for any thread count, written into `out` when given."""
+    q = torch.randint(-127, 128, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int8)
+    q.view(-1)[0] = -128
+    for dtype in (torch.bfloat16, torch.float32):
+        for nt in (1, 2):
+            threads(nt)
+            assert torch.equal(gemv.expand_int8(q, dtype), q.to(dtype))
+        out = torch.empty(n, k, dtype=dtype)
+        assert gemv.expand_int8(q, dtype, out=out) is out and torch.equal(out, q.to(dtype))
+    with pytest.raises(ValueError, match="out must be"):
+        gemv.expand_int8(q, torch.bfloat16, out=torch.empty(n, k))
+    with pytest.raises(ValueError, match="dtype must be"):
+        gemv.expand_int8(q, torch.float16)
+
+
+@requires_kernels
 def test_int4_dequantize_keeps_subnormal_values_and_writes_into_out():
     """The avx512bf16 build rounds with vcvtne2ps2bf16, which reads subnormals as zero: a group whose
     values are subnormal (scales of 1e-39) must still come out as PyTorch rounds them; `out` is filled

@@ -334,3 +334,23 @@ def test_a_saved_int4_model_smaller_than_one_byte_per_parameter_loads(checkpoint
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(ids), reloaded(ids))
+
+
+def test_quant_error_tool_reports_each_format(folder, capsys):
+    """tools/quant_error.py: one line per format with its prefill and decode errors vs fp32 (no timing)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import quant_error
+    finally:
+        sys.path.pop(0)
+    assert quant_error.main([str(folder), "--tokens", "6", "--formats", "int8,int4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[1]: [float(v) for v in line.split()[2:]] for line in lines if line.startswith("nekomata_core")}
+    assert set(rows) == {"int8", "int4"}
+    assert all(len(v) == 2 and 0 < v[0] and 0 < v[1] for v in rows.values())
+    assert rows["int8"][1] < rows["int4"][1]  # int8 perturbs less than int4
+    with pytest.raises(SystemExit):
+        quant_error.main([str(folder), "--formats", "int3"])

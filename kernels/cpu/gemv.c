@@ -732,6 +732,53 @@ NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, con
     return 0;
 }
 
+/* int8 → float for wide products: out [N, K] (fp32 or bf16) = W, exactly (every int8 value is exact in
+ * both: its fp32 bits end in 16 zeros, so the bf16 is the fp32's top half). Faster than PyTorch's copy
+ * (a prefill converts every int8 weight once). Elements are split over `nthreads` threads. Returns 0, or
+ * -4 for an out dtype other than fp32 or bf16. */
+#define EXPAND_CHUNK 65536
+
+NK_EXPORT int nekomata_expand_int8(const int8_t* W, void* out, int out_dtype, int64_t N, int64_t K, int nthreads) {
+    if (out_dtype != DT_F32 && out_dtype != DT_BF16) return -4;
+    const int64_t total = N * K, chunks = (total + EXPAND_CHUNK - 1) / EXPAND_CHUNK;
+    float* of = (float*)out;
+    uint16_t* ob = (uint16_t*)out;
+#pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (chunks > 1)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * EXPAND_CHUNK < total ? (c + 1) * EXPAND_CHUNK : total;
+        int64_t i = c * EXPAND_CHUNK;
+#ifdef __AVX512F__
+        for (; i + 16 <= end; i += 16) {
+            __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(W + i))));
+            if (out_dtype == DT_BF16)
+                _mm256_storeu_si256((__m256i*)(ob + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+            else
+                _mm512_storeu_ps(of + i, f);
+        }
+#else
+        for (; i + 16 <= end; i += 16) {
+            __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(W + i))));
+            __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(W + i + 8))));
+            if (out_dtype == DT_BF16) {
+                __m256i h = _mm256_packus_epi32(_mm256_srli_epi32(_mm256_castps_si256(f0), 16),
+                                                _mm256_srli_epi32(_mm256_castps_si256(f1), 16));
+                _mm256_storeu_si256((__m256i*)(ob + i), _mm256_permute4x64_epi64(h, 0xd8));
+            } else {
+                _mm256_storeu_ps(of + i, f0);
+                _mm256_storeu_ps(of + i + 8, f1);
+            }
+        }
+#endif
+        for (; i < end; i++) {
+            if (out_dtype == DT_BF16)
+                ob[i] = f32_to_bf16((float)W[i]);
+            else
+                of[i] = (float)W[i];
+        }
+    }
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Plain fp32 entry points (x, bias, scales and y all fp32).                                            */
 

@@ -37,6 +37,7 @@ from .build import available, library_path, unavailable_reason
 __all__ = [
     "available",
     "dequantize_int4",
+    "expand_int8",
     "library_path",
     "linear_bf16",
     "linear_bf16_op",
@@ -260,6 +261,24 @@ def dequantize_int4(
                 DTYPE_CODES[dtype], n, k, torch.get_num_threads())  # fmt: skip
     if status:
         raise ValueError(f"dequantize_int4: the library refused the call (status {status})")
+    return out
+
+
+def expand_int8(qweight: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``qweight.to(dtype)`` for a contiguous int8 [N, K] (fp32 or bf16, exact: int8 values are), in
+    vectors over torch.get_num_threads() threads (a prefill converts every int8 weight once). `out`: a
+    contiguous [N, K] tensor of `dtype` to write into."""
+    fn = _library().nekomata_expand_int8
+    _check_weight(qweight, torch.int8, "expand_int8")
+    n, k = qweight.shape
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"expand_int8: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype)
+    elif not (isinstance(out, torch.Tensor) and out.dtype == dtype and tuple(out.shape) == (n, k) and out.is_contiguous() and out.is_cpu):
+        raise ValueError(f"expand_int8: out must be a contiguous CPU {dtype} tensor of shape {(n, k)}, got {_describe(out)}")
+    if fn(qweight.data_ptr(), out.data_ptr(), DTYPE_CODES[dtype], n, k, torch.get_num_threads()):
+        raise ValueError(f"expand_int8: the library refused the call for dtype {dtype}")
     return out
 
 

@@ -110,6 +110,8 @@ class CpuInt8Linear(Int8Linear):
             return gemv.linear_int8(x, self.weight, self.scales, self.bias)
         if self.prefill_dtype is None:
             return super().forward(x)
+        from nekomata_core.kernels.cpu import gemv
+
         dtype = self.prefill_dtype
         shape = x.shape
         x2d = x.reshape(-1, shape[-1]).to(dtype)
@@ -117,8 +119,7 @@ class CpuInt8Linear(Int8Linear):
         step = _block_rows(self.in_features, dtype)
         for begin in range(0, self.out_features, step):
             end = min(begin + step, self.out_features)
-            w = _expansion_buffer(end - begin, self.in_features, dtype)
-            w.copy_(self.weight[begin:end])
+            w = gemv.expand_int8(self.weight[begin:end], dtype, out=_expansion_buffer(end - begin, self.in_features, dtype))
             y[:, begin:end] = x2d @ w.T
         y *= self.scales.to(dtype)
         if self.bias is not None:
