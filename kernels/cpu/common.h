@@ -108,6 +108,17 @@ static inline void store_scalar(void* p, int dtype, int64_t i, float v) {
     }
 }
 
+/* 8 consecutive elements of p (dtype DT_*) from index i, as fp32: load_scalar eight at a time. */
+static inline __m256 load8_f32(const void* p, int dtype, int64_t i) {
+    switch (dtype) {
+        case DT_BF16:
+            return _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
+        case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+        default: return _mm256_loadu_ps((const float*)p + i);
+    }
+}
+
 /* Horizontal sum in the order ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), the same as gemv.c's 4-row sum
  * (hsum8x4), so that a row gives bit-identical results whichever kernel (4 rows or 1) handles it, hence
  * whatever the thread count. */
@@ -178,6 +189,10 @@ NK_INTERNAL void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, in
  * rows below): nk_x_floats rounded up to 16, so that every one starts 64-byte aligned. */
 static inline int64_t nk_x_stride(int64_t K, int layout) { return (nk_x_floats(K, layout) + 15) & ~(int64_t)15; }
 
+/* `rows` rows of x ([rows, K] of x_dtype, row-major) prepared one after another into dst, nk_x_stride
+ * apart (the input of nk_gemv_rows_batch). */
+NK_INTERNAL void nk_load_rows(float* dst, const void* x, int x_dtype, int64_t K, int layout, int64_t rows);
+
 /* The largest nk_x_stride of any layout (a buffer that holds a prepared x whatever the weight kind). */
 static inline int64_t nk_x_stride_max(int64_t K) {
     const int layouts[] = {X_NATURAL, X_BF16_PAIRS, X_Q8_INT8, X_Q8_INT4};
@@ -212,9 +227,10 @@ NK_INTERNAL void nk_q8_row_batch(const gemv_args* a, int64_t n, const float* xp,
 
 /* Rows [begin, end) of the GEMVs of `batch` vectors at once, each weight row read once for all of them:
  * vector b is prepared at a->xp + b * nk_x_stride(K, layout), and its output row is y + b * N elements of
- * y_dtype. Each value does not depend on the batch size, the thread count or the schedule; in the avx2
- * build it is bit-identical to nk_gemv_rows on that vector alone (the same operations in the same order;
- * the AVX-512 builds' batch-1 kernels sum in another order). */
+ * y_dtype; a batch of 1 goes to nk_gemv_rows. Each value does not depend on the batch size, the thread
+ * count or the schedule; in the avx2 build (and for int8/int4 weights in every build) it is bit-identical
+ * to nk_gemv_rows on that vector alone (the same operations in the same order; the AVX-512 builds' other
+ * batch-1 kernels sum in another order). */
 NK_INTERNAL void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end);
 
 #endif /* NEKOMATA_CPU_COMMON_H */

@@ -82,26 +82,6 @@ float* nk_xbuf_get(int64_t K) {
     return xbuf;
 }
 
-/* 16 consecutive elements of x from index i, as fp32 (c0 = x[i..i+7], c1 = x[i+8..i+15]). */
-static inline void load16(const void* x, int x_dtype, int64_t i, __m256* c0, __m256* c1) {
-    switch (x_dtype) {
-        case DT_BF16: {
-            __m256i v = _mm256_loadu_si256((const __m256i*)((const uint16_t*)x + i));
-            *c0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
-            *c1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
-            break;
-        }
-        case DT_F16:
-            *c0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i)));
-            *c1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + 8)));
-            break;
-        default:
-            *c0 = _mm256_loadu_ps((const float*)x + i);
-            *c1 = _mm256_loadu_ps((const float*)x + i + 8);
-            break;
-    }
-}
-
 /* x converted to fp32 into dst: in natural order (split = 0, int8), or split (split = 1, bf16: every
  * block of 16 stores its 8 even-indexed elements, then its 8 odd-indexed ones); the tail after the last
  * block of 16 stays in natural order. Vectorised, as it runs serially on every call. */
@@ -113,8 +93,7 @@ void nk_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout) {
     const int split = layout == X_SPLIT;
     int64_t full = K - K % 16;
     for (int64_t j = 0; j < full; j += 16) {
-        __m256 c0, c1;
-        load16(x, x_dtype, j, &c0, &c1);
+        __m256 c0 = load8_f32(x, x_dtype, j), c1 = load8_f32(x, x_dtype, j + 8);
         if (split) {
             /* shuffle_ps picks elements 0,2 (or 1,3) of each 128-bit half of c0 and c1; the 64-bit
              * permute (0, 2, 1, 3) then puts c0's picks before c1's. */
@@ -247,9 +226,8 @@ static inline float f32_row(const float* w, int64_t K, const float* xp) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* 512-bit row kernels (the "avx512" and "avx512bf16" builds).                                          */
 /*
- * Twice the weights per instruction of the AVX2 kernels: what they save is instructions, which is what
- * limits the int4 kernel (unpacking costs more than DRAM takes to deliver the bytes) and leaves the
- * others closer to the bandwidth. Each kernel takes `nrows` = ROWS or 1 rows and sums every row in the
+ * Twice the weights per instruction of the AVX2 kernels: what they save is instructions, which leaves
+ * them closer to the bandwidth (the int8 and int4 ones are in q8.c). Each kernel takes `nrows` = ROWS or 1 rows and sums every row in the
  * same order either way (always inlined, so each count gets its own code), so a row's value does not
  * depend on which kernel computes it, hence on the thread count. Horizontal sums: _mm512_reduce_add_ps,
  * a fixed tree. */
@@ -569,6 +547,10 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
 _Static_assert(NK_BATCH_TILE == 4, "nk_gemv_rows_batch dispatches on 1..4 vectors per pass");
 
 void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end) {
+    if (batch == 1) {
+        nk_gemv_rows(a, begin, end);
+        return;
+    }
     const int64_t xs = nk_x_stride(a->K, nk_x_layout(a->kind));
     const size_t ysize = a->y_dtype == DT_F32 ? 4 : 2;
     float acc[NK_BATCH_TILE];
@@ -592,35 +574,30 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
     }
 }
 
-/* The GEMVs of M rows of x ([M, K] of x_dtype, row-major) into y [M, N]: one row through the batch-1 rows,
- * more through the batched rows (each weight row read once for all of them), the output rows split over
- * the threads either way. */
+void nk_load_rows(float* dst, const void* x, int x_dtype, int64_t K, int layout, int64_t rows) {
+    const int64_t xs = nk_x_stride(K, layout);
+    const size_t row = (size_t)K * (x_dtype == DT_F32 ? 4 : 2);
+    for (int64_t m = 0; m < rows; m++) nk_load_x(dst + m * xs, (const char*)x + m * row, x_dtype, K, layout);
+}
+
+/* The GEMVs of M rows of x ([M, K] of x_dtype, row-major) into y [M, N], the output rows split over the
+ * threads (nk_gemv_rows_batch: one row through the batch-1 rows, more each weight row read once for all). */
 static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads, int64_t M) {
     if (a->N <= 0 || M <= 0) return 0;
     const int layout = nk_x_layout(a->kind);
-    const int64_t xs = nk_x_stride(a->K, layout);
-    float* xp = nk_xbuf_get(a->K > 0 ? M * xs : 1);
+    float* xp = nk_xbuf_get(a->K > 0 ? M * nk_x_stride(a->K, layout) : 1);
     if (!xp) return -1;
-    const size_t row = (size_t)a->K * (x_dtype == DT_F32 ? 4 : 2);
-    for (int64_t m = 0; m < M; m++) nk_load_x(xp + m * xs, (const char*)x + m * row, x_dtype, a->K, layout);
+    nk_load_rows(xp, x, x_dtype, a->K, layout, M);
     a->xp = xp;
     int team = team_size(a->N, a->K * M, nthreads);
     if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
-        if (M == 1)
-            nk_gemv_rows(a, 0, a->N);
-        else
-            nk_gemv_rows_batch(a, M, 0, a->N);
+        nk_gemv_rows_batch(a, M, 0, a->N);
         return 0;
     }
     /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
      * and threads share no cache line of W and only the boundary line of y. */
 #pragma omp parallel for schedule(static) num_threads(team)
-    for (int t = 0; t < team; t++) {
-        if (M == 1)
-            nk_gemv_rows(a, a->N * t / team, a->N * (t + 1) / team);
-        else
-            nk_gemv_rows_batch(a, M, a->N * t / team, a->N * (t + 1) / team);
-    }
+    for (int t = 0; t < team; t++) nk_gemv_rows_batch(a, M, a->N * t / team, a->N * (t + 1) / team);
     return 0;
 }
 

@@ -57,18 +57,7 @@ static void block_to_f32(const void* x, int x_dtype, int64_t i, int n, float f[N
         for (int j = 0; j < NK_Q8_BLOCK; j++) f[j] = j < n ? load_scalar(x, x_dtype, i + j) : 0.0f;
         return;
     }
-    for (int j = 0; j < NK_Q8_BLOCK; j += 8) {
-        __m256 v;
-        switch (x_dtype) {
-            case DT_BF16:
-                v = _mm256_castsi256_ps(_mm256_slli_epi32(
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + j))), 16));
-                break;
-            case DT_F16: v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)x + i + j))); break;
-            default: v = _mm256_loadu_ps((const float*)x + i + j); break;
-        }
-        _mm256_storeu_ps(f + j, v);
-    }
+    for (int j = 0; j < NK_Q8_BLOCK; j += 8) _mm256_storeu_ps(f + j, load8_f32(x, x_dtype, i + j));
 }
 
 /* qx[32] and dx of one block f[32] (see the header comment). */
@@ -93,8 +82,7 @@ static float quantize_block(const float f[NK_Q8_BLOCK], int8_t qx[NK_Q8_BLOCK]) 
     return amax / 127.0f;
 }
 
-/* The fp32 sum of one block, in gemv.c's order for group sums: ((f0..7 + f8..15) + (f16..23 + f24..31)),
- * then hsum8. */
+/* The fp32 sum of one block: ((f0..7 + f8..15) + (f16..23 + f24..31)), then hsum8. */
 static float block_sum(const float f[NK_Q8_BLOCK]) {
     __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(f), _mm256_loadu_ps(f + 8)),
                              _mm256_add_ps(_mm256_loadu_ps(f + 16), _mm256_loadu_ps(f + 24)));
@@ -108,12 +96,11 @@ void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout)
         const int64_t padded = nk_q8_int8_padded(K), blocks = padded / NK_Q8_BLOCK;
         int8_t* qx = (int8_t*)dst;
         float* dxl = dst + padded / 4;
-        for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t b = 0; b < blocks; b++) { /* padding blocks are zeros: qx 0, dx 0 */
             const int64_t at = b * NK_Q8_BLOCK;
             const int n = at >= K ? 0 : (K - at < NK_Q8_BLOCK ? (int)(K - at) : NK_Q8_BLOCK);
             block_to_f32(x, x_dtype, at, n, f);
-            const float dx = n ? quantize_block(f, q) : 0.0f;
-            if (!n) memset(q, 0, sizeof q);
+            const float dx = quantize_block(f, q);
             memcpy(qx + at, q, NK_Q8_BLOCK);
             for (int j = 0; j < NK_Q8_BLOCK / 4; j++) dxl[at / 4 + j] = dx;
         }
@@ -124,15 +111,9 @@ void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout)
     int8_t* qx = (int8_t*)dst;
     float* dx = dst + padded * (NK_INT4_GROUP / 4);
     float* xsum = dx + padded;
-    for (int64_t g = 0; g < padded; g++) {
+    for (int64_t g = 0; g < padded; g++) { /* padding groups are zeros: qx 0, dx 0, sum 0 */
         int8_t* lo = qx + (g / 4) * 128 + (g % 4) * 16;
-        if (g >= groups) {
-            memset(lo, 0, 16);
-            memset(lo + 64, 0, 16);
-            dx[g] = xsum[g] = 0.0f;
-            continue;
-        }
-        block_to_f32(x, x_dtype, g * NK_INT4_GROUP, NK_INT4_GROUP, f);
+        block_to_f32(x, x_dtype, g * NK_INT4_GROUP, g < groups ? NK_INT4_GROUP : 0, f);
         dx[g] = quantize_block(f, q);
         xsum[g] = block_sum(f);
         memcpy(lo, q, 16);
@@ -143,17 +124,6 @@ void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout)
 /* ---------------------------------------------------------------------------------------------------- */
 /* int4 scales and mins                                                                                 */
 
-/* 8 consecutive scales or mins from index i, as fp32 (bf16, fp16 or fp32). */
-static inline __m256 load8(const void* p, int dtype, int64_t i) {
-    switch (dtype) {
-        case DT_BF16:
-            return _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
-        case DT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-        default: return _mm256_loadu_ps((const float*)p + i);
-    }
-}
-
 /* The scales and mins of one row's groups [from, from + SCALE_BLOCK) as fp32 into sf and mf (fewer at the
  * row's end, zero-filled to a multiple of 4): the kernels take them four at a time from there. Converting
  * a block ahead of the loop that uses it lets their loads overlap the code bytes' work. */
@@ -163,8 +133,8 @@ static inline void scales_to_f32(const void* sc, const void* mn, int dtype, int6
                                  float* mf) {
     int64_t n = groups - from < SCALE_BLOCK ? groups - from : SCALE_BLOCK, i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(sf + i, load8(sc, dtype, from + i));
-        _mm256_storeu_ps(mf + i, load8(mn, dtype, from + i));
+        _mm256_storeu_ps(sf + i, load8_f32(sc, dtype, from + i));
+        _mm256_storeu_ps(mf + i, load8_f32(mn, dtype, from + i));
     }
     for (; i < n; i++) {
         sf[i] = load_scalar(sc, dtype, from + i);
@@ -187,7 +157,8 @@ static inline void scales_to_f32(const void* sc, const void* mn, int dtype, int6
  * is caller-saved). */
 
 /* The int4 scales and mins are separate streams from the codes, 1/8 of their bytes: one prefetch of each
- * per 32 groups (a 64-byte line of bf16 scales), PF_Q8 / 8 bytes ahead (the same distance in rows). */
+ * per 32 groups (a 64-byte line of bf16 scales), PF_Q8 / 2 bytes ahead (four times the codes' distance
+ * in rows: their loads' latency showed in profiles at the shorter one). */
 static inline void prefetch_scales(const void* sc, const void* mn, int sdt, int64_t g) {
     const int64_t at = g * (sdt == DT_F32 ? 4 : 2) + PF_Q8 / 2;
     _mm_prefetch((const char*)sc + at, _MM_HINT_T0);

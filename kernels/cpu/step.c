@@ -151,19 +151,12 @@ static void rms_norm(const float* x, const void* w, int act, int64_t H, float ep
 static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t batch, int64_t begin,
                         int64_t end) {
     gemv_args a = {l->kind, l->W, xp, l->scales, l->mins, act, l->bias, act, y, act, l->N, l->K};
-    if (end <= begin) return;
-    if (batch == 1)
-        nk_gemv_rows(&a, begin, end);
-    else
-        nk_gemv_rows_batch(&a, batch, begin, end);
+    if (end > begin) nk_gemv_rows_batch(&a, batch, begin, end);
 }
 
 /* The `batch` rows of src ([batch, K] of src_dtype) prepared for lin into xp, nk_x_stride apart. */
 static void load_rows(float* xp, const void* src, int src_dtype, const nk_linear* l, int64_t batch) {
-    const int layout = nk_x_layout(l->kind); /* batch 1 and batched alike */
-    const int64_t K = l->K, xs = nk_x_stride(K, layout);
-    const size_t row = (size_t)K * (src_dtype == DT_F32 ? 4 : 2);
-    for (int64_t b = 0; b < batch; b++) nk_load_x(xp + b * xs, (const char*)src + b * row, src_dtype, K, layout);
+    nk_load_rows(xp, src, src_dtype, l->K, nk_x_layout(l->kind), batch); /* batch 1 and batched alike */
 }
 
 /* Chunks per thread and matrix: enough that the last chunk to finish is a small part of the matrix,
@@ -185,20 +178,11 @@ static void linear_team(const nk_linear* l, const float* xp, void* y, int act, i
         linear_rows(l, xp, y, act, batch, i * c, (i + 1) * c < l->N ? (i + 1) * c : l->N);
 }
 
-/* 8 consecutive act-dtype elements from index i, as fp32. */
-static inline __m256 load8_act(const void* p, int act, int64_t i) {
-    if (act == DT_BF16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i))), 16));
-    if (act == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
-    return _mm256_loadu_ps((const float*)p + i);
-}
-
 /* dot(q, k) over D elements, q fp32 and k in the act dtype. */
 static inline float dot_act(const float* q, const void* k, int act, int64_t D) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_act(k, act, i), acc);
+    for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_f32(k, act, i), acc);
     float s = hsum8(acc);
     for (; i < D; i++) s = fmaf(q[i], load_scalar(k, act, i), s);
     return s;
@@ -209,7 +193,7 @@ static inline void axpy_act(float* acc, float p, const void* v, int act, int64_t
     __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
     for (; i + 8 <= D; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8_act(v, act, i), _mm256_loadu_ps(acc + i)));
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, load8_f32(v, act, i), _mm256_loadu_ps(acc + i)));
     for (; i < D; i++) acc[i] = fmaf(p, load_scalar(v, act, i), acc[i]);
 }
 
