@@ -240,6 +240,31 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
     return (q * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, -1)
 
 
+def blocked_matmul(
+    x: torch.Tensor,
+    out_features: int,
+    dtype: torch.dtype,
+    expand: Callable[[int, int], torch.Tensor],
+    block_rows: int,
+    row_scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ W^T (times `row_scales` per output, then + bias) computed in `dtype` and rounded once to x.dtype,
+    with W's rows [begin, end) expanded by `expand(begin, end)` (→ [end - begin, K] of `dtype`),
+    `block_rows` rows at a time: the wide products of quantized layers, never a whole float copy of W."""
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).to(dtype)
+    y = torch.empty(x2d.shape[0], out_features, dtype=dtype, device=x.device)
+    for begin in range(0, out_features, block_rows):
+        end = min(begin + block_rows, out_features)
+        y[:, begin:end] = x2d @ expand(begin, end).T
+    if row_scales is not None:
+        y *= row_scales.to(dtype)
+    if bias is not None:
+        y += bias.to(dtype)
+    return y.to(x.dtype).reshape(*shape[:-1], out_features)
+
+
 class Int4Linear(nn.Module):
     """y = x @ W^T + bias with W = q * scale + min per group of INT4_GROUP_SIZE inputs (q 4-bit).
 
@@ -299,17 +324,12 @@ class Int4Linear(nn.Module):
         """x @ W^T + bias computed in `dtype` and rounded once to x.dtype, with W expanded by
         `dequantize(packed, scales, mins)` (→ `dtype`) `block_rows` rows at a time (default: ~4M weights):
         never a whole copy."""
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).to(dtype)
-        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype, device=x.device)
         step = block_rows or max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
-        for begin in range(0, self.out_features, step):
-            end = min(begin + step, self.out_features)
-            w = dequantize(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
-            y[:, begin:end] = x2d @ w.T
-        if self.bias is not None:
-            y += self.bias.to(dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+        def expand(begin: int, end: int) -> torch.Tensor:
+            return dequantize(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
+
+        return blocked_matmul(x, self.out_features, dtype, expand, step, bias=self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP_SIZE}"

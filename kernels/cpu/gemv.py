@@ -233,6 +233,17 @@ def linear_int4(
     return y
 
 
+def _expanded_output(out: torch.Tensor | None, n: int, k: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """The [N, K] tensor an expansion writes (fp32 or bf16): `out` after checking it, or a new one."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name}: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if out is None:
+        return torch.empty(n, k, dtype=dtype)
+    if not (isinstance(out, torch.Tensor) and out.dtype == dtype and tuple(out.shape) == (n, k) and out.is_contiguous() and out.is_cpu):
+        raise ValueError(f"{name}: out must be a contiguous CPU {dtype} tensor of shape {(n, k)}, got {_describe(out)}")
+    return out
+
+
 def dequantize_int4(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -247,16 +258,11 @@ def dequantize_int4(
     contiguous [N, K] tensor of `dtype` to write into (a reused buffer: no allocation per call)."""
     fn = _library().nekomata_dequantize_int4
     n, k = _int4_shape(qweight, "dequantize_int4")
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"dequantize_int4: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    out = _expanded_output(out, n, k, dtype, "dequantize_int4")
     shape = (n, k // INT4_GROUP_SIZE)
     code = _group_vector(scales, shape, "scales", "dequantize_int4")
     if _group_vector(mins, shape, "mins", "dequantize_int4") != code:
         raise ValueError(f"dequantize_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
-    if out is None:
-        out = torch.empty(n, k, dtype=dtype)
-    elif not (isinstance(out, torch.Tensor) and out.dtype == dtype and tuple(out.shape) == (n, k) and out.is_contiguous() and out.is_cpu):
-        raise ValueError(f"dequantize_int4: out must be a contiguous CPU {dtype} tensor of shape {(n, k)}, got {_describe(out)}")
     status = fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), code, out.data_ptr(),
                 DTYPE_CODES[dtype], n, k, torch.get_num_threads())  # fmt: skip
     if status:
@@ -271,12 +277,7 @@ def expand_int8(qweight: torch.Tensor, dtype: torch.dtype = torch.bfloat16, out:
     fn = _library().nekomata_expand_int8
     _check_weight(qweight, torch.int8, "expand_int8")
     n, k = qweight.shape
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"expand_int8: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    if out is None:
-        out = torch.empty(n, k, dtype=dtype)
-    elif not (isinstance(out, torch.Tensor) and out.dtype == dtype and tuple(out.shape) == (n, k) and out.is_contiguous() and out.is_cpu):
-        raise ValueError(f"expand_int8: out must be a contiguous CPU {dtype} tensor of shape {(n, k)}, got {_describe(out)}")
+    out = _expanded_output(out, n, k, dtype, "expand_int8")
     if fn(qweight.data_ptr(), out.data_ptr(), DTYPE_CODES[dtype], n, k, torch.get_num_threads()):
         raise ValueError(f"expand_int8: the library refused the call for dtype {dtype}")
     return out

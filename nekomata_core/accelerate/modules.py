@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import MLP, RMSNorm, Rotary, ScaledDotProductAttention, StepInputs
-from ..quantize import Int4Linear, Int8Linear
+from ..quantize import Int4Linear, Int8Linear, blocked_matmul
 
 # From this many rows on, a half-precision CPU matmul without bf16/fp16 arithmetic is done in fp32.
 PREFILL_UPCAST_ROWS = 8
@@ -75,7 +75,7 @@ _workspace = threading.local()
 
 def _expansion_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A [rows, cols] `dtype` view of this thread's workspace (grown when a block needs more)."""
-    need = rows * cols * torch.empty(0, dtype=dtype).element_size()
+    need = rows * cols * dtype.itemsize
     buf = getattr(_workspace, "buffer", None)
     if buf is None or buf.numel() < need:
         buf = _workspace.buffer = torch.empty(max(need, _WORKSPACE_BYTES), dtype=torch.uint8)
@@ -83,7 +83,7 @@ def _expansion_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _block_rows(in_features: int, dtype: torch.dtype) -> int:
-    return max(1, _WORKSPACE_BYTES // (max(in_features, 1) * torch.empty(0, dtype=dtype).element_size()))
+    return max(1, _WORKSPACE_BYTES // (max(in_features, 1) * dtype.itemsize))
 
 
 class CpuInt8Linear(Int8Linear):
@@ -113,18 +113,13 @@ class CpuInt8Linear(Int8Linear):
         from nekomata_core.kernels.cpu import gemv
 
         dtype = self.prefill_dtype
-        shape = x.shape
-        x2d = x.reshape(-1, shape[-1]).to(dtype)
-        y = torch.empty(x2d.shape[0], self.out_features, dtype=dtype)
-        step = _block_rows(self.in_features, dtype)
-        for begin in range(0, self.out_features, step):
-            end = min(begin + step, self.out_features)
-            w = gemv.expand_int8(self.weight[begin:end], dtype, out=_expansion_buffer(end - begin, self.in_features, dtype))
-            y[:, begin:end] = x2d @ w.T
-        y *= self.scales.to(dtype)
-        if self.bias is not None:
-            y += self.bias.to(dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+        def expand(begin: int, end: int) -> torch.Tensor:
+            out = _expansion_buffer(end - begin, self.in_features, dtype)
+            return gemv.expand_int8(self.weight[begin:end], dtype, out=out)
+
+        block_rows = _block_rows(self.in_features, dtype)
+        return blocked_matmul(x, self.out_features, dtype, expand, block_rows, self.scales, self.bias)
 
 
 class CpuInt4Linear(Int4Linear):
