@@ -15,8 +15,7 @@ import sys
 
 import torch
 
-#: The names accepted by `resolve_backend`.
-BACKENDS: tuple[str, ...] = ("auto", "triton", "sdpa", "eager")
+from ..backends import ATTENTION_CHOICES as BACKENDS  # the names accepted by `resolve_backend`
 
 # Triton's own README: NVIDIA GPUs of compute capability 8.0+ (bf16 tensor cores are needed too).
 _MIN_CUDA_CAPABILITY = (8, 0)

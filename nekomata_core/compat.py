@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accelerate import accelerate
 from .errors import NekomataError
 from .generation import GenerationOutput, generate_steps
 from .inputs import check_input_ids
 from .pretrained import QwenForCausalLM
-from .sampling import GENERATION_CONFIG_KEYS, SamplingParams, load_generation_config
+from .sampling import GENERATION_CONFIG_KEYS, SamplingParams, load_generation_config, read_generation_config
+from .tokenizer import QwenTokenizer
 
 # What transformers' GenerationConfig uses for a key a generation_config.json does not set.
 HF_DEFAULTS: dict[str, Any] = {
@@ -169,8 +171,6 @@ class CompatCausalLM(nn.Module):
 
     # transformers' models are called with .eval()/.to(); .to is limited to what the model supports
     def to(self, *args: Any, **kwargs: Any) -> CompatCausalLM:
-        from .accelerate import accelerate
-
         self.model.to(*args, **kwargs)
         accelerate(self.model)  # the fast modules of the new device, with the same choices
         return self
@@ -228,8 +228,6 @@ class AutoModelForCausalLM:
         folder = getattr(model, "checkpoint_dir", None)
         gen = {}
         if folder is not None and (folder / "generation_config.json").is_file():
-            from .sampling import read_generation_config
-
             load_generation_config(folder / "generation_config.json")  # validates the file's values
             raw = read_generation_config(folder / "generation_config.json")  # bounded, types checked
             gen = {k: v for k, v in raw.items() if k in GENERATION_CONFIG_KEYS | {"max_length"}}
@@ -318,8 +316,6 @@ class AutoTokenizer:
     ) -> CompatTokenizer:
         _reject_unknown(unused, {"use_fast", "pad_token"})
         del trust_remote_code
-        from .tokenizer import QwenTokenizer
-
         return CompatTokenizer(
             QwenTokenizer.from_pretrained(pretrained_model_name_or_path, revision=revision), padding_side
         )

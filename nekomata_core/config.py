@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NekomataError
+from .hub import resolve_model_dir
 from .safe_files import SMALL_JSON_MAX_BYTES, json_value_problem, read_json_file
 
 # The decode paths (nekomata_core.decode.make_decoder), defined here, torch-free, so that the CLI parsers
@@ -245,8 +246,6 @@ class QwenConfig:
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike[str], *, revision: str | None = None):
-        from .hub import resolve_model_dir
-
         folder = resolve_model_dir(path_or_repo_id, revision=revision, allow_patterns=("config.json",))
         return cls.from_json_file(folder / "config.json")
 

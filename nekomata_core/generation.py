@@ -5,7 +5,7 @@
         select_next(logits)    → next token per row (sampling.py: HF's pipeline and RNG use)
         stop checks            → eos ids, stop strings, max_new_tokens — per row
         non-finite logits      → NonFiniteLogitsError naming the step (broken weights, fp16 overflow)
-        decode_one(token)      → logits of the next position (the cache grows by one)
+        step(token)            → logits of the next position (the cache grows by one)
 
 Batches are left-padded (the attention mask marks padding) so that every row's next token sits in the
 same column. Rows finish independently; a finished row is fed `pad_token_id` until all are done, as
@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .accelerate import StepFn, make_step
 from .config import QwenConfig
 from .errors import NekomataError
 from .inputs import check_attention_mask, check_input_ids
 from .sampling import SamplingParams, process_logits, select_next
 
 if TYPE_CHECKING:
-    from .cache import KVCache
     from .model import QwenForCausalLM
     from .tokenizer import QwenTokenizer
 
@@ -73,9 +73,6 @@ class GenerationOutput:
     def decode_tokens_per_second(self) -> float:
         """Decode steps per second (one token per row per step), prefill excluded."""
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
-
-
-DecodeFn = Callable[[torch.Tensor, "KVCache"], torch.Tensor]
 
 
 def validate_generation_inputs(
@@ -163,7 +160,7 @@ def generate_steps(
     *,
     tokenizer: QwenTokenizer | None = None,
     generator: torch.Generator | None = None,
-    decode_fn: DecodeFn | None = None,
+    decode_fn: StepFn | None = None,
     output: GenerationOutput | None = None,
 ) -> Iterator[torch.Tensor]:
     """The generation loop as an iterator: yields the tokens [B] chosen at each step.
@@ -199,7 +196,7 @@ def generate_steps(
     unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
     eos = torch.tensor(params.eos_token_id, dtype=torch.long, device=model.device)
     stop_watch = _StopStringWatcher(tokenizer, params.stop_strings, batch) if params.stop_strings else None
-    decode = decode_fn or _default_decode(model)
+    step_fn = decode_fn or _default_step(model)
 
     with torch.inference_mode():
         started = _now(model)
@@ -232,7 +229,7 @@ def generate_steps(
             yield chosen
             if not bool(unfinished.any()) or step + 1 == steps:
                 break
-            logits = decode(chosen[:, None], cache)
+            logits = step_fn(chosen[:, None], cache)
             out.decode_steps += 1
             check_finite_logits(logits, out.decode_steps)
         out.decode_seconds = _now(model) - started
@@ -246,7 +243,7 @@ def generate(
     *,
     tokenizer: QwenTokenizer | None = None,
     generator: torch.Generator | None = None,
-    decode_fn: DecodeFn | None = None,
+    decode_fn: StepFn | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
     """Generate for a (left-padded) batch. `overrides` are SamplingParams fields (e.g. max_new_tokens=…).
@@ -285,7 +282,7 @@ def stream(
     generator: torch.Generator | None = None,
     skip_special_tokens: bool = True,
     output: GenerationOutput | None = None,
-    decode_fn: DecodeFn | None = None,
+    decode_fn: StepFn | None = None,
     **overrides: Any,
 ) -> Iterator[str]:
     """Yield the text of one prompt's continuation piece by piece, as tokens are generated.
@@ -359,13 +356,10 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _default_decode(model: QwenForCausalLM) -> DecodeFn:
+def _default_step(model: QwenForCausalLM) -> StepFn:
     """The "auto" step of `nekomata_core.accelerate.make_step`: the native C step (batches of up to 8
     rows, 16 quantized) where it applies (CPU, float32/bfloat16/int8/int4 weights), else the model's
-    fixed-shape step. Both
-    compute the same function as the plain forward (tests/test_steps.py)."""
-    from .accelerate import make_step
-
+    fixed-shape step. Both compute the same function as the plain forward (tests/test_steps.py)."""
     return make_step(model, "auto")
 
 

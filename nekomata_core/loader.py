@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import ConfigError, QwenConfig
@@ -426,8 +427,6 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> None:
     """Write `tensors` as a safetensors file (`{"format": "pt"}` metadata unless given)."""
-    from safetensors.torch import save_file
-
     save_file(dict(tensors), os.fspath(path), metadata=metadata if metadata is not None else {"format": "pt"})
 
 

@@ -9,9 +9,18 @@ import os
 import torch
 
 from .accelerate import accelerate, check_choices
+from .accelerate import tensor_parallel as tp_module
 from .config import QwenConfig
 from .hub import resolve_model_dir
+from .loader import check_checkpoint, load_weights
 from .model import QwenForCausalLM as Architecture
+from .quantize import (
+    QUANTIZE_CHOICES,
+    QuantizeOnLoad,
+    check_saved_int8_codes,
+    convert_to_quantized_structure,
+    quantization_of,
+)
 
 DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -80,15 +89,6 @@ def load_pretrained(
     pickled `pytorch_model*.bin` weights (with `torch.load(weights_only=True)`); they are refused
     otherwise, with the command that converts them to safetensors. `tensor_parallel=True` (in a
     process started by torchrun) loads only this rank's shard (`accelerate.tensor_parallel`)."""
-    from .loader import check_checkpoint, load_weights
-    from .quantize import (
-        QUANTIZE_CHOICES,
-        QuantizeOnLoad,
-        check_saved_int8_codes,
-        convert_to_quantized_structure,
-        quantization_of,
-    )
-
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize={quantize!r}; choose None or one of {list(QUANTIZE_CHOICES)}")
     check_choices(attention_backend, ops_backend)
@@ -100,8 +100,6 @@ def load_pretrained(
     target_device = resolve_device(device)
     tp = None
     if tensor_parallel:
-        from .accelerate import tensor_parallel as tp_module
-
         target_device = tp_module.rank_device(device, target_device)
         tp = tp_module.init_process_group(target_device)
         tp_module.check_divisible(config, tp.world_size)  # before any weight is read

@@ -60,12 +60,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import loader
+from .backends import QUANTIZE_CHOICES
 from .config import ConfigError
 from .errors import NekomataError
 
 QUANT_METHOD = "int8_weight_only"
 INT4_METHOD = "int4_weight_only"
-QUANTIZE_CHOICES = ("int8", "int4")
 QUANTIZE_CHUNK_ROWS = 4096
 
 # int4 format (see "int4" in the module docstring): groups of INT4_GROUP_SIZE consecutive weights along
@@ -514,8 +515,6 @@ def save_quantized(
     (`model.checkpoint_dir` or `source_dir`: it holds the float weights) or into a folder that contains
     it, and replacing a folder that is not a checkpoint (it has no config.json, or holds sub-folders).
     """
-    from .loader import save_safetensors
-
     if not any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
         raise SaveError(
             "the model has no quantized layers; quantize it first (quantize_int8 / quantize_int4, or "
@@ -548,7 +547,7 @@ def save_quantized(
             json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         state = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()}
-        save_safetensors(state, tmp / "model.safetensors")
+        loader.save_safetensors(state, tmp / "model.safetensors")
         del state
         if source_dir is not None:
             for name in _COPIED_FILES:

@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .errors import NekomataError
+from .safe_files import SMALL_JSON_MAX_BYTES, read_json_file
 
 # The lowest temperature sampling accepts. Below it sampling is greedy decoding in all but name, and
 # temperatures like 1e-40 are not even normal float32 numbers (1e-50 rounds to 0: a division by zero).
@@ -190,9 +192,6 @@ def _has_json_type(value: Any, kind: str) -> bool:
 def read_generation_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON object of a generation_config.json, bounded in size, with the types of the keys we use
     checked; `{}` when the file does not exist. Raises `ConfigError` naming the file and the key."""
-    from .config import ConfigError
-    from .safe_files import SMALL_JSON_MAX_BYTES, read_json_file
-
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return {}
@@ -219,8 +218,6 @@ def load_generation_config(path: str | os.PathLike[str]) -> SamplingParams:
 
     Qwen-7B's file says: do_sample true, top_p 0.8, top_k 0, max_new_tokens 512, eos = pad = 151643.
     """
-    from .config import ConfigError
-
     path = Path(path)
     data = read_generation_config(path)
     known = {k: v for k, v in data.items() if k in GENERATION_CONFIG_KEYS and v is not None}

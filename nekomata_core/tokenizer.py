@@ -23,9 +23,9 @@ What this adds:
   out what the regex does with them) and BPE-merged without the regex. The result is identical to
   the unchunked encoding whenever that one finishes; the tests check this against tiktoken itself.
   BPE inside one pre-token is not decomposable, so a single gigantic pre-token ("a" * 5_000_000)
-  is still merged in one piece: tiktoken >= 0.13 does that with a heap in O(n log n) (about 4 s for
-  5 MB); older tiktoken merges with an O(n^2) scan (100k "a" take ~5 s, 5M would take hours), and
-  0.12's regex even overflows on "a" * 1_000_000.
+  is still merged in one piece: tiktoken >= 0.13 does that with a heap in O(n log n); older tiktoken
+  merges with an O(n^2) scan (5M characters would take hours), and 0.12's regex even overflows on
+  "a" * 1_000_000.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ _NEWLINES = "\r\n"
 # from chunking them.
 _DIRECT_MAX_CHARS = 262_144
 # Longer texts are cut into chunks of about this many characters. (Encoding the chunks on several
-# threads was measured slower on a busy 2-core machine, so one text stays on one thread; use
-# encode_batch for parallelism across texts.)
+# threads gained nothing over one, so one text stays on one thread; use encode_batch for parallelism
+# across texts.)
 _CHUNK_CHARS = 65_536
 # Whitespace runs at least this long are pre-tokenized in Python instead of by tiktoken's regex.
 _LONG_WHITESPACE_CHARS = 32_768

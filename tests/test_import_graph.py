@@ -1,7 +1,8 @@
 """The package's imports go one way: applications → library → nothing of the applications; no cycles.
 
 Read from the source (every `import`, lazy ones inside functions included), not from what happens
-to be imported at run time, so a cycle hidden behind a function-level import is found too.
+to be imported at run time, so a cycle hidden behind a function-level import is found too. `kernels/`
+is read as what it installs as, `nekomata_core.kernels`.
 """
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "nekomata_core"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "nekomata_core"
+KERNELS = REPO / "kernels"  # installed as nekomata_core.kernels (pyproject's package-dir)
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if path.is_relative_to(KERNELS):
+        parts = ("nekomata_core", *path.relative_to(REPO).with_suffix("").parts)
+    else:
+        parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -44,7 +50,7 @@ def _imports(path: Path) -> set[str]:
     return {name for name in found if name in MODULES and name != module}
 
 
-FILES = sorted(PACKAGE.rglob("*.py"))
+FILES = sorted([*PACKAGE.rglob("*.py"), *KERNELS.rglob("*.py")])
 MODULES = {_module_name(path) for path in FILES}
 GRAPH = {_module_name(path): _imports(path) for path in FILES}
 
@@ -57,6 +63,20 @@ LIBRARY = sorted(
 @pytest.mark.parametrize("module", LIBRARY)
 def test_the_library_imports_nothing_from_the_applications(module):
     assert not {m for m in GRAPH[module] if m.startswith("nekomata_core.apps")}
+
+
+def test_the_graph_reads_the_kernels_and_lazy_imports():
+    # A check that sees nothing passes vacuously: the kernels are in it, and a function-level import is an edge.
+    assert "nekomata_core.kernels.gpu.attention" in GRAPH and "nekomata_core.kernels.cpu.build" in GRAPH
+    assert "nekomata_core.kernels.cpu.step" in GRAPH["nekomata_core.accelerate.steps"]  # imported in functions
+
+
+def test_the_kernels_know_nothing_of_the_library():
+    """kernels/ imports only itself and `backends` (the names of the choices, no imports of its own)."""
+    for module in (m for m in MODULES if m.startswith("nekomata_core.kernels")):
+        outside = {d for d in GRAPH[module] if not d.startswith("nekomata_core.kernels")}
+        assert outside <= {"nekomata_core.backends"}, (module, outside)
+    assert GRAPH["nekomata_core.backends"] == set()
 
 
 def test_no_command_imports_the_dispatcher():

@@ -160,7 +160,7 @@ def test_a_port_that_rechooses_alpha_while_decoding_fails_past_seq_length(folder
 
     monkeypatch.setattr(architecture, "step_inputs", rechoose)
     # The plain forward for every step, so that each step goes through `step_inputs`.
-    monkeypatch.setattr("nekomata_core.generation._default_decode", lambda model: make_step(model, "eager"))
+    monkeypatch.setattr("nekomata_core.generation._default_step", lambda model: make_step(model, "eager"))
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     report = parity_report(folder, model=model, input_ids=[list(range(40, 100))], max_new_tokens=24)
     assert report.first_divergence == "greedy continuation", report.to_table()

@@ -153,10 +153,10 @@ def test_quantize_on_load_equals_quantizing_the_loaded_model(checkpoint_factory,
 def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monkeypatch):
     from torch.nn import Linear
 
-    from nekomata_core import loader
+    from nekomata_core import pretrained
 
     folder = checkpoint_factory("tiny", seed=13, vocab_size=256)
-    real_load = loader.load_weights
+    real_load = pretrained.load_weights
     most = []
 
     def watching_load(model, *args, after_tensor=None, **kwargs):
@@ -167,7 +167,7 @@ def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monk
 
         return real_load(model, *args, after_tensor=watch, **kwargs)
 
-    monkeypatch.setattr(loader, "load_weights", watching_load)
+    monkeypatch.setattr(pretrained, "load_weights", watching_load)
     model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int8")
     assert most and max(most) == 0  # each linear was converted as soon as it was complete
     assert not any(type(m) is Linear for m in model.modules())

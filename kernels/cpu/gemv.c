@@ -671,8 +671,8 @@ NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, con
         int64_t g = 0;
 #ifdef __AVX512BF16__
         /* A group at a time in 512-bit vectors, rounded by vcvtne2ps2bf16 (round to nearest even, NaN made
-         * quiet with its payload, as f32_to_bf16): 3-4x the AVX2 loop below, which a prefill pays on every
-         * weight. The instruction treats subnormal inputs as zero, so a group with a subnormal value
+         * quiet with its payload, as f32_to_bf16): several times the AVX2 loop below, which a prefill pays
+         * on every weight. The instruction treats subnormal inputs as zero, so a group with a subnormal value
          * (scales and mins below 1e-38: no real weight) is left to the exact loop from there on. */
         if (out_dtype == DT_BF16) {
             const __m512i low = _mm512_set1_epi32(15);

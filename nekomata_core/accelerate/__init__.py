@@ -30,6 +30,7 @@ from torch import nn
 
 from ..backends import ATTENTION_CHOICES, OPS_CHOICES, STEP_MODES
 from ..errors import NekomataError
+from ..kernels.dispatch import resolve_backend
 from ..model import MLP, EagerAttention, RMSNorm, Rotary, ScaledDotProductAttention
 from ..quantize import Int4Linear, Int8Linear
 from .modules import (
@@ -60,6 +61,7 @@ __all__ = [
     "AccelerateError",
     "NativeStep",
     "StaticStep",
+    "StepFn",
     "StepStateError",
     "StepUnavailableError",
     "accelerate",
@@ -98,8 +100,6 @@ def accelerate(
     attention = attention or previous.get("attention", "auto")
     ops = ops or previous.get("ops", "auto")
     check_choices(attention, ops)
-    from nekomata_core.kernels.dispatch import resolve_backend
-
     model.acceleration_request = {"attention": attention, "ops": ops}
 
     device = model.device

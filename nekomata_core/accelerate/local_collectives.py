@@ -3,8 +3,8 @@ run on one host: the fast path of tensor parallelism's per-token collectives on 
 
 Why: a decode step of a tensor-parallel model makes ~50 small collectives (two all-reduces per block,
 one for the vocab-parallel embedding, an all-gather of the logits). gloo sends each over TCP loopback,
-~0.6 ms apiece on a small VM; copying a few KB into a shared segment and reading the other ranks' copies
-costs microseconds. torch.distributed still sets everything up (the rendezvous, the segment's name, the
+a round trip through the kernel's network stack apiece; copying a few KB into a shared segment and
+reading the other ranks' copies is a few memory copies. torch.distributed still sets everything up (the rendezvous, the segment's name, the
 agreement that every rank could attach) and carries every collective this module does not take.
 
 The segment (one per `SharedMemoryGroup`), N ranks:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as module_state
 
 from ..errors import NekomataError
 from ..model import (
@@ -87,10 +88,9 @@ class StaticStep:
 
 # The most rows the C step takes in one call; larger batches go to a StaticStep. The C step's batched
 # GEMV (AVX2 FMAs, 4 rows per pass over a weight row) reads the weights once, so it wins while a step is
-# bound by memory; from about 8 rows on it is bound by arithmetic instead. Measured on a 2-core
-# AVX512-BF16 EPYC (8 blocks of the 620M shape, bf16): at 8 rows it ties PyTorch's oneDNN GEMM, which
-# has bf16 dot-product instructions, and at 16 it takes 1.8x as long; with int8 weights PyTorch's batched
-# path is much slower (the C step was 2.5x faster at 8 rows and 3.3x at 16). Hence two limits.
+# bound by memory; from about 8 rows on it is bound by arithmetic instead: with bf16 weights it ties
+# PyTorch's oneDNN GEMM (bf16 dot-product instructions where the CPU has them) at 8 rows and loses past
+# that, while PyTorch's batched int8/int4 path stays slower than the C step at 16 rows. Hence two limits.
 NATIVE_MAX_BATCH_FLOAT = 8  # fp32 / bf16 weights
 NATIVE_MAX_BATCH_QUANTIZED = 16  # int8 / int4 weights
 
@@ -228,8 +228,6 @@ def native_step_problem(model: QwenForCausalLM) -> str | None:
 def _unusual_module(model: QwenForCausalLM) -> str | None:
     """The native step reads the weights of the standard modules and runs their maths itself: a module
     replaced by another class, or a forward hook, would be bypassed silently. Name the first one."""
-    from torch.nn.modules import module as module_state
-
     if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
         return "global module forward hooks are registered (the C step would skip them)"
     for name, module in model.named_modules():

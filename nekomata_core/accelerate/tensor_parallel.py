@@ -24,7 +24,7 @@ alike), samples the same tokens. The sums of a row-parallel layer are added in a
 in one process (partial sums per rank, then across ranks): float32 logits agree to ~1e-6 relative.
 
 The collectives go through `Collectives`: when every rank runs on this host over gloo (CPU), through
-shared memory (`local_collectives`: microseconds where gloo's TCP loopback takes ~0.5 ms, and a decode
+shared memory (`local_collectives`: a few memory copies where gloo makes a TCP loopback round trip, and a
 step makes 2 per block + 2), else through torch.distributed; NEKOMATA_TP_SHM=0 keeps torch.distributed.
 Shared memory adds in rank order on every rank, so the ranks agree bit for bit either way.
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..backends import STEP_MODES
+from ..backends import QUANTIZE_CHOICES, STEP_MODES
 from ..config import PRESETS, QwenConfig
 
 
@@ -315,7 +315,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--decode", default="auto", choices=list(STEP_MODES))
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"])
+    parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=1, help="rows generated at once (decode: total tokens/s)")
     parser.add_argument(

@@ -444,7 +444,7 @@ def byte2token(
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    # The cheap checks first (paths, --lang, the compare file), then the Qwen vocabulary (~1 s to read).
+    # The cheap checks first (paths, --lang, the compare file), then the Qwen vocabulary (slow to read).
     files = collect_files(paths, glob)
     rules = _language_rules(lang)
     other = load_counter(compare, name=label, pattern=compare_pattern) if compare is not None else None

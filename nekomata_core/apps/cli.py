@@ -20,7 +20,7 @@ from ..errors import NekomataError
 from .common import EXIT_FAILED, EXIT_USAGE, CLIError
 
 # Modules that import torch (loader, model, ...) are imported inside the commands that need them, so
-# that `nekomata --help` and usage errors answer at once instead of after torch's ~2 s import.
+# that `nekomata --help` and usage errors answer at once instead of after torch's import.
 
 # ====================================================================== the command registry
 # command name → the module of nekomata_core.apps that defines `add_<name>_parser`.

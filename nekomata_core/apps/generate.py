@@ -14,7 +14,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from ..backends import ATTENTION_CHOICES, STEP_MODES
+from ..backends import ATTENTION_CHOICES, QUANTIZE_CHOICES, STEP_MODES
+from ..chat import CHAT_FORMATS
 
 DEFAULT_MODEL = "rinna/nekomata-7b"
 
@@ -32,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         help="decode step: auto (native where it applies, else static), plain forward (eager), fixed-shape "
         "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, up to 8 rows, 16 quantized)",
     )
-    group.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    group.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES), help="weight-only quantization")
     group.add_argument(
         "--tensor-parallel",
         action="store_true",
@@ -112,7 +113,7 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("model", help="local checkpoint directory or Hub repo id")
-    parser.add_argument("--format", default="auto", choices=["auto", "chatml", "instruction", "raw"])
+    parser.add_argument("--format", default="auto", choices=["auto", *CHAT_FORMATS])
     parser.add_argument("--system", default=None, help="ChatML system message")
     _add_model_options(parser)
     _add_sampling_options(parser)
