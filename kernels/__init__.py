@@ -2,9 +2,10 @@
 
 - `gpu/`: Triton, one module per op, each importing triton at its top and imported only when chosen;
   `dispatch` decides whether they may run (it imports neither triton nor them).
-- `cpu/`: C for x86-64 (AVX2), `gemv.c` (one-row bf16/int8 GEMVs) and `step.c` (a whole batch-1 step
-  in one call) sharing `common.h`, compiled into one library on first use by `cpu/build.py`, the one
-  build/cache module; `cpu/gemv.py` and `cpu/step.py` are their Python bindings.
+- `cpu/`: C for x86-64 (AVX2 and up), `gemv.c` (bf16/int8/int4 GEMVs for a few rows), `q8.c` (the int8 and
+  int4 products over int8-quantized activations) and `step.c` (a whole step of B rows in one call)
+  sharing `common.h`, compiled into one library on first use by `cpu/build.py`, the one build/cache
+  module; `cpu/gemv.py` and `cpu/step.py` are their Python bindings.
 
 The Triton launchers:
 
@@ -13,6 +14,7 @@ The Triton launchers:
 - `apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
 - `flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
 - `step_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
+- `int4_gemv(x, qweight, scales, mins, bias)`: one-row int4 weight-only linear (`gpu/int4_gemv.py`)
 - `resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
 
 The names below are re-exported lazily (module `__getattr__`), so `import nekomata_core.kernels` stays cheap and works
@@ -31,6 +33,7 @@ _EXPORTS = {
     "apply_rope": "gpu.rope",
     "flash_attention": "gpu.attention",
     "step_attention": "gpu.step_attention",
+    "int4_gemv": "gpu.int4_gemv",
     "BACKENDS": "dispatch",
     "KernelUnavailableError": "dispatch",
     "resolve_backend": "dispatch",

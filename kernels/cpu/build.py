@@ -1,5 +1,5 @@
-"""The one build/cache module of the CPU kernels: compile ``gemv.c`` and ``step.c`` (two translation
-units sharing ``common.h``) into one shared library, keep it in a per-user cache, and load it.
+"""The one build/cache module of the CPU kernels: compile ``gemv.c``, ``q8.c`` and ``step.c`` (three
+translation units sharing ``common.h``) into one shared library, keep it in a per-user cache, and load it.
 
 `library()` returns the loaded ``ctypes.CDLL`` (or None, with `unavailable_reason()` saying why), with
 every exported function prototyped (`_PROTOTYPES`: the C signatures, in one place); `nekomata_core.kernels.cpu.gemv`
@@ -96,8 +96,8 @@ HEADERS: tuple[Path, ...] = (_HERE / "common.h",)
 # -ffp-contract=off: `a * b + c` stays two roundings, as in PyTorch's elementwise ops (fused multiply-adds
 # are written out as intrinsics where they are wanted).
 # -fvisibility=hidden: only the NK_EXPORT entry points leave the library (see common.h).
-# -flto: gemv.c and step.c are two translation units; link-time optimisation lets the step inline the
-# row kernels as it could when they were one file.
+# -flto: gemv.c, q8.c and step.c are three translation units; link-time optimisation lets the step inline
+# the row kernels as it could if they were one file.
 CFLAGS = (
     "-O3", "-flto", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-fPIC",
     "-shared",
