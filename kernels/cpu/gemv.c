@@ -1,5 +1,5 @@
 /*
- * Memory-bound matrix-vector products y = W x for batch-1 decoding on x86-64 CPUs (AVX2 + FMA + F16C).
+ * Memory-bound matrix-vector products y = W x for one-row steps on x86-64 CPUs (AVX2 + FMA + F16C).
  *
  * W is row-major [N, K] (bf16 bits, int8 with one scale per output row, or int4 codes two to a byte with a
  * scale and a min per group of 32 inputs), x has K elements,

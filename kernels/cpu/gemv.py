@@ -1,4 +1,4 @@
-"""Bandwidth-bound CPU matrix-vector products for batch-1 decoding: bf16 and int8 weight-only linears.
+"""Bandwidth-bound CPU matrix-vector products for one-row steps: bf16, int8 and int4 weight-only linears.
 
 Decoding one token at batch 1 runs every linear layer on a single row, i.e. a chain of GEMVs that read
 each weight once: their speed is bytes(W) / memory bandwidth. PyTorch's CPU kernels fall well short of
