@@ -160,13 +160,17 @@ def generate_steps(
     *,
     tokenizer: QwenTokenizer | None = None,
     generator: torch.Generator | None = None,
-    decode_fn: StepFn | None = None,
+    step_fn: StepFn | None = None,
     output: GenerationOutput | None = None,
+    decode_fn: StepFn | None = None,
 ) -> Iterator[torch.Tensor]:
     """The generation loop as an iterator: yields the tokens [B] chosen at each step.
 
     `output` (if given) is filled in as the loop runs; `generate` and `stream` are built on this.
+    `step_fn(tokens [B, 1], cache) → logits` runs one step (default: `accelerate.make_step(model, "auto")`);
+    `decode_fn` is its old name, still accepted.
     """
+    step_fn = _step_argument(step_fn, decode_fn)
     params = SamplingParams() if params is None else params
     input_ids, mask = validate_generation_inputs(model.config, input_ids, attention_mask, params)
     if params.stop_strings and tokenizer is None:
@@ -196,7 +200,7 @@ def generate_steps(
     unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
     eos = torch.tensor(params.eos_token_id, dtype=torch.long, device=model.device)
     stop_watch = _StopStringWatcher(tokenizer, params.stop_strings, batch) if params.stop_strings else None
-    step_fn = decode_fn or _default_step(model)
+    step_fn = step_fn or _default_step(model)
 
     with torch.inference_mode():
         started = _now(model)
@@ -243,6 +247,7 @@ def generate(
     *,
     tokenizer: QwenTokenizer | None = None,
     generator: torch.Generator | None = None,
+    step_fn: StepFn | None = None,
     decode_fn: StepFn | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
@@ -257,6 +262,7 @@ def generate(
     Errors: every bad argument raises a NekomataError naming it (see `validate_generation_inputs`);
     NaN/inf logits raise NonFiniteLogitsError naming the step.
     """
+    step_fn = _step_argument(step_fn, decode_fn)
     params = _with_overrides(params, overrides)
     out = GenerationOutput(input_ids, [], [])
     for _ in generate_steps(
@@ -266,7 +272,7 @@ def generate(
         params,
         tokenizer=tokenizer,
         generator=generator,
-        decode_fn=decode_fn,
+        step_fn=step_fn,
         output=out,
     ):
         pass
@@ -282,6 +288,7 @@ def stream(
     generator: torch.Generator | None = None,
     skip_special_tokens: bool = True,
     output: GenerationOutput | None = None,
+    step_fn: StepFn | None = None,
     decode_fn: StepFn | None = None,
     **overrides: Any,
 ) -> Iterator[str]:
@@ -291,13 +298,14 @@ def stream(
     (one Japanese character often spans two or three tokens). Their concatenation equals
     `tokenizer.decode(new_tokens)`.
     """
+    step_fn = _step_argument(step_fn, decode_fn)
     params = _with_overrides(params, overrides)
     ids = _prompt_ids(tokenizer, prompt)
     decoder = tokenizer.incremental_decoder(skip_special_tokens=skip_special_tokens)
     out = output if output is not None else GenerationOutput(ids, [], [])
     emitted = 0
     for _ in generate_steps(
-        model, ids, None, params, tokenizer=tokenizer, generator=generator, decode_fn=decode_fn, output=out
+        model, ids, None, params, tokenizer=tokenizer, generator=generator, step_fn=step_fn, output=out
     ):
         for token in out.new_tokens[0][emitted:]:
             piece = decoder.push(token)
@@ -354,6 +362,15 @@ def _describe(value: Any) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
     return type(value).__name__
+
+
+def _step_argument(step_fn: StepFn | None, decode_fn: StepFn | None) -> StepFn | None:
+    """`step_fn`, or `decode_fn` (its old name: "decode" now means tokens → text only)."""
+    if decode_fn is None:
+        return step_fn
+    if step_fn is not None and step_fn is not decode_fn:
+        raise GenerationInputError("pass step_fn only: decode_fn is its old name, and both were given")
+    return decode_fn
 
 
 def _default_step(model: QwenForCausalLM) -> StepFn:

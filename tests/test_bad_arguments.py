@@ -257,14 +257,14 @@ def test_non_finite_logits_stop_generation_naming_the_step(model, decode, do_sam
     params = dict(max_new_tokens=6, do_sample=do_sample, generator=torch.Generator().manual_seed(1))
     broken = _poisoned(model, None)  # NaN in a weight every position reads: the prefill is NaN
     with pytest.raises(NonFiniteLogitsError, match=r"at the prefill .*non-finite weights .*nekomata inspect"):
-        generate(broken, prompt, decode_fn=make_step(broken, decode), **params)
+        generate(broken, prompt, step_fn=make_step(broken, decode), **params)
     # NaN only in the embedding of the first generated token: the prefill is fine, decode step 1 is not.
     first = generate(model, prompt, **params).new_tokens[0][0]
     assert first not in prompt.tolist()[0]  # else the poisoned row would already spoil the prefill
     params["generator"] = torch.Generator().manual_seed(1)
     broken = _poisoned(model, first)
     with pytest.raises(NonFiniteLogitsError, match=r"at decode step 1, batch row\(s\) \[0\]"):
-        generate(broken, prompt, decode_fn=make_step(broken, decode), **params)
+        generate(broken, prompt, step_fn=make_step(broken, decode), **params)
 
 
 def test_cli_one_line_errors_for_threads_and_native_half_precision(cli_ckpt, capsys):

@@ -51,7 +51,7 @@ with torch.no_grad():
         token = a[:, -1:].argmax(-1)
     errors["decode"] = worst
 plain = generate(eager, ids, mask, max_new_tokens=6, eos_token_id=())
-static = generate(fused, ids, mask, max_new_tokens=6, eos_token_id=(), decode_fn=make_decoder(fused, "static"))
+static = generate(fused, ids, mask, max_new_tokens=6, eos_token_id=(), step_fn=make_decoder(fused, "static"))
 errors["static_tokens_equal"] = bool(torch.equal(plain.sequences, static.sequences))
 print(json.dumps(errors))
 """

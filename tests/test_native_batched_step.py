@@ -95,8 +95,8 @@ def test_batched_native_step_equals_the_static_step_fp32(checkpoint_factory, ove
 def test_batched_greedy_tokens_equal_the_static_step_through_generate(checkpoint_factory):
     model = load(checkpoint_factory)
     ids, mask = padded_batch()
-    native = generate(model, ids, mask, max_new_tokens=16, eos_token_id=(), decode_fn=NativeStep(model))
-    static = generate(model, ids, mask, max_new_tokens=16, eos_token_id=(), decode_fn=make_step(model, "static"))
+    native = generate(model, ids, mask, max_new_tokens=16, eos_token_id=(), step_fn=NativeStep(model))
+    static = generate(model, ids, mask, max_new_tokens=16, eos_token_id=(), step_fn=make_step(model, "static"))
     assert torch.equal(native.sequences, static.sequences)
 
 
@@ -181,7 +181,7 @@ def test_batched_results_do_not_depend_on_the_thread_count(checkpoint_factory):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = generate(model, ids, mask, max_new_tokens=8, eos_token_id=(), decode_fn=NativeStep(model))
+            out = generate(model, ids, mask, max_new_tokens=8, eos_token_id=(), step_fn=NativeStep(model))
             runs.append((out.sequences, NativeStep(model)(torch.tensor([[1], [2], [3], [4]]), prefilled(model, ids, mask))))
     finally:
         torch.set_num_threads(threads)
@@ -194,8 +194,8 @@ def test_batches_above_the_native_limit_go_to_the_static_step(checkpoint_factory
     native = NativeStep(model)
     assert native.max_batch == NATIVE_MAX_BATCH_FLOAT  # float weights
     ids, mask = padded_batch(rows=native.max_batch + 1)
-    fast = generate(model, ids, mask, max_new_tokens=3, eos_token_id=(), decode_fn=native)
-    plain = generate(model, ids, mask, max_new_tokens=3, eos_token_id=(), decode_fn=make_step(model, "eager"))
+    fast = generate(model, ids, mask, max_new_tokens=3, eos_token_id=(), step_fn=native)
+    plain = generate(model, ids, mask, max_new_tokens=3, eos_token_id=(), step_fn=make_step(model, "eager"))
     assert torch.equal(fast.sequences, plain.sequences)
     assert isinstance(native._batched, StaticStep)  # it went there, not through the C step
     quantized = load(checkpoint_factory, dtype="bfloat16", quantize="int8", init_std=0.1)

@@ -41,19 +41,39 @@ def test_static_step_logits_equal_the_plain_forward(model):
 
 def test_static_decode_gives_the_plain_greedy_tokens(model):
     ids, mask = padded_batch()
-    plain = generate(model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_step(model, "eager"))
+    plain = generate(model, ids, mask, max_new_tokens=20, eos_token_id=(), step_fn=make_step(model, "eager"))
     fast = generate(
-        model, ids, mask, max_new_tokens=20, eos_token_id=(), decode_fn=make_step(model, "static")
+        model, ids, mask, max_new_tokens=20, eos_token_id=(), step_fn=make_step(model, "static")
     )
     assert torch.equal(plain.sequences, fast.sequences)
 
 
+def test_decode_fn_the_old_name_of_step_fn_still_works_and_both_at_once_are_refused(model):
+    from nekomata_core import stream
+    from nekomata_core.generation import GenerationInputError
+
+    ids, mask = padded_batch()
+    calls = []
+
+    def counting_step(tokens, cache):
+        calls.append(tokens.shape)
+        return model(tokens, cache=cache)[:, -1]
+
+    new = generate(model, ids, mask, max_new_tokens=4, eos_token_id=(), step_fn=counting_step)
+    old = generate(model, ids, mask, max_new_tokens=4, eos_token_id=(), decode_fn=counting_step)
+    assert torch.equal(new.sequences, old.sequences) and len(calls) == 6  # 3 steps after each prefill
+    with pytest.raises(GenerationInputError, match="pass step_fn only"):
+        generate(model, ids, mask, max_new_tokens=4, step_fn=counting_step, decode_fn=make_step(model, "eager"))
+    with pytest.raises(GenerationInputError, match="pass step_fn only"):
+        next(stream(model, None, [1, 2], step_fn=counting_step, decode_fn=make_step(model, "eager")))
+
+
 def test_compiled_decode_gives_the_plain_greedy_tokens(model):
     ids, mask = padded_batch()
-    plain = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), decode_fn=make_step(model, "eager"))
+    plain = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), step_fn=make_step(model, "eager"))
     decoder = make_step(model, "compiled")
     for _ in range(2):  # the second call reuses the compiled graph (no recompilation per step)
-        fast = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), decode_fn=decoder)
+        fast = generate(model, ids, mask, max_new_tokens=12, eos_token_id=(), step_fn=decoder)
         assert torch.equal(plain.sequences, fast.sequences)
 
 
@@ -84,7 +104,9 @@ def test_native_cpu_gemv_decode_tracks_the_pytorch_linears(checkpoint_factory, q
 
     gemv_layers = (CpuLinear, CpuInt8Linear)
     assert isinstance(native.lm_head, gemv_layers) and getattr(native.lm_head, "use_gemv", True)
-    assert not isinstance(plain.lm_head, gemv_layers)
+    # "eager" never runs the C GEMVs; on a CPU without bf16 matmul instructions it may still upcast wide
+    # (prefill) calls to fp32 (CpuLinear with use_gemv False), which decode steps do not reach.
+    assert not (isinstance(plain.lm_head, gemv_layers) and getattr(plain.lm_head, "use_gemv", True))
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         caches = [m.allocate_cache(1, 20) for m in (native, plain)]
@@ -156,7 +178,7 @@ def test_native_greedy_tokens_equal_transformers(checkpoint_factory):
     model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     reference = qwen2_reference_from_checkpoint(folder)
     ids = torch.randint(1, 500, (1, 11), generator=torch.Generator().manual_seed(2))
-    ours = generate(model, ids, max_new_tokens=40, eos_token_id=(), decode_fn=make_step(model, "native"))
+    ours = generate(model, ids, max_new_tokens=40, eos_token_id=(), step_fn=make_step(model, "native"))
     theirs = reference.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.sequences, theirs)
 
@@ -199,7 +221,7 @@ def test_native_results_do_not_depend_on_the_thread_count(checkpoint_factory):
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            out = generate(model, ids, max_new_tokens=12, eos_token_id=(), decode_fn=NativeStep(model))
+            out = generate(model, ids, max_new_tokens=12, eos_token_id=(), step_fn=NativeStep(model))
             cache = prefilled(model, ids, 12)
             runs.append((out.sequences, NativeStep(model)(torch.tensor([[1]]), cache)))
     finally:
@@ -225,8 +247,8 @@ def test_native_int8_round_trip_through_a_saved_checkpoint(checkpoint_factory, t
 def test_native_batched_greedy_tokens_equal_the_eager_decoder(model):
     # batch 2, one row left-padded (tests/test_native_batched_step.py covers batches in depth)
     ids, mask = padded_batch()
-    fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=NativeStep(model))
-    plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), decode_fn=make_step(model, "eager"))
+    fast = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), step_fn=NativeStep(model))
+    plain = generate(model, ids, mask, max_new_tokens=10, eos_token_id=(), step_fn=make_step(model, "eager"))
     assert torch.equal(fast.sequences, plain.sequences)
 
 

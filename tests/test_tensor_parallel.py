@@ -56,9 +56,9 @@ def _rank_main(rank: int, world: int, port: int, folders: dict, results) -> None
         step = make_step(model, "auto")
         out["step"] = type(step).__name__
         out["native_problem"] = native_step_problem(model)
-        out["greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, decode_fn=step).new_tokens[0]
+        out["greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, step_fn=step).new_tokens[0]
         torch.manual_seed(SAMPLE_SEED)
-        sampled = generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, decode_fn=step)
+        sampled = generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=True, temperature=1.5, step_fn=step)
         out["sampled"] = sampled.new_tokens[0]
         int8 = QwenForCausalLM.from_pretrained(
             folders["six"], device="cpu", progress=False, tensor_parallel=True, quantize="int8"
@@ -91,7 +91,7 @@ def _int4_ranks(folders: dict, ids: torch.Tensor, out: dict) -> None:
         with torch.inference_mode():
             out[f"{key}_logits"] = model(ids).numpy()
         out[f"{key}_params"] = {name: p.numpy().copy() for name, p in model.named_parameters()}
-        out[f"{key}_greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, decode_fn=make_step(model, "auto")).new_tokens[0]
+        out[f"{key}_greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, step_fn=make_step(model, "auto")).new_tokens[0]
     try:  # 96 inputs of each c_proj: 48 per rank, not whole groups of 32
         QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, tensor_parallel=True, quantize="int4")
     except TensorParallelError as exc:

@@ -27,10 +27,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
     group.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_CHOICES))
     group.add_argument(
-        "--decode",
+        "--step",
+        "--decode",  # its old name
+        dest="step",
         default="auto",
         choices=list(STEP_MODES),
-        help="decode step: auto (native where it applies, else static), plain forward (eager), fixed-shape "
+        help="how each new token's step runs: auto (native where it applies, else static), plain forward (eager), fixed-shape "
         "step (static), static under torch.compile (compiled), or the whole step in C (native, CPU, up to 8 rows, 16 quantized)",
     )
     group.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES), help="weight-only quantization")
@@ -251,7 +253,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out.write(prompt)
     _stream_to(
         out,
-        stream(model, tokenizer, prompt, params, output=result, decode_fn=make_step(model, args.decode)),
+        stream(model, tokenizer, prompt, params, output=result, step_fn=make_step(model, args.step)),
     )
     out.write("\n")
     _report_speed(result, err)
@@ -275,7 +277,7 @@ def run_chat(args: argparse.Namespace) -> int:
         fmt = chat.detect_format(str(args.model), hint)
     params = _params(args, defaults, eos_token_id=chat.stop_ids(tokenizer, fmt))
     _seed_alike(args, model)
-    decode_fn = make_step(model, args.decode)
+    step_fn = make_step(model, args.step)
     history: list[chat.Turn] = []
     system = args.system or chat.DEFAULT_SYSTEM
     out, err = _outputs()
@@ -313,7 +315,7 @@ def run_chat(args: argparse.Namespace) -> int:
         else:
             ids = chat.plain(tokenizer, message)
         result = GenerationOutput(torch.empty(0), [], [])
-        pieces = stream(model, tokenizer, ids, params, output=result, decode_fn=decode_fn)
+        pieces = stream(model, tokenizer, ids, params, output=result, step_fn=step_fn)
         try:
             reply = _stream_to(out, pieces)
         except KeyboardInterrupt:
