@@ -113,14 +113,15 @@ class CompatCausalLM(nn.Module):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
         streamer: Any = None,
         generator: torch.Generator | None = None,
         **unused: Any,
     ) -> torch.Tensor:
-        """Like transformers' `generate`: returns [B, T + new] (prompt included, pad after eos)."""
-        _reject_unknown(
-            unused, {"use_cache", "num_beams", "num_return_sequences", "stop_strings", "tokenizer"}
-        )
+        """Like transformers' `generate`: returns [B, T + new] (prompt included, pad after eos).
+        `stop_strings` need `tokenizer=` (this module's tokenizer or a QwenTokenizer), as in transformers."""
+        _reject_unknown(unused, {"use_cache", "num_beams", "num_return_sequences"})
         if unused.get("num_beams", 1) != 1 or unused.get("num_return_sequences", 1) != 1:
             raise CompatArgumentError(
                 "beam search and num_return_sequences > 1 are not supported; use num_beams=1"
@@ -142,6 +143,7 @@ class CompatCausalLM(nn.Module):
             "repetition_penalty": repetition_penalty,
             "pad_token_id": pad_token_id,
             "eos_token_id": eos_token_id,
+            "stop_strings": stop_strings,
         }
         resolved: dict[str, Any] = {}
         for key, value in given.items():
@@ -150,18 +152,28 @@ class CompatCausalLM(nn.Module):
             if value is not None:
                 resolved[key] = value
         if "max_new_tokens" not in resolved:
-            limit = max_length or self.generation_config.get("max_length") or HF_DEFAULTS["max_length"]
+            limit = next(  # `is not None`, not `or`: an explicit max_length=0 is refused, not replaced
+                v for v in (max_length, self.generation_config.get("max_length"), HF_DEFAULTS["max_length"])
+                if v is not None
+            )
             if not isinstance(limit, numbers.Integral) or isinstance(limit, bool) or limit < 1:
                 raise CompatArgumentError(f"max_length must be an integer ≥ 1, got {limit!r}")
             resolved["max_new_tokens"] = max(int(limit) - input_ids.shape[-1], 0)
-        if isinstance(resolved.get("eos_token_id"), list):
-            resolved["eos_token_id"] = tuple(resolved["eos_token_id"])
+        for key in ("eos_token_id", "stop_strings"):
+            if isinstance(resolved.get(key), list):
+                resolved[key] = tuple(resolved[key])
         params = SamplingParams(**resolved)
         out = GenerationOutput(input_ids, [], [])
         if streamer is not None:
             streamer.put(input_ids.cpu())  # HF streamers see the prompt first (skip_prompt drops it)
         for chosen in generate_steps(
-            self.model, input_ids, attention_mask, params, generator=generator, output=out
+            self.model,
+            input_ids,
+            attention_mask,
+            params,
+            tokenizer=getattr(tokenizer, "tokenizer", tokenizer),  # a CompatTokenizer wraps a QwenTokenizer
+            generator=generator,
+            output=out,
         ):
             if streamer is not None:
                 streamer.put(chosen.cpu())

@@ -287,6 +287,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
         return value
+    if kind == "str | bool" and not isinstance(value, (str, bool)):
+        raise ConfigError(f"config key {key!r} must be a string or true/false, got {value!r}")
     if kind.startswith("float"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")

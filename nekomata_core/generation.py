@@ -173,8 +173,11 @@ def generate_steps(
     step_fn = _step_argument(step_fn, decode_fn)
     params = SamplingParams() if params is None else params
     input_ids, mask = validate_generation_inputs(model.config, input_ids, attention_mask, params)
-    if params.stop_strings and tokenizer is None:
-        raise GenerationInputError("stop_strings need the tokenizer: pass tokenizer=... to generate")
+    if params.stop_strings and not hasattr(tokenizer, "incremental_decoder"):
+        given = "" if tokenizer is None else f" (got {type(tokenizer).__name__}, not a QwenTokenizer)"
+        raise GenerationInputError(
+            f"stop_strings need the tokenizer: pass tokenizer=... to generate{given}"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise GenerationInputError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -187,6 +190,8 @@ def generate_steps(
     batch, prompt_len = input_ids.shape
     steps = new_token_budget(model.config, prompt_len, params.max_new_tokens)
     total = prompt_len + steps
+    if steps:  # before the [B, total] token buffer below: a request too large is one CacheError
+        model.check_cache_memory(batch, total)
     out = output if output is not None else GenerationOutput(input_ids, [], [])
     out.prompt_tokens = prompt_len
     out.new_tokens = [[] for _ in range(batch)]
@@ -351,7 +356,7 @@ def _prompt_ids(tokenizer: QwenTokenizer, prompt: str | Sequence[int] | torch.Te
         )
     try:
         return torch.tensor([list(prompt)], dtype=torch.long)
-    except (OverflowError, RuntimeError):  # an id beyond int64
+    except (OverflowError, RuntimeError, ValueError):  # an id beyond int64 (torch's words vary)
         raise GenerationInputError(
             f"a token id of the prompt is outside the vocabulary (got {max(prompt, key=abs)})"
         ) from None

@@ -226,6 +226,20 @@ def test_a_kv_cache_that_cannot_fit_is_refused_with_its_size(model, monkeypatch)
     assert cache_module.cache_nbytes(model.config, 3, 7, torch.bfloat16) == 3 * 7 * (2 * 2 * 4 * 16 * 2 + 1)
 
 
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda f: f.__name__)
+def test_a_request_too_large_for_memory_is_the_cache_error_before_any_buffer(
+    checkpoint_factory, tokenizer, entry
+):
+    # A context of 10**15 positions: max_new_tokens 10**12 is within it, and the [1, 10**12] token
+    # buffer (8 TB) used to be allocated before the cache's size was checked: an allocator traceback.
+    folder = checkpoint_factory(
+        "tiny", seed=8, init_std=0.15, vocab_size=VOCAB, seq_length=16, max_position_embeddings=10**15
+    )
+    huge = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    with pytest.raises(CacheError, match=r"KV cache for 1 sequence\(s\) of 1000000000005 positions needs"):
+        entry(huge, tokenizer, ids(), max_new_tokens=10**12)
+
+
 def test_cache_memory_probe_reports_a_positive_number_on_this_machine():
     from nekomata_core.cache import available_memory_bytes
 
@@ -340,6 +354,29 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(
     assert out.count("part ") == 3
 
 
+def test_chat_reply_that_fails_says_why_and_keeps_the_session_and_its_history(
+    cli_ckpt, monkeypatch, capsys
+):
+    import nekomata_core.generation as generation
+
+    prompts: list[str] = []
+
+    def fake_stream(model, tok, prompt_ids, params, *, output, **kw):
+        prompts.append(tok.decode(prompt_ids))
+        output.new_tokens, output.finish_reasons = [[1]], ["eos"]
+        if len(prompts) == 2:  # the history no longer fits: one reply fails, not the session
+            raise PromptTooLongError("the prompt has 99 tokens but this model handles at most 8 positions")
+        yield f"reply{len(prompts)}"
+
+    monkeypatch.setattr(generation, "stream", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\nthird\n"))
+    code = main(["chat", str(cli_ckpt), "--format", "chatml", "--max-new-tokens", "3", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "Traceback" not in err
+    assert "[reply failed: the prompt has 99 tokens" in err and "/reset clears the history" in err
+    assert len(prompts) == 3 and "reply1" in prompts[2] and "second" not in prompts[2]
+
+
 def test_chat_sigint_during_a_real_reply_returns_to_the_prompt(cli_ckpt):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nekomata_core", "chat", str(cli_ckpt), "--format", "raw", "--greedy",
@@ -388,3 +425,24 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name(model, tokenizer):
         CompatCausalLM(model).generate([[1, 2]], max_new_tokens=2)
     with pytest.raises(NekomataError, match="stop_strings must be non-empty strings, got 5"):
         SamplingParams(stop_strings=5)
+    with pytest.raises(NekomataError, match="a token id of the prompt is outside the vocabulary"):
+        "".join(stream(model, tokenizer, [1, 2**70]))  # beyond int64: torch's own ValueError before
+    with pytest.raises(NekomataError, match=r"stop_strings need the tokenizer.*got str"):
+        generate(model, ids(), max_new_tokens=2, stop_strings=["x"], tokenizer="not a tokenizer")
+    with pytest.raises(NekomataError, match="max_length must be an integer ≥ 1, got 0"):
+        CompatCausalLM(model).generate(ids(), max_length=0)  # was replaced by the default 20
+
+
+def test_compat_generate_honours_stop_strings_as_transformers_does(model, tokenizer):
+    from nekomata_core.compat import CompatTokenizer
+
+    text = tokenizer.decode(generate(model, ids(), max_new_tokens=12).new_tokens[0])
+    stop = text[len(text) // 2 :][:2]
+    expected = generate(model, ids(), max_new_tokens=12, stop_strings=[stop], tokenizer=tokenizer)
+    assert expected.finish_reasons == ["stop_string"]
+    compat = CompatCausalLM(model)
+    for given in (tokenizer, CompatTokenizer(tokenizer)):
+        sequences = compat.generate(ids(), max_new_tokens=12, stop_strings=stop, tokenizer=given)
+        assert sequences.tolist() == expected.sequences.tolist()  # was: the stop string ignored
+    with pytest.raises(NekomataError, match="stop_strings need the tokenizer"):
+        compat.generate(ids(), max_new_tokens=12, stop_strings=[stop])

@@ -201,6 +201,23 @@ def test_non_finite_number_anywhere_in_config_json_is_refused_naming_the_key(
     assert f"key {where!r} is {spelled}" in str(info.value) and "finite" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("use_flash_attn", {"on": 1}),
+        ("layer_norm_epsilon", "1e-6"),
+        ("use_logn_attn", 1),
+        ("kv_channels", [16]),
+    ],
+)
+def test_config_key_of_the_wrong_type_is_refused_naming_the_file_and_the_key(sharded, copy, key, value):
+    folder = copy(sharded)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, key: value}))
+    with pytest.raises(ConfigError, match=f"config.json.*config key {key!r} must be"):
+        QwenConfig.from_json_file(folder / "config.json")
+
+
 def _build_forbidden(*args, **kwargs):
     raise AssertionError("the model or its per-layer table was built before the config was checked")
 
@@ -389,6 +406,16 @@ def test_inspect_reports_non_finite_tensors_by_name(single, copy, capsys):
     assert len(captured.err.splitlines()) == 1 and "lm_head.weight: 0 NaN, 2 inf" in captured.err
     assert main(["inspect", str(folder), "--headers-only"]) == 0  # headers alone cannot see it
     assert "values not read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"a":' * 100 + "1" + "}" * 100, '{"stop_strings": 3}'])
+def test_inspect_reports_a_generation_config_that_generate_would_refuse(single, copy, capsys, content):
+    folder = copy(single)
+    (folder / "generation_config.json").write_text(content)
+    assert main(["inspect", str(folder), "--headers-only"]) == 1  # was: "OK", then generate refused it
+    captured = capsys.readouterr()
+    assert "problem: " in captured.out and "generation_config.json" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("which", ["single", "sharded"])

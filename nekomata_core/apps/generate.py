@@ -111,7 +111,8 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
             "nekomata-*-instruction (chosen from the checkpoint, or --format). /reset clears the "
             "history, /exit or Ctrl-D (end of input) quits. Ctrl-C during a reply stops it and returns "
             "to the prompt (the unfinished exchange is left out of the history); Ctrl-C at the prompt "
-            "quits (exit status 130)."
+            "quits (exit status 130). A reply that fails (e.g. the history no longer fits the context) "
+            "says why and returns to the prompt with the history kept."
         ),
     )
     parser.add_argument("model", help="local checkpoint directory or Hub repo id")
@@ -265,6 +266,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     from .. import chat
     from ..accelerate import make_step
+    from ..errors import NekomataError
     from ..generation import GenerationOutput, stream
 
     folder, model, tokenizer, defaults = _load(args, args.model)
@@ -318,6 +320,14 @@ def run_chat(args: argparse.Namespace) -> int:
         pieces = stream(model, tokenizer, ids, params, output=result, step_fn=step_fn)
         try:
             reply = _stream_to(out, pieces)
+        except NekomataError as exc:
+            # An expected failure of this one reply (the history has outgrown the context, non-finite
+            # logits) ends the reply, not the session: the history so far stays, and /reset is the fix
+            # for the first. Every rank raises the same error for the same inputs, so all go on alike.
+            out.write("\n")
+            out.flush()
+            print(f"[reply failed: {exc}; /reset clears the history]", file=err)
+            continue
         except KeyboardInterrupt:
             # Ctrl-C during a reply stops only the reply. The unfinished exchange is dropped from the
             # history (the next prompt is built as if this message had not been sent), so that a cut-off

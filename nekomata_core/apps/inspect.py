@@ -54,6 +54,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     # verify_checkpoint compares the config with the files' headers first, so a hostile config
     # (num_hidden_layers: 10**9) is one problem here, and nothing below is built per layer.
     report = verify_checkpoint(folder, config, check_values=not args.headers_only)
+    generation_problem = _generation_config_problem(folder)
+    if generation_problem:  # generate and chat would refuse the checkpoint for it: say so here too
+        report.problems.append(generation_problem)
     summary = inspect_summary(folder, config, report)
     if args.json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -66,6 +69,17 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"nekomata inspect: checkpoint check failed: {first.splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _generation_config_problem(folder: Path) -> str | None:
+    """What is wrong with the checkpoint's generation_config.json (None when it is fine or absent)."""
+    from ..sampling import load_generation_config
+
+    try:
+        load_generation_config(folder / "generation_config.json")
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def inspect_summary(folder: Path, config: QwenConfig, report: CheckpointReport) -> dict[str, Any]:
