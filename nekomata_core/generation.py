@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .accelerate import StepFn, make_step
+from .cache import check_cache_memory
 from .config import QwenConfig
 from .errors import NekomataError
 from .inputs import check_attention_mask, check_input_ids
@@ -191,7 +192,7 @@ def generate_steps(
     steps = new_token_budget(model.config, prompt_len, params.max_new_tokens)
     total = prompt_len + steps
     if steps:  # before the [B, total] token buffer below: a request too large is one CacheError
-        model.check_cache_memory(batch, total)
+        check_cache_memory(model.config, batch, total, model.dtype, model.device, _cache_heads(model))
     out = output if output is not None else GenerationOutput(input_ids, [], [])
     out.prompt_tokens = prompt_len
     out.new_tokens = [[] for _ in range(batch)]
@@ -367,6 +368,11 @@ def _describe(value: Any) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
     return type(value).__name__
+
+
+def _cache_heads(model: QwenForCausalLM) -> int:
+    """The attention heads `model.allocate_cache` keeps: all, or a tensor-parallel rank's share."""
+    return model.transformer.h[0].attn.num_heads
 
 
 def _step_argument(step_fn: StepFn | None, decode_fn: StepFn | None) -> StepFn | None:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache, check_cache_memory
+from .cache import KVCache
 from .config import QwenConfig
 from .embeddings import check_pooling, pool
 from .inputs import InputError, check_attention_mask, check_input_ids
@@ -321,15 +321,8 @@ class QwenForCausalLM(nn.Module):
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A fresh static KV cache for `batch_size` sequences of up to `max_length` positions."""
-        heads = self._cache_heads()
+        heads = self.transformer.h[0].attn.num_heads  # all, or a tensor-parallel rank's share of them
         return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device, num_heads=heads)
-
-    def check_cache_memory(self, batch_size: int, max_length: int) -> None:
-        """Raise CacheError, naming its size, when `allocate_cache(batch_size, max_length)` cannot fit."""
-        check_cache_memory(self.config, batch_size, max_length, self.dtype, self.device, self._cache_heads())
-
-    def _cache_heads(self) -> int:
-        return self.transformer.h[0].attn.num_heads  # all, or a tensor-parallel rank's share of them
 
     def forward(
         self,
