@@ -354,3 +354,27 @@ def test_quant_error_tool_reports_each_format(folder, capsys):
     assert rows["int8"][1] < rows["int4"][1]  # int8 perturbs less than int4
     with pytest.raises(SystemExit):
         quant_error.main([str(folder), "--formats", "int3"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_wide_half_precision_calls_upcast_in_blocks_compute_fp32_rounded_once(bias, monkeypatch):
+    """CpuLinear with `upcast_rows` (CPUs without bf16 arithmetic) multiplies wide bf16 calls in fp32, a block
+    of weight rows at a time: the fp32 product of the bf16 values, rounded once to bf16. Reference: PyTorch's
+    fp32 linear of the same values. fp32 sums in another order differ by ~1e-6 relative, which can move a
+    result across a bf16 rounding boundary: one bf16 ulp (at most 2^-7 relative) then, and rarely."""
+    from nekomata_core.accelerate import modules
+    from nekomata_core.accelerate.modules import CpuLinear
+
+    monkeypatch.setattr(modules, "_WORKSPACE_BYTES", 64 * 256 * 4)  # 64-row blocks: 5 blocks and a part
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 300, bias=bias).to(torch.bfloat16)
+    x = torch.randn(3, 11, 256).to(torch.bfloat16)  # 33 rows
+    b = None if linear.bias is None else linear.bias.float()
+    expected = torch.nn.functional.linear(x.float(), linear.weight.float(), b)
+    linear.__class__ = CpuLinear
+    linear.upcast_rows = 8
+    with torch.no_grad():
+        got = linear(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 11, 300)
+    off = (got.float() - expected.to(torch.bfloat16).float()).abs()
+    assert torch.all(off <= 2**-7 * expected.abs()) and (off > 0).float().mean() < 0.01
