@@ -61,7 +61,11 @@ class KVCache:
         device = torch.device(device)
         # Refuse before allocating: a cache too large for the machine would otherwise end in an
         # allocator traceback, or on Linux in the OOM killer once torch.zeros touches the pages.
-        too_large = check_cache_memory(config, batch_size, max_length, dtype, device, num_heads)
+        needed = cache_nbytes(config, batch_size, max_length, dtype, num_heads)
+        available = available_memory_bytes(device)
+        too_large = (config, batch_size, num_heads, max_length, dtype, device, needed, available)
+        if available is not None and needed > available:
+            raise CacheError(_too_large(*too_large))
         try:
             # One allocation for all layers; layer i uses the view keys[i]   # [L, B, N, T_max, D]
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
@@ -170,26 +174,6 @@ def cache_nbytes(
     heads = config.num_attention_heads if num_heads is None else num_heads
     per_position = config.num_hidden_layers * 2 * heads * config.head_dim * itemsize
     return batch_size * max_length * (per_position + 1)
-
-
-def check_cache_memory(
-    config: QwenConfig,
-    batch_size: int,
-    max_length: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    num_heads: int,
-) -> tuple:
-    """Raise CacheError, with the cache's size and the memory available, when a cache of this shape
-    cannot fit on `device`; else return the facts `_too_large` words an allocator failure with.
-    `generate` calls it before its own [B, max_length] buffers, so that a huge request is this error
-    and not an allocator traceback from a smaller buffer allocated first."""
-    needed = cache_nbytes(config, batch_size, max_length, dtype, num_heads)
-    available = available_memory_bytes(device)
-    too_large = (config, batch_size, num_heads, max_length, dtype, device, needed, available)
-    if available is not None and needed > available:
-        raise CacheError(_too_large(*too_large))
-    return too_large
 
 
 def available_memory_bytes(device: torch.device) -> int | None:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .accelerate import StepFn, make_step
-from .cache import check_cache_memory
 from .config import QwenConfig
 from .errors import NekomataError
 from .inputs import check_attention_mask, check_input_ids
@@ -191,8 +190,12 @@ def generate_steps(
     batch, prompt_len = input_ids.shape
     steps = new_token_budget(model.config, prompt_len, params.max_new_tokens)
     total = prompt_len + steps
-    if steps:  # before the [B, total] token buffer below: a request too large is one CacheError
-        check_cache_memory(model.config, batch, total, model.dtype, model.device, _cache_heads(model))
+    with torch.inference_mode():
+        # The cache before any buffer of ours: it refuses a size that cannot fit with one CacheError
+        # (the [B, total] token buffer below, allocated first, made 10**12 new tokens an allocator traceback).
+        started = _now(model)
+        cache = model.allocate_cache(batch, total) if steps else None
+        allocation_seconds = _now(model) - started  # part of the prefill's time
     out = output if output is not None else GenerationOutput(input_ids, [], [])
     out.prompt_tokens = prompt_len
     out.new_tokens = [[] for _ in range(batch)]
@@ -210,10 +213,9 @@ def generate_steps(
 
     with torch.inference_mode():
         started = _now(model)
-        cache = model.allocate_cache(batch, total)
         logits = model(input_ids, mask, cache=cache, last_logits_only=True)[:, -1]
         check_finite_logits(logits, 0)
-        out.prefill_seconds = _now(model) - started
+        out.prefill_seconds = allocation_seconds + _now(model) - started
         started = _now(model)
         for step in range(steps):
             cur = prompt_len + step
@@ -268,7 +270,6 @@ def generate(
     Errors: every bad argument raises a NekomataError naming it (see `validate_generation_inputs`);
     NaN/inf logits raise NonFiniteLogitsError naming the step.
     """
-    step_fn = _step_argument(step_fn, decode_fn)
     params = _with_overrides(params, overrides)
     out = GenerationOutput(input_ids, [], [])
     for _ in generate_steps(
@@ -280,6 +281,7 @@ def generate(
         generator=generator,
         step_fn=step_fn,
         output=out,
+        decode_fn=decode_fn,
     ):
         pass
     return out
@@ -368,11 +370,6 @@ def _describe(value: Any) -> str:
         kinds = sorted({type(v).__name__ for v in value})
         return f"a {type(value).__name__} of {', '.join(kinds) or 'nothing'}"
     return type(value).__name__
-
-
-def _cache_heads(model: QwenForCausalLM) -> int:
-    """The attention heads `model.allocate_cache` keeps: all, or a tensor-parallel rank's share."""
-    return model.transformer.h[0].attn.num_heads
 
 
 def _step_argument(step_fn: StepFn | None, decode_fn: StepFn | None) -> StepFn | None:
