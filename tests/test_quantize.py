@@ -365,7 +365,7 @@ def test_wide_half_precision_calls_upcast_in_blocks_compute_fp32_rounded_once(bi
     from nekomata_core.accelerate import modules
     from nekomata_core.accelerate.modules import CpuLinear
 
-    monkeypatch.setattr(modules, "_WORKSPACE_BYTES", 64 * 256 * 4)  # 64-row blocks: 5 blocks and a part
+    monkeypatch.setattr(modules, "_WORKSPACE_BYTES", 64 * 256 * 4)  # 64-row blocks: 4 whole blocks and a part
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 300, bias=bias).to(torch.bfloat16)
     x = torch.randn(3, 11, 256).to(torch.bfloat16)  # 33 rows
