@@ -14,7 +14,8 @@ The Triton launchers:
 - `apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
 - `flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
 - `step_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding for one token per row
-- `int4_gemv(x, qweight, scales, mins, bias)`: one-row int4 weight-only linear (`gpu/int4_gemv.py`)
+- `int4_gemv(x, qweight, scales, mins, scale_units, min_units, bias)`: one-row int4 weight-only linear
+  (`gpu/int4_gemv.py`)
 - `resolve_backend(requested, device)`: pick "triton", "sdpa" or "eager"
 
 The names below are re-exported lazily (module `__getattr__`), so `import nekomata_core.kernels` stays cheap and works

@@ -677,6 +677,17 @@ def _listing(items: list[str], sep: str = ", ") -> str:
 
 
 # ====================================================================== loading into a model
+def _target_dtype(model: nn.Module, name: str, parameter: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype parameter `name` is loaded in: `dtype` for floating-point ones, unless its module fixes
+    that parameter's dtype as part of its format (`FORMAT_DTYPES`, e.g. an int4 layer's bf16 scale units);
+    other parameters (integer codes) keep their own."""
+    module_name, _, leaf = name.rpartition(".")
+    fixed = getattr(model.get_submodule(module_name) if module_name else model, "FORMAT_DTYPES", {})
+    if leaf in fixed:
+        return fixed[leaf]
+    return dtype if parameter.dtype.is_floating_point else parameter.dtype
+
+
 def load_weights(
     model: nn.Module,
     folder: str | os.PathLike[str],
@@ -691,7 +702,7 @@ def load_weights(
     """Replace every parameter of `model` (normally on the meta device) with the checkpoint's tensor.
 
     Each parameter becomes `nn.Parameter(tensor, requires_grad=False)` of `dtype` (non-floating
-    parameters keep their own dtype) on `device`. All headers are checked against the model first:
+    parameters, and those whose module fixes their dtype in `FORMAT_DTYPES`, keep their own) on `device`. All headers are checked against the model first:
     missing, unexpected (other than `*.inv_freq` buffers) and mis-shaped tensors are reported together
     in one `CheckpointError` before any weight is read. Then the files are streamed one tensor at a
     time, so peak memory is the final weights plus at most one tensor. `after_tensor(name)`, if given,
@@ -720,7 +731,7 @@ def load_weights(
     if missing or unexpected or mismatched:
         raise CheckpointError(_mismatch_message(folder, missing, unexpected, mismatched))
 
-    targets = {name: dtype if p.dtype.is_floating_point else p.dtype for name, p in params.items()}
+    targets = {name: _target_dtype(model, name, p, dtype) for name, p in params.items()}
     by_file: dict[Path, list[TensorInfo]] = {path: [] for path in files}
     for name in expected:
         by_file[entries[name].file].append(entries[name])

@@ -315,9 +315,8 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activation dtype (for a quantized model, the dtype of its scales)."""
-        head = self.lm_head
-        return head.scales.dtype if hasattr(head, "scales") else head.weight.dtype
+        """The activation dtype: the final norm's (a quantized model's linears hold integer codes)."""
+        return self.transformer.ln_f.weight.dtype
 
     def allocate_cache(self, batch_size: int, max_length: int) -> KVCache:
         """A fresh static KV cache for `batch_size` sequences of up to `max_length` positions."""

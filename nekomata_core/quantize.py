@@ -10,35 +10,44 @@ int8 halves them against bf16, int4 nearly quarters them.
 int8: per output channel `scale = max|w_row| / 127` and `q = round(w / scale)`, so `w ≈ q · scale` with
 an error of at most scale / 2 per weight.
 
-int4 (`Int4Linear`): each group of 32 consecutive inputs of a row has a scale and a min (stored in the
-activation dtype, like int8's scales) and `w ≈ q · scale + min`, q in 0..15: 4 bits of code + 32 bits
-per 32 weights = 5.0 bits a weight in bf16. The scale and min of a group are not simply (max - min) / 15
-and the minimum: as llama.cpp's Q4_K does (make_qkx2_quants), 21 trial grids are rounded and for each
-the (scale, min) solving the weighted least-squares fit to the rounded codes is computed; the best fit
-wins (`_int4_fit`). Codes are then re-rounded against the stored (rounded) scale and min. Two weights
-per byte: in each group's 16 bytes, byte j holds code j (low nibble) and code j + 16 (high), so a
-kernel unpacks a 16-byte load into two runs of 16 codes in x's natural order.
-The fused q/k/v projection `c_attn` and `lm_head` stay int8 (`int4_keeps_int8`), as llama.cpp's Q4_K_M
-keeps attn_qkv at 5 and the output head at 6 bits.
+int4 (`Int4Linear`): each group of 32 consecutive inputs of a row has a scale and a min, and
+`w ≈ q · scale + min`, q in 0..15. The scale and min of a group are not simply (max - min) / 15 and
+the minimum: as llama.cpp's Q4_K does (make_qkx2_quants), 21 trial grids are rounded and for each the
+(scale, min) solving the weighted least-squares fit to the rounded codes is computed; the best fit
+wins (`_int4_fit`). The scales and mins are then stored in 8 bits each, as codes times a unit shared
+by a tile of 8 rows (Q4_K's "superblock" idea, with 8-bit codes where Q4_K has 6):
+
+    scale[n, g] = scales[n, g] (uint8, 0..255)   · scale_units[n // 8, g] (bf16)
+    min[n, g]   = mins[n, g]   (int8, -127..127) · min_units[n // 8, g]   (bf16)
+
+with the units max(scale) / 255 and max |min| / 127 of the tile's 8 groups g. A product of a bf16 and
+an 8-bit integer is exact in fp32, so every kernel sees the very same fp32 scale and min. Codes are
+then re-rounded against those. Bytes: 4 bits of code + 16 bits of scale and min per 32 weights + 32
+bits of units per 8 × 32 = 4.625 bits a weight (bf16 scales and mins cost 5.0). Why tiles of rows
+rather than Q4_K's 8 consecutive groups of a row: a tensor-parallel split of a row-parallel layer cuts
+rows between ranks in whole groups, which may split a run of 8 groups (nekomata-14b's 13696-wide MLP
+over 2 ranks), but never a tile of rows, since column-parallel layers split whole heads or multiples of
+8 rows; so a rank's int4 weights are always exactly those of the same rows and groups in one process.
+Two weights per byte: in each group's 16 bytes, byte j holds code j (low nibble) and code j + 16
+(high), so a kernel unpacks a 16-byte load into two runs of 16 codes in x's natural order.
+The fused q/k/v projection `c_attn` stays int8 (`int4_keeps_int8`), as llama.cpp's Q4_K_M keeps
+attn_qkv at 5 bits; the output head is int4 like the rest (Q4_K_M: 6 bits).
 
 How the format was chosen (bench-620m random weights, init as tools/make_tiny_checkpoint.py, one
-48-token input, mean |Δlogit| vs the fp32 model; llama.cpp Q4_K_M: 0.146, Q4_0: 0.208; lm_head int8 in
-all rows). Relative RMS weight error on a N(0, 0.02) [1024, 4096] matrix, min/max rule → searched:
-group 32: 0.0783 → 0.0706, group 64: 0.0896 → 0.0831 (scales in bf16, fp16 or fp32: within 0.0002).
-Whole model, weights of the blocks as stated (bits per block weight):
+48-token input, mean |Δlogit| vs the fp32 model of a prefill; llama.cpp Q4_K_M: 0.160, Q4_0: 0.208).
+Relative RMS weight error on a N(0, 0.02) [1024, 4096] matrix, min/max rule → searched: group 32:
+0.0783 → 0.0706, group 64: 0.0896 → 0.0831. Whole model (bits per int4 weight):
 
-    all int4, group 32, min/max rule             0.171   (5.00)
-    all int4, group 32, searched                 0.173   (5.00)   (one input is noisy: on the tiny
-                                                                   test model the search cuts the
-                                                                   error 0.121 → 0.114)
-    mlp.c_proj int8 in Q4_K_M's "more bits" layers 0.166 (5.34)
-    c_attn int8, the rest int4 group 32          0.140   (5.74)   ← chosen: ≤ Q4_K_M's 0.146
-    c_attn int8 + those mlp.c_proj int8          0.131   (6.08)
-    all int8                                     0.019   (8.01)
+    all int4, bf16 scale and min per 32            0.177   (5.00)
+    all int4, 8-bit codes in tiles of 8 rows       0.172   (4.625)
+    c_attn int8, rest bf16 scale and min per 32    0.144   (5.00)
+    c_attn int8, rest 8-bit codes, tiles of rows   0.142   (4.625)   ← chosen: ≤ Q4_K_M's 0.160
+    c_attn int8, rest 8-bit codes, runs of 8 groups 0.142  (4.625)
+    c_attn and lm_head int8, rest 8-bit codes      0.138
+    all int8                                       0.019   (8.01)
 
-Group 64 (4.5 bits) is what Q4_K's bytes would allow, but it loses 18 % in weight rmse against group
-32; Q4_K recovers that with 6-bit sub-block scales, which cost a decode of the scale per sub-block in
-every kernel; a plain fp16/bf16 scale and min per 32 keeps the C, Triton and PyTorch kernels simple.
+Group 64 (4.5 bits with bf16 scales) loses 18 % in weight rmse against group 32; 8-bit codes of the
+scales and mins cost nothing measurable against bf16 ones.
 
 A quantized model can be saved (`save_quantized`) as a normal checkpoint folder whose config.json
 carries `"quantization": {"method": "int8_weight_only", ...}` (or "int4_weight_only" with its
@@ -73,6 +82,14 @@ QUANTIZE_CHUNK_ROWS = 4096
 # the input dimension. Mirrored as NK_INT4_GROUP in kernels/cpu/common.h (= abi.INT4_GROUP_SIZE).
 INT4_GROUP_SIZE = 32
 INT4_MAX = 15
+# Scales and mins are 8-bit codes times a bf16 unit shared by a tile of INT4_TILE_ROWS rows (mirrored as
+# NK_INT4_TILE in kernels/cpu/common.h = abi.INT4_TILE_ROWS): scale codes 0..255, min codes -127..127.
+INT4_TILE_ROWS = 8
+INT4_SCALE_CODES, INT4_MIN_CODES = 255, 127
+INT4_UNIT_DTYPE = torch.bfloat16
+# The format of save_quantized's int4 folders (config.json's quantization.version): 2 = 8-bit codes and
+# tile units; version 1 (bf16 scales and mins per group, c_attn and lm_head int8) is not read any more.
+INT4_FORMAT_VERSION = 2
 # The scale search of llama.cpp's make_qkx2_quants (as Q4_K calls it): trial inverse scales
 # (15 + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / (max - min) for i = 0..INT4_SEARCH_STEPS.
 INT4_SEARCH_RMIN, INT4_SEARCH_DELTA, INT4_SEARCH_STEPS = -1.0, 0.1, 20
@@ -202,14 +219,48 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((g & 15, g >> 4), dim=2).reshape(n, half * 2)
 
 
-def quantize_int4_weight(
-    weight: torch.Tensor, dtype: torch.dtype, steps: int = INT4_SEARCH_STEPS
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed uint8 [N, K/2], scales [N, K/G], mins [N, K/G] in `dtype`) of a float weight [N, K].
+def int4_tiles(n: int) -> int:
+    """The tiles of INT4_TILE_ROWS rows of an int4 weight with n rows (the last one may be short)."""
+    return -(-n // INT4_TILE_ROWS)
 
-    Scale and min are searched in fp32 (`_int4_fit`), rounded to `dtype` (what is stored), and the
-    codes then re-rounded against the stored values, so the codes are the nearest ones for what the
-    kernels will actually use.
+
+def _tile_units(values: torch.Tensor, codes: int) -> torch.Tensor:
+    """The unit [T, G] (bf16) of each tile's 8 rows of values [N, G] (fp32): max |value| / codes."""
+    n, groups = values.shape
+    padded = torch.zeros(int4_tiles(n) * INT4_TILE_ROWS, groups, dtype=values.dtype, device=values.device)
+    padded[:n] = values.abs()
+    return (padded.reshape(-1, INT4_TILE_ROWS, groups).amax(dim=1) / codes).to(INT4_UNIT_DTYPE)
+
+
+def _per_row(units: torch.Tensor, n: int) -> torch.Tensor:
+    """Units [T, G] → [n, G] fp32: row r takes its tile's (r // INT4_TILE_ROWS)."""
+    return units.float().repeat_interleave(INT4_TILE_ROWS, dim=0)[:n]
+
+
+def _to_codes(values: torch.Tensor, units: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """round(values / unit) clamped to [low, high] (0 where the unit is 0: the tile is all zeros)."""
+    unit = _per_row(units, values.shape[0])
+    safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+    return torch.where(unit > 0, torch.round(values / safe), torch.zeros_like(values)).clamp_(low, high)
+
+
+def int4_group_scales(
+    scales: torch.Tensor, mins: torch.Tensor, scale_units: torch.Tensor, min_units: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 scale and min [N, G] of every group: code × its tile's unit (exact in fp32)."""
+    n = scales.shape[0]
+    return scales.float() * _per_row(scale_units, n), mins.float() * _per_row(min_units, n)
+
+
+def quantize_int4_weight(
+    weight: torch.Tensor, steps: int = INT4_SEARCH_STEPS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed uint8 [N, K/2], scales uint8 [N, K/G], mins int8 [N, K/G], scale_units and min_units bf16
+    [ceil(N/8), K/G]) of a float weight [N, K] (see "int4" in the module docstring).
+
+    Scale and min are searched in fp32 (`_int4_fit`), stored as 8-bit codes of their tile's units, and
+    the 4-bit codes then re-rounded against the stored values, so the codes are the nearest ones for
+    what the kernels will actually use. Rows are fitted a block of whole tiles at a time.
     """
     n, k = weight.shape
     if k % INT4_GROUP_SIZE:
@@ -217,28 +268,43 @@ def quantize_int4_weight(
             f"int4 quantization groups {INT4_GROUP_SIZE} input features; a linear with {k} inputs is not a "
             f"multiple of {INT4_GROUP_SIZE}: quantize this model with quantize='int8' instead"
         )
-    groups = k // INT4_GROUP_SIZE
-    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
-    scales = torch.empty(n, groups, dtype=dtype, device=weight.device)
-    mins = torch.empty(n, groups, dtype=dtype, device=weight.device)
-    rows = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(k, 1))  # ~4M weights per block
+    groups, device = k // INT4_GROUP_SIZE, weight.device
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+    scales = torch.empty(n, groups, dtype=torch.uint8, device=device)
+    mins = torch.empty(n, groups, dtype=torch.int8, device=device)
+    scale_units = torch.empty(int4_tiles(n), groups, dtype=INT4_UNIT_DTYPE, device=device)
+    min_units = torch.empty(int4_tiles(n), groups, dtype=INT4_UNIT_DTYPE, device=device)
+    rows = max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(k, 1)) // INT4_TILE_ROWS * INT4_TILE_ROWS  # ~4M weights
+    rows = max(rows, INT4_TILE_ROWS)
     for begin in range(0, n, rows):
         end = min(begin + rows, n)
         x = weight[begin:end].float().reshape(-1, INT4_GROUP_SIZE)  # [rows * groups, G]
-        s, m = _int4_fit(x, steps)
-        s, m = s.to(dtype), m.to(dtype)
-        q = int4_codes(x, s, m).reshape(end - begin, k)
+        s, m = (t.reshape(end - begin, groups) for t in _int4_fit(x, steps))
+        su, mu = _tile_units(s, INT4_SCALE_CODES), _tile_units(m, INT4_MIN_CODES)
+        sc = _to_codes(s, su, 0, INT4_SCALE_CODES)
+        mc = _to_codes(m, mu, -INT4_MIN_CODES, INT4_MIN_CODES)
+        s_fp32, m_fp32 = int4_group_scales(sc, mc, su, mu)
+        q = int4_codes(x, s_fp32.reshape(-1), m_fp32.reshape(-1)).reshape(end - begin, k)
         packed[begin:end] = pack_int4(q)
-        scales[begin:end] = s.reshape(end - begin, groups)
-        mins[begin:end] = m.reshape(end - begin, groups)
-    return packed, scales, mins
+        scales[begin:end], mins[begin:end] = sc.to(torch.uint8), mc.to(torch.int8)
+        tiles = slice(begin // INT4_TILE_ROWS, int4_tiles(end))
+        scale_units[tiles], min_units[tiles] = su, mu
+    return packed, scales, mins, scale_units, min_units
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """The fp32 weight [N, K] that int4 (packed, scales, mins) stands for: q * scale + min per group."""
+def dequantize_int4(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    scale_units: torch.Tensor,
+    min_units: torch.Tensor,
+) -> torch.Tensor:
+    """The fp32 weight [N, K] that int4 (packed, scales, mins, units) stands for: q * scale + min per
+    group, scale and min as `int4_group_scales` gives them. The rows start at a tile's first row."""
     n = packed.shape[0]
-    q = unpack_int4(packed).float().reshape(n, scales.shape[1], INT4_GROUP_SIZE)
-    return (q * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, -1)
+    s, m = int4_group_scales(scales, mins, scale_units, min_units)
+    q = unpack_int4(packed).float().reshape(n, s.shape[1], INT4_GROUP_SIZE)
+    return (q * s[:, :, None] + m[:, :, None]).reshape(n, -1)
 
 
 def blocked_matmul(
@@ -269,9 +335,11 @@ def blocked_matmul(
 class Int4Linear(nn.Module):
     """y = x @ W^T + bias with W = q * scale + min per group of INT4_GROUP_SIZE inputs (q 4-bit).
 
-    weight: uint8 [out, in / 2] (two codes per byte, see pack_int4); scales, mins: [out, in / G] in the
-    activation dtype; bias [out] or None. The forward is exact with respect to the dequantized weight:
-    fp32 products and sums, one rounding to the activation dtype at the end.
+    weight: uint8 [out, in / 2] (two codes per byte, see pack_int4); scales uint8 and mins int8 [out, in / G],
+    the codes of each group's scale and min; scale_units, min_units bf16 [ceil(out / 8), in / G], the
+    units of each tile of 8 rows (`int4_group_scales`); bias [out] or None in the activation dtype. The
+    forward is exact with respect to the dequantized weight: fp32 products and sums, one rounding to the
+    activation dtype at the end.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
@@ -281,36 +349,61 @@ class Int4Linear(nn.Module):
                 f"int4 needs in_features divisible by {INT4_GROUP_SIZE}, got {in_features}; use int8 instead"
             )
         self.in_features, self.out_features = in_features, out_features
-        groups = in_features // INT4_GROUP_SIZE
-        # Parameters (frozen) rather than buffers, so the loader and state_dict treat them like weights.
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False
-        )
-        self.scales = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
-        self.mins = nn.Parameter(torch.empty(out_features, groups, dtype=dtype), requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
-        )
+        groups, tiles = in_features // INT4_GROUP_SIZE, int4_tiles(out_features)
+
+        def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            # Parameters (frozen) rather than buffers, so the loader and state_dict treat them like weights.
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.weight = frozen(out_features, in_features // 2, dtype=torch.uint8)
+        self.scales = frozen(out_features, groups, dtype=torch.uint8)
+        self.mins = frozen(out_features, groups, dtype=torch.int8)
+        self.scale_units = frozen(tiles, groups, dtype=INT4_UNIT_DTYPE)
+        self.min_units = frozen(tiles, groups, dtype=INT4_UNIT_DTYPE)
+        self.bias = frozen(out_features, dtype=dtype) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
-        """The int4 form of a linear (or of a tensor-parallel shard of one: its groups are whole, and
-        each group is fitted from its own 32 weights only, so a shard gets exactly the codes, scales and
-        mins of the same groups in the whole layer)."""
+        """The int4 form of a linear (or of a tensor-parallel shard of one: its groups and tiles are
+        whole, and each is fitted from its own weights only, so a shard gets exactly the codes, scales,
+        mins and units of the same groups in the whole layer)."""
         weight = linear.weight.detach()
-        packed, scales, mins = quantize_int4_weight(weight, weight.dtype)
         out_features, in_features = weight.shape  # a shard's own shape, not the layer's
         module = cls(in_features, out_features, linear.bias is not None, weight.dtype)
-        module.weight = nn.Parameter(packed, requires_grad=False)
-        module.scales = nn.Parameter(scales, requires_grad=False)
-        module.mins = nn.Parameter(mins, requires_grad=False)
+        for name, tensor in zip(module.INT4_TENSORS, quantize_int4_weight(weight), strict=True):
+            setattr(module, name, nn.Parameter(tensor, requires_grad=False))
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return module
 
+    #: The tensors of the format, in the order of quantize_int4_weight, dequantize_int4 and the kernels.
+    INT4_TENSORS = ("weight", "scales", "mins", "scale_units", "min_units")
+    #: Floating-point tensors whose dtype is the format's, not the activations' (the loader keeps it).
+    FORMAT_DTYPES = {"scale_units": INT4_UNIT_DTYPE, "min_units": INT4_UNIT_DTYPE}
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's own signature)
+        # The units are bf16 by the format, whatever the activation dtype: model.float() or .half() convert
+        # the floating-point parameters, so put the units back as they were (moved to the new device only).
+        units = {name: getattr(self, name).data for name in self.FORMAT_DTYPES}  # (the old tensors:
+        # nn.Module converts a parameter in place, by assigning its .data)
+        super()._apply(fn, recurse)
+        for name, before in units.items():
+            device = getattr(self, name).device
+            setattr(self, name, nn.Parameter(before.to(device), requires_grad=False))
+        return self
+
+    def int4_tensors(self, begin: int = 0, end: int | None = None) -> tuple[torch.Tensor, ...]:
+        """(packed, scales, mins, scale_units, min_units) of rows [begin, end); begin starts a tile."""
+        end = self.out_features if end is None else end
+        if begin % INT4_TILE_ROWS:
+            raise ValueError(f"int4 rows are taken from a tile's first row (a multiple of {INT4_TILE_ROWS})")
+        tiles = slice(begin // INT4_TILE_ROWS, int4_tiles(end))
+        return (self.weight[begin:end], self.scales[begin:end], self.mins[begin:end],
+                self.scale_units[tiles], self.min_units[tiles])
+
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight [out, in] this layer computes with."""
-        return dequantize_int4(self.weight, self.scales, self.mins)
+        return dequantize_int4(*self.int4_tensors())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocked_matmul(x, torch.float32, dequantize_int4)
@@ -319,21 +412,25 @@ class Int4Linear(nn.Module):
         self,
         x: torch.Tensor,
         dtype: torch.dtype,
-        dequantize: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        dequantize: Callable[..., torch.Tensor],
         block_rows: int | None = None,
     ) -> torch.Tensor:
         """x @ W^T + bias computed in `dtype` and rounded once to x.dtype, with W expanded by
-        `dequantize(packed, scales, mins)` (→ `dtype`) `block_rows` rows at a time (default: ~4M weights):
-        never a whole copy."""
+        `dequantize(packed, scales, mins, scale_units, min_units)` (→ `dtype`) `block_rows` rows at a
+        time (default: ~4M weights; a multiple of the tile): never a whole copy."""
         step = block_rows or max(1, QUANTIZE_CHUNK_ROWS * 1024 // max(self.in_features, 1))
+        step = max(INT4_TILE_ROWS, step // INT4_TILE_ROWS * INT4_TILE_ROWS)
 
         def expand(begin: int, end: int) -> torch.Tensor:
-            return dequantize(self.weight[begin:end], self.scales[begin:end], self.mins[begin:end])
+            return dequantize(*self.int4_tensors(begin, end))
 
         return blocked_matmul(x, self.out_features, dtype, expand, step, bias=self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP_SIZE}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of "
+            f"{INT4_GROUP_SIZE}, 8-bit scales in tiles of {INT4_TILE_ROWS} rows"
+        )
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -342,11 +439,9 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def int4_keeps_int8(name: str) -> bool:
     """Whether the linear `name` of an int4 model is stored as int8 (per output channel) instead: the
-    output head, whose errors go straight into the logits (llama.cpp's Q4_K_M keeps it at 6 bits), and
-    the fused q/k/v projection c_attn, whose errors pass through the softmax (Q4_K_M gives it 5 bits).
-    See the module docstring for the measurements."""
-    leaf = name.rpartition(".")[2]
-    return leaf in ("lm_head", "c_attn")
+    fused q/k/v projection c_attn, whose errors pass through the softmax (Q4_K_M gives it 5 bits). See
+    the module docstring for the measurements."""
+    return name.rpartition(".")[2] == "c_attn"
 
 
 def _quantized_class(method: str, name: str) -> type[nn.Module]:
@@ -363,8 +458,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def quantize_int4(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of a loaded model by an Int4Linear (lm_head and c_attn: Int8Linear), in
-    place, one layer at a time."""
+    """Replace every nn.Linear of a loaded model by an Int4Linear (c_attn: Int8Linear), in place, one
+    layer at a time."""
     for name in _linear_names(model):
         quantize_linear(model, name, "int4")
     return model
@@ -476,10 +571,14 @@ def quantization_of(config_extra: dict) -> str | None:
             f"{{'method': '{QUANT_METHOD}'}} or {{'method': '{INT4_METHOD}', 'group_size': "
             f"{INT4_GROUP_SIZE}}} checkpoints written by save_quantized"
         )
-    if info["method"] == INT4_METHOD and info.get("group_size") != INT4_GROUP_SIZE:
+    if info["method"] == INT4_METHOD and (
+        info.get("group_size") != INT4_GROUP_SIZE or info.get("version") != INT4_FORMAT_VERSION
+    ):
         raise ConfigError(
-            f"config.json has an int4 checkpoint with group_size={info.get('group_size')!r}; this version "
-            f"of nekomata_core reads group_size {INT4_GROUP_SIZE} only (re-quantize the float checkpoint)"
+            f"config.json has an int4 checkpoint with group_size={info.get('group_size')!r} and format "
+            f"version={info.get('version', 1)!r}; this version of nekomata_core reads group_size "
+            f"{INT4_GROUP_SIZE}, version {INT4_FORMAT_VERSION} only (8-bit scale codes in tiles of "
+            f"{INT4_TILE_ROWS} rows): quantize the float checkpoint again (quantize='int4') and save that"
         )
     return _METHODS[info["method"]]
 
@@ -528,16 +627,17 @@ def save_quantized(
     if any(isinstance(m, Int4Linear) for m in model.modules()):
         config["quantization"] = {
             "method": INT4_METHOD,
+            "version": INT4_FORMAT_VERSION,
             "bits": 4,
             "group_size": INT4_GROUP_SIZE,
             "granularity": "per_group_scale_and_min",
-            "int8_per_output_channel": ["lm_head", "c_attn"],
+            "scale_codes": {"bits": 8, "unit_dtype": "bfloat16", "tile_rows": INT4_TILE_ROWS},
+            "int8_per_output_channel": ["c_attn"],
         }
     else:
         config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}
-    scale_dtype = next(m.scales.dtype for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear)))
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        config[flag] = scale_dtype == dt
+        config[flag] = model.dtype == dt
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_siblings(out)

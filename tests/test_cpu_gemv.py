@@ -216,10 +216,10 @@ def test_several_rows_equal_each_row_alone(rows, threads):
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s = (torch.rand(n, generator=g) / 127).to(torch.bfloat16)
-    packed, scales, mins = quantize_int4_weight(torch.randn(n, k, generator=g), torch.bfloat16)
+    int4 = quantize_int4_weight(torch.randn(n, k, generator=g))
     calls = {
         "int8": lambda v: gemv.linear_int8(v, q, s),
-        "int4": lambda v: gemv.linear_int4(v, packed, scales, mins),
+        "int4": lambda v: gemv.linear_int4(v, *int4),
         "bf16": lambda v: gemv.linear_bf16(v, w),
     }
     for name, call in calls.items():
@@ -340,50 +340,64 @@ def test_the_python_abi_is_the_one_common_h_declares():
                   torch.uint8: "KIND_INT4"}
     assert {header[kind_names[d]]: d for d in kind_names} == {c: d for d, c in abi.WEIGHT_KINDS.items()}
     assert sorted(n for n in header if n.startswith("KIND_")) == sorted(kind_names.values())
-    from nekomata_core.quantize import INT4_GROUP_SIZE
+    from nekomata_core.quantize import INT4_GROUP_SIZE, INT4_TILE_ROWS
 
     assert header["NK_INT4_GROUP"] == abi.INT4_GROUP_SIZE == INT4_GROUP_SIZE
+    assert header["NK_INT4_TILE"] == abi.INT4_TILE_ROWS == INT4_TILE_ROWS
 
 
 # --- int4 ----------------------------------------------------------------------------------------------
 
 
-def _int4_weight(n: int, k: int, dtype: torch.dtype, seed: int):
+def _int4_weight(n: int, k: int, seed: int):
+    """(packed, scales, mins, scale_units, min_units) of a random [n, k] weight (quantize_int4_weight)."""
     from nekomata_core.quantize import quantize_int4_weight
 
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
-    return quantize_int4_weight(w, dtype)
+    return quantize_int4_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
 
 
-def _int4_reference(x, packed, scales, mins, bias):
-    """W x + bias in float64 as the int4 kernels define it, W unpacked here by the layout common.h
-    documents (byte j of a group of 32: code j in the low nibble, code j + 16 in the high one):
-    sum_g scale_g * (codes_g . xq_g) + min_g * sum(x_g), xq the int8-quantized x (tests/q8_reference.py),
-    sum(x_g) the group sums of x itself."""
+def _group_values(scales, mins, scale_units, min_units):
+    """The float64 scale and min [N, G] of every group as common.h defines them: code times the unit of
+    the row's tile of 8 (row // 8); the products are exact."""
+    tile = torch.arange(scales.shape[0]) // 8
+    return scales.double() * scale_units.double()[tile], mins.double() * min_units.double()[tile]
+
+
+def _codes(packed: torch.Tensor) -> torch.Tensor:
+    """[N, groups, 32] codes by the layout common.h documents (byte j of a group of 32: code j in the low
+    nibble, code j + 16 in the high one)."""
     n, half = packed.shape
     b = packed.reshape(n, half // 16, 16).long()
-    codes = torch.cat((b & 15, b >> 4), dim=2).double()  # [N, groups, 32]
+    return torch.cat((b & 15, b >> 4), dim=2).double()
+
+
+def _int4_reference(x, packed, scales, mins, scale_units, min_units, bias):
+    """W x + bias in float64 as the int4 kernels define it, W unpacked here by the documented layout:
+    sum_g scale_g * (codes_g . xq_g) + min_g * sum(x_g), xq the int8-quantized x (tests/q8_reference.py),
+    sum(x_g) the group sums of x itself."""
+    n = packed.shape[0]
+    s, m = _group_values(scales, mins, scale_units, min_units)
     xq = dequantized_activation(x)
-    y = (codes * scales.double()[:, :, None]).reshape(n, -1) @ xq
-    y = y + mins.double() @ x.double().reshape(-1, 32).sum(dim=1)
+    y = (_codes(packed) * s[:, :, None]).reshape(n, -1) @ xq
+    y = y + m @ x.double().reshape(-1, 32).sum(dim=1)
     return y if bias is None else y + bias.double()
 
 
-@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (13, 224), (67, 1024), (9, 2816)])
+@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (13, 224), (67, 1024), (9, 2816)])  # whole and short tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_matches_the_dequantized_weight(n, k, dtype, with_bias):
-    packed, scales, mins = _int4_weight(n, k, dtype, seed=n * k)
+    int4 = _int4_weight(n, k, seed=n * k)
     g = torch.Generator().manual_seed(n * k + 1)  # the test's inputs do not depend on the tests run before it
     x = torch.randn(k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
-    expected = _int4_reference(x, packed, scales, mins, bias)
+    expected = _int4_reference(x, *int4, bias)
     results = []
     saved = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(gemv.linear_int4(x, packed, scales, mins, bias))
+            results.append(gemv.linear_int4(x, *int4, bias))
     finally:
         torch.set_num_threads(saved)
     y = results[0]
@@ -392,23 +406,27 @@ def test_int4_matches_the_dequantized_weight(n, k, dtype, with_bias):
     # fp32 sums in another order: a few ulps of fp32 relative to the sum of |terms| of what the kernels add,
     # scale * (codes . x) and min * sum(x) per group (the two can cancel, so |expected| alone is no bound);
     # half precision: one rounding of the output on top.
-    b = packed.reshape(n, k // 32, 16).long()
-    codes = torch.cat((b & 15, b >> 4), dim=2).double()
+    s, m = _group_values(*int4[1:])
     xq = dequantized_activation(x).abs()
-    bound = (codes * scales.double()[:, :, None]).abs().reshape(n, k) @ xq
-    bound = bound + mins.double().abs() @ x.double().abs().reshape(-1, 32).sum(dim=1)
+    bound = (_codes(int4[0]) * s[:, :, None]).abs().reshape(n, k) @ xq
+    bound = bound + m.abs() @ x.double().abs().reshape(-1, 32).sum(dim=1)
     rounding = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
     assert torch.all((y.double() - expected).abs() <= 2e-6 * bound + rounding * expected.abs().max())
 
 
 def test_int4_refuses_k_outside_the_group_size_and_bad_groups():
-    packed, scales, mins = _int4_weight(4, 64, torch.float32, seed=1)
+    packed, scales, mins, scale_units, min_units = _int4_weight(12, 64, seed=1)
+    x = torch.randn(64)
     with pytest.raises(ValueError, match="multiple of the int4 group size"):
-        gemv.linear_int4(torch.randn(48), packed[:, :24].contiguous(), scales, mins)
-    with pytest.raises(ValueError, match="scales"):
-        gemv.linear_int4(torch.randn(64), packed, scales[:, :1].contiguous(), mins)
-    with pytest.raises(ValueError, match="one dtype"):
-        gemv.linear_int4(torch.randn(64), packed, scales, mins.bfloat16())
+        gemv.linear_int4(torch.randn(48), packed[:, :24].contiguous(), scales, mins, scale_units, min_units)
+    with pytest.raises(ValueError, match=r"scales must be a contiguous CPU torch.uint8 tensor of shape \(12, 2\)"):
+        gemv.linear_int4(x, packed, scales[:, :1].contiguous(), mins, scale_units, min_units)
+    with pytest.raises(ValueError, match="mins must be a contiguous CPU torch.int8"):
+        gemv.linear_int4(x, packed, scales, mins.bfloat16(), scale_units, min_units)
+    with pytest.raises(ValueError, match=r"scale_units must be .* shape \(2, 2\)"):  # ceil(12 / 8) tiles
+        gemv.linear_int4(x, packed, scales, mins, scale_units[:1].contiguous(), min_units)
+    with pytest.raises(ValueError, match="min_units must be .*bfloat16"):
+        gemv.linear_int4(x, packed, scales, mins, scale_units, min_units.float())
 
 
 def _isolate_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -464,20 +482,18 @@ def test_import_compiles_nothing(tmp_path):
 
 @requires_kernels
 @pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (67, 1024), (130, 2816)])
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_int4_dequantize_is_the_reference_weight_rounded_once(n, k, scale_dtype, out_dtype):
+def test_int4_dequantize_is_the_reference_weight_rounded_once(n, k, out_dtype):
     """The C expansion used by prefills equals code * scale + min in fp32 (the layout read independently
     here, as in _int4_reference), rounded once to the out dtype — bit for bit, for any thread count."""
-    packed, scales, mins = _int4_weight(n, k, scale_dtype, seed=k + n)
-    b = packed.reshape(n, k // 32, 16).long()
-    codes = torch.cat((b & 15, b >> 4), dim=2).float()  # [N, groups, 32]
-    expected = (codes * scales.float()[:, :, None] + mins.float()[:, :, None]).reshape(n, k).to(out_dtype)
+    int4 = _int4_weight(n, k, seed=k + n)
+    s, m = (t.float() for t in _group_values(*int4[1:]))  # exact in fp32 too
+    expected = (_codes(int4[0]).float() * s[:, :, None] + m[:, :, None]).reshape(n, k).to(out_dtype)
     saved = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            assert torch.equal(gemv.dequantize_int4(packed, scales, mins, out_dtype), expected)
+            assert torch.equal(gemv.dequantize_int4(*int4, out_dtype), expected)
     finally:
         torch.set_num_threads(saved)
 
@@ -504,27 +520,28 @@ def test_int8_expansion_is_the_weight_in_the_float_dtype(n, k, threads):
 @requires_kernels
 def test_int4_dequantize_keeps_subnormal_values_and_writes_into_out():
     """The avx512bf16 build rounds with vcvtne2ps2bf16, which reads subnormals as zero: a group whose
-    values are subnormal (scales of 1e-39) must still come out as PyTorch rounds them; `out` is filled
-    in place."""
+    values are subnormal (a scale unit of 1e-39) must still come out as PyTorch rounds them; `out` is
+    filled in place."""
     n, k = 3, 256
     packed = torch.randint(0, 256, (n, k // 2), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    scales = torch.full((n, k // 32), 0.25)
-    mins = torch.full((n, k // 32), -2.0)
-    scales[1, 3], mins[1, 3] = 1e-39, 0.0  # one group of subnormal values, in the middle of a row
-    b = packed.reshape(n, k // 32, 16).long()
-    codes = torch.cat((b & 15, b >> 4), dim=2).float()
-    expected = (codes * scales[:, :, None] + mins[:, :, None]).reshape(n, k).to(torch.bfloat16)
+    scales = torch.full((n, k // 32), 64, dtype=torch.uint8)
+    mins = torch.full((n, k // 32), -64, dtype=torch.int8)
+    scale_units = torch.full((1, k // 32), 2.0**-8, dtype=torch.bfloat16)  # scale 0.25
+    min_units = torch.full((1, k // 32), 2.0**-5, dtype=torch.bfloat16)  # min -2
+    scales[1, 3], scale_units[0, 3], min_units[0, 3] = 1, 1e-39, 0.0  # row 1's group 3: subnormal values
+    s, m = (t.float() for t in _group_values(scales, mins, scale_units, min_units))
+    expected = (_codes(packed).float() * s[:, :, None] + m[:, :, None]).reshape(n, k).to(torch.bfloat16)
     out = torch.empty(n, k, dtype=torch.bfloat16)
-    assert gemv.dequantize_int4(packed, scales, mins, torch.bfloat16, out=out) is out
+    assert gemv.dequantize_int4(packed, scales, mins, scale_units, min_units, torch.bfloat16, out=out) is out
     assert torch.equal(out, expected) and bool((out[1, 96:128] != 0).any())
     with pytest.raises(ValueError, match="out must be"):
-        gemv.dequantize_int4(packed, scales, mins, torch.bfloat16, out=torch.empty(n, k))
+        gemv.dequantize_int4(packed, scales, mins, scale_units, min_units, torch.bfloat16, out=torch.empty(n, k))
 
 
 @requires_kernels
 def test_int4_dequantize_refuses_what_it_cannot_expand():
-    packed, scales, mins = _int4_weight(4, 64, torch.float32, seed=0)
+    packed, scales, mins, scale_units, min_units = _int4_weight(4, 64, seed=0)
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
-        gemv.dequantize_int4(packed, scales, mins, torch.float16)
+        gemv.dequantize_int4(packed, scales, mins, scale_units, min_units, torch.float16)
     with pytest.raises(ValueError, match="scales must be a contiguous"):
-        gemv.dequantize_int4(packed, scales[:, :1], mins, torch.float32)
+        gemv.dequantize_int4(packed, scales[:, :1], mins, scale_units, min_units, torch.float32)

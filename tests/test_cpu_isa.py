@@ -144,19 +144,18 @@ def test_int8_and_int4_gemvs_are_bit_identical_in_every_variant(monkeypatch, fre
     cases = []
     for n, k in ((37, 32), (5, 96), (64, 1024), (9, 2816), (3, 160)):
         x = torch.randn(k, generator=g).to(torch.bfloat16)
-        packed, scales, mins = quantize_int4_weight(torch.randn(n, k, generator=g), torch.bfloat16)
-        cases.append(("int4", x, packed, scales, mins))
+        cases.append(("int4", x, quantize_int4_weight(torch.randn(n, k, generator=g))))
     for n, k in ((7, 33), (64, 1024), (3, 4097), (1000, 64)):
         x = torch.randn(k, generator=g)
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
-        cases.append(("int8", x, q, (torch.rand(n, generator=g) / 127).bfloat16(), None))
+        cases.append(("int8", x, (q, (torch.rand(n, generator=g) / 127).bfloat16())))
     results = {}
     for variant in SUPPORTED:
         monkeypatch.setenv(build.ISA_ENV, variant)
         build.reset()
         assert build.isa() == variant
         results[variant] = [
-            gemv.linear_int4(x, w, s, m) if kind == "int4" else gemv.linear_int8(x, w, s) for kind, x, w, s, m in cases
+            (gemv.linear_int4 if kind == "int4" else gemv.linear_int8)(x, *weight) for kind, x, weight in cases
         ]
     for variant, ys in results.items():
         assert all(torch.equal(y, ref) for y, ref in zip(ys, results["avx2"], strict=True)), variant

@@ -621,6 +621,20 @@ def test_kernels_in_a_fresh_interpreter_process():
 # --- int4 GEMV ------------------------------------------------------------------------------------------
 
 
+def _int4_gemv_on_device(x, tensors, bias=None):
+    """int4_gemv of x with the five int4 tensors (and bias) moved to DEVICE; the result back on CPU."""
+    return int4_gemv(x.to(DEVICE), *(t.to(DEVICE) for t in tensors),
+                     None if bias is None else bias.to(DEVICE)).cpu()
+
+
+def _assert_int4_result(got, expected, dtype):
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    else:  # fp32 sums in another order, then one rounding: at most one ulp from the rounded reference
+        assert_matches(got, expected.to(dtype), max_ulp=1)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, k, with_bias", [(1, 32, False), (45, 224, True), (70, 160, False)])
@@ -629,20 +643,84 @@ def test_int4_gemv_matches_the_dequantized_matmul(dtype, n, k, with_bias):
     from nekomata_core.quantize import dequantize_int4, quantize_int4_weight
 
     torch.manual_seed(0)
-    packed, scales, mins = quantize_int4_weight(torch.randn(n, k), dtype)
+    tensors = quantize_int4_weight(torch.randn(n, k))
     x = torch.randn(1, 1, k).to(dtype)
     bias = torch.randn(n).to(dtype) if with_bias else None
     expected = torch.nn.functional.linear(
-        x.float(), dequantize_int4(packed, scales, mins), None if bias is None else bias.float())
-    got = int4_gemv(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), mins.to(DEVICE),
-                    None if bias is None else bias.to(DEVICE)).cpu()
-    assert got.shape == (1, 1, n) and got.dtype == dtype
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    else:  # fp32 sums in another order, then one rounding: at most one ulp from the rounded reference
-        assert_matches(got, expected.to(dtype), max_ulp=1)
+        x.float(), dequantize_int4(*tensors), None if bias is None else bias.float())
+    got = _int4_gemv_on_device(x, tensors, bias)
+    assert got.shape == (1, 1, n)
+    _assert_int4_result(got, expected, dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [33, 37, 64])
+def test_int4_gemv_uses_each_rows_tile_units_including_a_partial_last_tile(dtype, n):
+    """Random codes over their whole ranges (negative min codes too) and units that differ by orders of
+    magnitude from tile to tile, so a row reading another tile's units (or its own row's) is caught; N = 33
+    and 37 end in a tile of 1 and 5 rows, 33 with the second program's only row. K = 96: 3 groups, fewer
+    than one chunk of the kernel."""
+    from nekomata_core.quantize import dequantize_int4, int4_tiles
+
+    k, groups, tiles = 96, 3, int4_tiles(n)
+    generator = torch.Generator().manual_seed(n)
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    scales = torch.randint(0, 256, (n, groups), dtype=torch.uint8, generator=generator)
+    mins = torch.randint(-127, 128, (n, groups), dtype=torch.int8, generator=generator)
+    magnitude = 10.0 ** -(3 + torch.arange(tiles)[:, None] % 4)  # [tiles, 1]: 1e-3, 1e-4, 1e-5, 1e-6, 1e-3..
+    scale_units = (torch.rand(tiles, groups, generator=generator) * magnitude).to(torch.bfloat16)
+    min_units = (torch.rand(tiles, groups, generator=generator) * magnitude).to(torch.bfloat16)
+    tensors = (packed, scales, mins, scale_units, min_units)
+    x = torch.randn(k, generator=generator).to(dtype)
+    expected = dequantize_int4(*tensors) @ x.float()  # [N]
+    got = _int4_gemv_on_device(x, tensors)
+    assert got.shape == (n,)
+    _assert_int4_result(got, expected, dtype)
 
 
 def test_int4_gemv_rejects_k_outside_the_groups():
+    units = torch.zeros(1, 1, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of the group size"):
-        int4_gemv(randn(48), torch.zeros(4, 24, dtype=torch.uint8, device=DEVICE), randn(4, 1), randn(4, 1))
+        int4_gemv(randn(48), torch.zeros(4, 24, dtype=torch.uint8, device=DEVICE),
+                  torch.zeros(4, 1, dtype=torch.uint8, device=DEVICE),
+                  torch.zeros(4, 1, dtype=torch.int8, device=DEVICE), units, units)
+
+
+def test_int4_gemv_groups_and_tiles_are_those_of_the_quantize_format():
+    from nekomata_core.kernels.gpu import int4_gemv as module
+
+    from nekomata_core.quantize import INT4_GROUP_SIZE, INT4_TILE_ROWS, INT4_UNIT_DTYPE
+
+    assert (module.GROUP, module.TILE_ROWS, INT4_UNIT_DTYPE) == (INT4_GROUP_SIZE, INT4_TILE_ROWS, torch.bfloat16)
+
+
+def _int4_tensors(n: int, k: int) -> dict[str, torch.Tensor]:
+    """Zero int4 tensors of the right dtypes and shapes for an [n, k] weight."""
+    from nekomata_core.quantize import int4_tiles
+
+    tiles = int4_tiles(n)
+    return dict(qweight=torch.zeros(n, k // 2, dtype=torch.uint8, device=DEVICE),
+                scales=torch.zeros(n, k // 32, dtype=torch.uint8, device=DEVICE),
+                mins=torch.zeros(n, k // 32, dtype=torch.int8, device=DEVICE),
+                scale_units=torch.zeros(tiles, k // 32, dtype=torch.bfloat16, device=DEVICE),
+                min_units=torch.zeros(tiles, k // 32, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.parametrize("name, wrong, message", [
+    # the units of every row rather than of every tile of 8 rows
+    ("scale_units", torch.zeros(12, 2, dtype=torch.bfloat16), r"scale_units must be a contiguous bfloat16 "
+     r"tensor \(2, 2\) \(one per tile of 8 rows and group\), got torch.bfloat16 \(12, 2\)"),
+    ("min_units", torch.zeros(2, 2, dtype=torch.float32), r"min_units must be a contiguous bfloat16 tensor "
+     r"\(2, 2\).*got torch.float32 \(2, 2\)"),
+    ("min_units", torch.zeros(2, 4, dtype=torch.bfloat16)[:, ::2], r"min_units .*\(not contiguous\)"),
+    # the former format: scales and mins in the activation dtype
+    ("scales", torch.zeros(12, 2, dtype=torch.bfloat16), r"scales must be a contiguous uint8 tensor \(12, 2\) "
+     r"\(the scale codes, one per row and group\), got torch.bfloat16"),
+    ("mins", torch.zeros(12, 2, dtype=torch.uint8), r"mins must be a contiguous int8 tensor .*got torch.uint8"),
+])
+def test_int4_gemv_rejects_scales_or_units_of_the_wrong_dtype_or_shape(name, wrong, message):
+    tensors = _int4_tensors(12, 64)  # 12 rows: tiles of 8 and 4 rows
+    tensors[name] = wrong.to(DEVICE)
+    with pytest.raises(ValueError, match=message):
+        int4_gemv(randn(64), **tensors)

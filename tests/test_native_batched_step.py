@@ -145,9 +145,14 @@ def test_batched_half_and_quantized_steps_track_the_pytorch_step(checkpoint_fact
     # orders), an element can round to the neighbouring level, a jump of 1/127 of its block's largest
     # value that the layers after it carry on. Such flips are rare: most (step, row) pairs agree to fp32
     # noise (1e-5), every one to 1e-2 of the logit scale.
+    # int4 with bf16 activations: twice the bf16 tolerance. Where the two steps' bf16 inputs to the int4
+    # lm_head differ in the last bit, an element of x can land on the neighbouring int8 level in one step
+    # and not the other; the logit then moves by code * scale * step, and code * scale spans the group's
+    # whole range (max - min), up to twice the largest |w| that bounds the same jump in an int8 layer (the
+    # mins' term sees x itself and cannot flip).
     std = 0.1 if quantize is None else 0.02
     half = load(checkpoint_factory, dtype="bfloat16", quantize=quantize, init_std=std, no_bias=False)
-    models = [(half, 2e-2)]
+    models = [(half, 4e-2 if quantize == "int4" else 2e-2)]
     if quantize is not None:
         models.append((accelerate(copy.deepcopy(half).float()), 1e-5))
     ids, mask = padded_batch(rows=3, seed=1)

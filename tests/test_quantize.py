@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from nekomata_core import QwenForCausalLM, generate
 from nekomata_core.quantize import (
     INT4_GROUP_SIZE,
+    INT4_TILE_ROWS,
     Int4Linear,
     Int8Linear,
     QuantizeError,
@@ -176,17 +177,48 @@ def test_quantize_on_load_never_holds_two_float_linears(checkpoint_factory, monk
 # ---------------------------------------------------------------------------------------------- int4
 
 
-def plain_int4(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_codes(s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Group scales s and mins m [N, G] (fp32) stored as the format documents, written out plainly: per
+    tile of 8 rows and group g, unit = bf16(max scale / 255) and bf16(max |min| / 127), codes =
+    round(value / unit) clamped to 0..255 and -127..127. Returns (scale codes, min codes, scale units,
+    min units)."""
+    n, groups = s.shape
+    tiles = (n + 7) // 8
+    scale_units = torch.zeros(tiles, groups, dtype=torch.bfloat16)
+    min_units = torch.zeros(tiles, groups, dtype=torch.bfloat16)
+    scales = torch.zeros(n, groups, dtype=torch.uint8)
+    mins = torch.zeros(n, groups, dtype=torch.int8)
+    for t in range(tiles):
+        rows = slice(8 * t, min(8 * t + 8, n))
+        for g in range(groups):
+            su = (s[rows, g].max() / 255).to(torch.bfloat16)
+            mu = (m[rows, g].abs().max() / 127).to(torch.bfloat16)
+            scale_units[t, g], min_units[t, g] = su, mu
+            if su > 0:
+                scales[rows, g] = torch.round(s[rows, g] / su.float()).clamp(0, 255).to(torch.uint8)
+            if mu > 0:
+                mins[rows, g] = torch.round(m[rows, g] / mu.float()).clamp(-127, 127).to(torch.int8)
+    return scales, mins, scale_units, min_units
+
+
+def group_values(scales, mins, scale_units, min_units) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 scale and min [N, G] of every group: code times the unit of the row's tile (row // 8)."""
+    tile = torch.arange(scales.shape[0]) // 8
+    return scales.float() * scale_units.float()[tile], mins.float() * min_units.float()[tile]
+
+
+def plain_int4(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The same format by the most straightforward rule: per group of 32, scale = (max - min) / 15 and
-    min = the group minimum (both rounded to `dtype`), codes = round((w - min) / scale). Returns
-    (codes [N, K] uint8, scales, mins [N, K/32])."""
+    min = the group minimum, stored as `tile_codes` does, codes = round((w - min) / scale) against the
+    stored values. Returns (codes [N, K] uint8, scales, mins, scale_units, min_units)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // 32, 32)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
-    scales = ((hi - lo) / 15).to(dtype)
-    mins = lo.to(dtype)
-    codes = torch.round((groups - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15)
-    return codes.reshape(n, k).to(torch.uint8), scales, mins
+    stored = tile_codes((hi - lo) / 15, lo)
+    s, m = group_values(*stored)
+    safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    codes = torch.where(s[..., None] > 0, torch.round((groups - m[..., None]) / safe), 0).clamp(0, 15)
+    return (codes.reshape(n, k).to(torch.uint8), *stored)
 
 
 def unpack_by_hand(packed: torch.Tensor) -> torch.Tensor:
@@ -201,34 +233,66 @@ def unpack_by_hand(packed: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def dequantize_by_hand(codes, scales, mins):
+def pack_by_hand(codes: torch.Tensor) -> torch.Tensor:
+    packed = codes.reshape(codes.shape[0], -1, 2, 16)
+    return (packed[:, :, 0] | (packed[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+
+
+def dequantize_by_hand(codes, scales, mins, scale_units, min_units):
     n, k = codes.shape
-    return (codes.float().reshape(n, k // 32, 32) * scales.float()[..., None] + mins.float()[..., None]).reshape(n, k)
+    s, m = group_values(scales, mins, scale_units, min_units)
+    return (codes.float().reshape(n, k // 32, 32) * s[..., None] + m[..., None]).reshape(n, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_layout_and_error_against_the_plain_rule(dtype):
-    assert INT4_GROUP_SIZE == 32
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_int4_layout_and_error_against_the_plain_rule(weight_dtype):
+    assert INT4_GROUP_SIZE == 32 and INT4_TILE_ROWS == 8
     torch.manual_seed(0)
-    w = torch.randn(48, 256) * 0.02
-    w[3, :32] = 0.5  # a constant group: exact
-    packed, scales, mins = quantize_int4_weight(w, dtype)
-    assert packed.dtype == torch.uint8 and packed.shape == (48, 128) and scales.shape == mins.shape == (48, 8)
-    ours = dequantize_by_hand(unpack_by_hand(packed), scales, mins)
-    layer = Int4Linear(256, 48, False, dtype)
-    layer.weight.data, layer.scales.data, layer.mins.data = packed, scales, mins
+    w = (torch.randn(44, 256) * 0.02).to(weight_dtype)  # 5 whole tiles of 8 rows and one of 4
+    w[3, :32] = 0.5  # a constant group: its min is the value, its scale 0
+    packed, scales, mins, scale_units, min_units = quantize_int4_weight(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (44, 128)
+    assert scales.dtype == torch.uint8 and mins.dtype == torch.int8 and scales.shape == mins.shape == (44, 8)
+    assert scale_units.dtype == min_units.dtype == torch.bfloat16 and scale_units.shape == min_units.shape == (6, 8)
+    codes = unpack_by_hand(packed)
+    ours = dequantize_by_hand(codes, scales, mins, scale_units, min_units)
+    layer = Int4Linear(256, 44, False, weight_dtype)
+    for name, tensor in zip(layer.INT4_TENSORS, (packed, scales, mins, scale_units, min_units), strict=True):
+        getattr(layer, name).data = tensor
     assert torch.equal(layer.dequantized_weight(), ours)  # the layer reads the layout as documented
-    assert torch.equal(ours[3, :32], w[3, :32])
-    # each code is the nearest one for the stored scale and min
-    codes = unpack_by_hand(packed).float().reshape(48, 8, 32)
-    s, m = scales.float()[..., None], mins.float()[..., None]
-    scaled = (s > 0).expand_as(codes)  # (a constant group has scale 0 and codes 0)
-    nearest = torch.round((w.reshape(48, 8, 32) - m) / s).clamp(0, 15)
-    assert torch.equal(codes[scaled], nearest[scaled]) and not codes[~scaled].any()
-    # the searched scales and mins beat the min/max rule
-    plain = dequantize_by_hand(*plain_int4(w, dtype))
-    ours_err, plain_err = (ours - w).pow(2), (plain - w).pow(2)
+    assert (ours[3, :32] - w[3, :32].float()).abs().max() <= 0.5 / 127 * 0.5 * 1.01  # the min's code step
+    # each tile's units are set by its largest scale and |min|: the top codes are 255 and 127 (or, after
+    # the unit's rounding to bf16, one less)
+    s, m = group_values(scales, mins, scale_units, min_units)
+    tile_of = torch.arange(44) // 8
+    for t in range(6):
+        assert scales[tile_of == t].amax(dim=0).min() >= 254
+        assert mins[tile_of == t].abs().amax(dim=0).min() >= 126
+    # each 4-bit code is the nearest one for the stored scale and min
+    s3, m3 = s[..., None], m[..., None]
+    scaled = (s3 > 0).expand(44, 8, 32)
+    nearest = torch.round((w.float().reshape(44, 8, 32) - m3) / torch.where(s3 > 0, s3, 1)).clamp(0, 15)
+    assert torch.equal(codes.float().reshape(44, 8, 32)[scaled], nearest[scaled])
+    assert not codes.reshape(44, 8, 32)[~scaled].any()
+    # the searched scales and mins beat the min/max rule in the same format
+    plain = dequantize_by_hand(*plain_int4(w))
+    ours_err, plain_err = (ours - w.float()).pow(2), (plain - w.float()).pow(2)
     assert ours_err.sum() < 0.9 * plain_err.sum()
+
+
+def test_int4_units_belong_to_tiles_of_rows_only():
+    """A tile's 8 rows share their units; other tiles' rows do not change them: the rows of a tile
+    quantize alike wherever they sit (what makes tensor-parallel shards equal the whole layer's)."""
+    torch.manual_seed(2)
+    w = torch.randn(32, 128) * 0.02
+    w[9] *= 50  # a loud row in the second tile
+    whole = quantize_int4_weight(w)
+    alone = quantize_int4_weight(w[16:24])  # the third tile on its own
+    for full, part in zip(whole, alone, strict=True):
+        rows = slice(2, 3) if full.shape[0] == 4 else slice(16, 24)  # units: tile rows; the rest: rows
+        assert torch.equal(full[rows], part)
+    # the loud row's tile has a unit 50 times the others' (its quiet rows lose precision, no other tile does)
+    assert whole[3][1].float().mean() > 20 * whole[3][0].float().mean()
 
 
 def test_int4_linear_is_exact_with_respect_to_its_dequantized_weight():
@@ -248,7 +312,7 @@ def test_int4_linear_is_exact_with_respect_to_its_dequantized_weight():
 
 def test_int4_refuses_inputs_that_do_not_fill_groups():
     with pytest.raises(QuantizeError, match="multiple of 32"):
-        quantize_int4_weight(torch.randn(4, 48), torch.float32)
+        quantize_int4_weight(torch.randn(4, 48))
     with pytest.raises(QuantizeError, match="int8"):
         Int4Linear(48, 4, False, torch.float32)
 
@@ -256,11 +320,13 @@ def test_int4_refuses_inputs_that_do_not_fill_groups():
 def test_int4_quantize_save_load_gives_the_same_logits(folder, tmp_path):
     model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
     blocks = model.config.num_hidden_layers
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 4 * blocks  # c_attn, lm_head: int8
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 4 * blocks + 1  # c_attn: int8
+    assert isinstance(model.lm_head, Int4Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
     saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
-    info = json.loads((saved / "config.json").read_text())["quantization"]
-    assert info["method"] == "int4_weight_only" and info["group_size"] == 32
+    config = json.loads((saved / "config.json").read_text())
+    info = config["quantization"]
+    assert info["method"] == "int4_weight_only" and info["group_size"] == 32 and info["version"] == 2
+    assert config["bf16"] and not config["fp32"]
     reloaded = QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
     assert reloaded.dtype == torch.bfloat16 and reloaded.transformer.h[0].mlp.w1.weight.dtype == torch.uint8
     ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -274,19 +340,32 @@ def test_int4_quantize_save_load_gives_the_same_logits(folder, tmp_path):
     assert all(torch.equal(a[key], c[key]) for key in a)
 
 
+def test_an_int4_folder_of_the_earlier_format_is_refused_by_name(folder, tmp_path):
+    """Version 1 int4 folders (bf16 scales and mins per group) hold tensors this version cannot read:
+    refused before loading with what to do, not a shape error from deep in the loader."""
+    from nekomata_core.config import ConfigError
+
+    model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
+    saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
+    config = json.loads((saved / "config.json").read_text())
+    del config["quantization"]["version"]
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"version=1.*quantize the float checkpoint again"):
+        QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
+
+
 def test_int4_model_is_no_less_accurate_than_the_plain_rule(folder):
     """Logits of the int4 model vs the fp32 model, against the same model with every int4 layer
-    quantized by `plain_int4` instead (lm_head and c_attn int8 in both)."""
+    quantized by `plain_int4` instead (c_attn int8 in both)."""
     fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     ours = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
     plain = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
     float_weights = dict(fp32.named_parameters())
     for name, module in plain.named_modules():
         if isinstance(module, Int4Linear):
-            codes, scales, mins = plain_int4(float_weights[name + ".weight"].detach(), torch.float32)
-            packed = codes.reshape(codes.shape[0], -1, 2, 16)
-            module.weight.data = (packed[:, :, 0] | (packed[:, :, 1] << 4)).reshape(codes.shape[0], -1)
-            module.scales.data, module.mins.data = scales, mins
+            codes, *stored = plain_int4(float_weights[name + ".weight"].detach())
+            for tensor_name, tensor in zip(module.INT4_TENSORS, (pack_by_hand(codes), *stored), strict=True):
+                getattr(module, tensor_name).data = tensor
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = fp32(ids)
@@ -322,7 +401,7 @@ def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(metho
 
 
 def test_a_saved_int4_model_smaller_than_one_byte_per_parameter_loads(checkpoint_factory, tmp_path):
-    """A wide MLP and a small vocabulary: most parameters are int4 (5 bits with scales and mins), so the
+    """A wide MLP and a small vocabulary: most parameters are int4 (4.625 bits with scales and mins), so the
     files hold fewer bytes than the config has parameters, as a saved nekomata-7b int4 checkpoint does."""
     folder = checkpoint_factory("tiny", seed=4, vocab_size=64, hidden_size=128, num_attention_heads=4, kv_channels=32,
                                 intermediate_size=4096, num_hidden_layers=2)  # fmt: skip

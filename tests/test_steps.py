@@ -308,7 +308,7 @@ def test_stream_read_reads_every_line(tmp_path):
 
 @needs_native
 def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
-    """int4 weights (int8 lm_head and c_attn): the C step against the same model's PyTorch step, fp32
+    """int4 weights (c_attn int8): the C step against the same model's PyTorch step, fp32
     to fp32 noise (1e-5 of the logit scale) on most steps and within 1e-2 on all (both quantize x to int8
     in their GEMVs: an element whose fp32 input differs in the last bit can land on the neighbouring
     level, see tests/test_native_batched_step.py); bf16 within bf16 noise; bit-identical across 1, 2

@@ -90,7 +90,11 @@ def _int4_ranks(folders: dict, ids: torch.Tensor, out: dict) -> None:
         )
         with torch.inference_mode():
             out[f"{key}_logits"] = model(ids).numpy()
-        out[f"{key}_params"] = {name: p.numpy().copy() for name, p in model.named_parameters()}
+        # numpy has no bf16 (the int4 units): their bits travel as int16, restored by _from_rank
+        out[f"{key}_params"] = {
+            name: (p.view(torch.int16) if p.dtype == torch.bfloat16 else p).numpy().copy()
+            for name, p in model.named_parameters()
+        }
         out[f"{key}_greedy"] = generate(model, ids, max_new_tokens=NEW_TOKENS, step_fn=make_step(model, "auto")).new_tokens[0]
     try:  # 96 inputs of each c_proj: 48 per rank, not whole groups of 32
         QwenForCausalLM.from_pretrained(folders["six"], device="cpu", progress=False, tensor_parallel=True, quantize="int4")
@@ -127,6 +131,12 @@ def single(folders):
 @pytest.fixture(scope="module")
 def single_int4(folders):
     return QwenForCausalLM.from_pretrained(folders["four"], device="cpu", progress=False, quantize="int4")
+
+
+def _from_rank(value, like: torch.Tensor) -> torch.Tensor:
+    """A parameter a rank sent as numpy, as the tensor it was (bf16 travels as its int16 bits)."""
+    tensor = torch.from_numpy(value)
+    return tensor.view(torch.bfloat16) if like.dtype == torch.bfloat16 else tensor
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -200,36 +210,41 @@ def test_each_rank_holds_exactly_its_shard(runs, single, world, kind):
 
 @pytest.mark.parametrize("key", ["int4", "saved_int4"])
 def test_each_int4_rank_holds_exactly_its_shard_of_the_single_process_int4_model(runs, single_int4, key):
-    """Quantized on load, each rank fits its own slice of each layer; the groups are whole, so the codes,
-    scales and mins equal those of the same groups quantized in one process, bit for bit."""
+    """Quantized on load, each rank fits its own slice of each layer; the groups and tiles are whole, so
+    the codes, scales, mins and units equal those of the same groups quantized in one process, bit for
+    bit."""
     whole = dict(single_int4.named_parameters())
     for rank, out in runs[2].items():
         params = out[f"{key}_params"]
         assert set(params) == set(whole)
         for name, value in params.items():
             expected = _expected_shard(name, whole[name], rank, 2, single_int4.config)
-            assert torch.equal(torch.from_numpy(value), expected), (rank, name)
+            assert torch.equal(_from_rank(value, expected), expected), (rank, name)
 
 
 def test_int4_row_parallel_shards_stand_for_the_input_columns_of_the_whole_layer(runs, single_int4):
     """Decoded independently: rank r's attn.c_proj / mlp.c_proj weights are columns r·K/2 … of the whole
     layer's dequantized weight (w = q · scale + min per group of 32, unpacked here in plain PyTorch)."""
 
-    def weight(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    leaves = ("weight", "scales", "mins", "scale_units", "min_units")
+
+    def weight(packed, scales, mins, scale_units, min_units) -> torch.Tensor:
         low, high = packed & 15, packed >> 4  # byte j of a group: code j (low), code j + 16 (high)
         groups = packed.shape[1] // 16
         codes = torch.cat((low.reshape(-1, groups, 16), high.reshape(-1, groups, 16)), dim=2).float()
-        return (codes * scales[:, :, None].float() + mins[:, :, None].float()).reshape(packed.shape[0], -1)
+        tile = torch.arange(packed.shape[0]) // 8  # the units of row n: its tile's, n // 8
+        scale, minimum = scales.float() * scale_units.float()[tile], mins.float() * min_units.float()[tile]
+        return (codes * scale[:, :, None] + minimum[:, :, None]).reshape(packed.shape[0], -1)
 
     checked = 0
     for layer in ("attn.c_proj", "mlp.c_proj"):
         for i in range(single_int4.config.num_hidden_layers):
             name = f"transformer.h.{i}.{layer}"
             module = single_int4.get_submodule(name)
-            full = weight(module.weight, module.scales, module.mins)
+            full = weight(*(getattr(module, leaf) for leaf in leaves))
             for rank, out in runs[2].items():
-                p = {leaf: torch.from_numpy(out["int4_params"][f"{name}.{leaf}"]) for leaf in ("weight", "scales", "mins")}
-                assert torch.equal(weight(p["weight"], p["scales"], p["mins"]), full.chunk(2, dim=1)[rank])
+                p = [_from_rank(out["int4_params"][f"{name}.{leaf}"], getattr(module, leaf)) for leaf in leaves]
+                assert torch.equal(weight(*p), full.chunk(2, dim=1)[rank])
                 checked += 1
     assert checked == 2 * 2 * single_int4.config.num_hidden_layers
 

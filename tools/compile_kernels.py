@@ -181,10 +181,12 @@ def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
                                    (3 * hidden, hidden, True)):
                     x = torch.empty(1, 1, k, dtype=dtype)
                     w = torch.empty(n, k // 2, dtype=torch.uint8)
-                    sm = torch.empty(n, k // 32, dtype=dtype)
+                    scales, mins = torch.empty(n, k // 32, dtype=torch.uint8), torch.empty(n, k // 32, dtype=torch.int8)
+                    units = torch.empty(-(-n // 8), k // 32, dtype=torch.bfloat16)  # one per tile of 8 rows
                     b = torch.empty(n, dtype=dtype) if bias else None
                     case(dtype_name, f"{model} int4 N={n} K={k}",
-                         lambda x=x, w=w, sm=sm, b=b: int4_gemv(x, w, sm, sm, b))
+                         lambda x=x, w=w, scales=scales, mins=mins, units=units, b=b: int4_gemv(
+                             x, w, scales, mins, units, units, b))
                 for tokens, table_rows in ((1, 1), (5, 1), (32, 2)):
                     qkv = torch.empty(2, tokens, 3 * hidden, dtype=dtype)  # c_attn output
                     q, k = (qkv[..., i * hidden:(i + 1) * hidden].view(2, tokens, heads, head_dim) for i in (0, 1))

@@ -135,8 +135,8 @@ _PROTOTYPES: dict[str, tuple[type, list[type]]] = {
     # W, scales, x, bias, y, N, K, M, flags
     "nekomata_gemv_int8": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
     # W, scales, mins, x, bias, y, N, K, M, flags
-    "nekomata_gemv_int4": (_I32, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
-    "nekomata_dequantize_int4": (_I32, [_P, _P, _P, _I32, _P, _I32, _I64, _I64, _I32]),
+    "nekomata_gemv_int4": (_I32, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
+    "nekomata_dequantize_int4": (_I32, [_P, _P, _P, _P, _P, _P, _I32, _I64, _I64, _I32]),
     # W, out, out dtype, N, K, threads
     "nekomata_expand_int8": (_I32, [_P, _P, _I32, _I64, _I64, _I32]),
     "nekomata_step": (_I32, [_P, _P]),  # const nk_model*, const nk_step*

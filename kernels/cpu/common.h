@@ -40,7 +40,7 @@
 /* Bumped whenever an exported signature, struct layout or semantic changes: the Python loader refuses a
  * library whose version differs from the one it was written for (a stale build from an old cache).
  * = abi.ABI_VERSION */
-#define NK_ABI_VERSION 6
+#define NK_ABI_VERSION 7
 
 /* Dtype codes of activations, biases, scales and outputs (x, bias, scales and y may each be any of
  * these). = abi.DTYPE_CODES */
@@ -48,13 +48,17 @@ enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 /* Weight kinds of a GEMV: bf16 bits, int8 with one scale per output row, fp32 (the fused step's fp32
  * models), or int4 (KIND_INT4: two 4-bit codes per byte, a scale and a min per group of NK_INT4_GROUP
- * inputs; see nekomata_core/quantize.py for the format). = abi.WEIGHT_KINDS */
+ * inputs, stored as 8-bit codes of units shared by a tile of NK_INT4_TILE rows; see
+ * nekomata_core/quantize.py for the format). = abi.WEIGHT_KINDS */
 enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2, KIND_INT4 = 3 };
 
-/* The inputs per int4 group: weight w[n, g*G + j] = code * scales[n, g] + mins[n, g], and byte j of the
- * group's G/2 bytes holds code j in its low nibble and code j + G/2 in its high one.
- * = abi.INT4_GROUP_SIZE */
+/* The inputs per int4 group: weight w[n, g*G + j] = code * scale[n, g] + min[n, g], and byte j of the
+ * group's G/2 bytes holds code j in its low nibble and code j + G/2 in its high one. = abi.INT4_GROUP_SIZE
+ * The rows per int4 tile: scale[n, g] = scales[n, g] (uint8) * scale_units[n / T, g] (bf16) and
+ * min[n, g] = mins[n, g] (int8) * min_units[n / T, g] (bf16), T = NK_INT4_TILE: products exact in fp32.
+ * = abi.INT4_TILE_ROWS */
 #define NK_INT4_GROUP 32
+#define NK_INT4_TILE 8
 
 /* The widest attention head the fused step supports (per-head vectors live on the stack).
  * = abi.MAX_HEAD_DIM */
@@ -62,7 +66,7 @@ enum { KIND_BF16 = 0, KIND_INT8 = 1, KIND_F32 = 2, KIND_INT4 = 3 };
 
 /* The dtype codes and the thread count of a GEMV travel packed in one int, `flags`: every argument costs
  * time in ctypes (a few hundred ns each), and these calls are short. Bits 0-3: x dtype, 4-7: bias dtype,
- * 8-11: y dtype, 12-15: scales dtype (int8 only), 16-31: number of threads. Packed by kernels/cpu/gemv.py. */
+ * 8-11: y dtype, 12-15: scales dtype (int8 only; int4 units are bf16), 16-31: number of threads. Packed by kernels/cpu/gemv.py. */
 #define FLAG_X(f) ((f) & 15)
 #define FLAG_BIAS(f) (((f) >> 4) & 15)
 #define FLAG_Y(f) (((f) >> 8) & 15)
@@ -136,14 +140,16 @@ typedef struct {
     int kind; /* KIND_* */
     const void* W;
     const float* xp;
-    const void* scales; /* int8: [N]; int4: [N, K / NK_INT4_GROUP] */
-    const void* mins;   /* int4 only: [N, K / NK_INT4_GROUP], same dtype as scales */
+    const void* scales; /* int8: [N] of scales_dtype; int4: uint8 codes [N, K / NK_INT4_GROUP] */
+    const void* mins;   /* int4 only: int8 codes [N, K / NK_INT4_GROUP] */
     int scales_dtype;
     const void* bias;
     int bias_dtype;
     void* y;
     int y_dtype;
     int64_t N, K;
+    const uint16_t* scale_units; /* int4 only: bf16 [ceil(N / NK_INT4_TILE), K / NK_INT4_GROUP] */
+    const uint16_t* min_units;   /* int4 only: the same shape */
 } gemv_args;
 
 /* The layouts of a prepared x (nk_load_x): natural order (fp32 weights), split (bf16 weights: every

@@ -621,14 +621,17 @@ NK_EXPORT int nekomata_gemv_int8(const int8_t* W, const void* scales, const void
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags), M);
 }
 
-/* y[n] = sum_g scales[n,g] * sum_j code[n, g*G+j] x[g*G+j] + sum_g mins[n,g] * sum_j x[g*G+j] + bias[n]
+/* y[n] = sum_g scale[n,g] * sum_j code[n, g*G+j] x[g*G+j] + sum_g min[n,g] * sum_j x[g*G+j] + bias[n]
  * (bias may be NULL; G = NK_INT4_GROUP, K a multiple of G), rounded once to the y dtype. W is uint8
- * [N, K/2] (see NK_INT4_GROUP), scales and mins [N, K/G] of the scales dtype.
- * Returns 0, -1 if the activation buffer cannot be allocated, -3 if K is not a multiple of G. */
-NK_EXPORT int nekomata_gemv_int4(const uint8_t* W, const void* scales, const void* mins, const void* x,
+ * [N, K/2], scales uint8 and mins int8 [N, K/G], scale_units and min_units bf16 [ceil(N/T), K/G] (see
+ * NK_INT4_GROUP and NK_INT4_TILE). Returns 0, -1 if the activation buffer cannot be allocated, -3 if K
+ * is not a multiple of G. */
+NK_EXPORT int nekomata_gemv_int4(const uint8_t* W, const uint8_t* scales, const int8_t* mins,
+                                 const uint16_t* scale_units, const uint16_t* min_units, const void* x,
                                  const void* bias, void* y, int64_t N, int64_t K, int64_t M, int flags) {
     if (K % NK_INT4_GROUP) return -3;
-    gemv_args a = {KIND_INT4, W, NULL, scales, mins, FLAG_SCALES(flags), bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K};
+    gemv_args a = {KIND_INT4, W, NULL, scales, mins, DT_BF16, bias, FLAG_BIAS(flags), y, FLAG_Y(flags), N, K,
+                   scale_units, min_units};
     return gemv_run(&a, x, FLAG_X(flags), FLAG_THREADS(flags), M);
 }
 
@@ -657,17 +660,21 @@ static inline __m256 int4_values8(__m128i nibbles8, __m256 scale, __m256 min) {
 
 /* out [N, K] (fp32 or bf16) = code * scale + min per group of NK_INT4_GROUP inputs, each value computed in
  * fp32 and rounded once to the out dtype: exactly `dequantize_int4(...).to(dtype)` of
- * nekomata_core/quantize.py. W uint8 [N, K/2] (the layout of nekomata_gemv_int4), scales and mins
- * [N, K/G] of `sm_dtype`. Rows are split over `nthreads` threads. Returns 0, -3 if K is not a multiple
- * of G, -4 for an out dtype other than fp32 or bf16. */
-NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, const void* mins, int sm_dtype,
-                                       void* out, int out_dtype, int64_t N, int64_t K, int nthreads) {
+ * nekomata_core/quantize.py. W, scales, mins and the units as for nekomata_gemv_int4 (row 0 starts a
+ * tile). Rows are split over `nthreads` threads. Returns 0, -3 if K is not a multiple of G, -4 for an out
+ * dtype other than fp32 or bf16. */
+NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const uint8_t* scales, const int8_t* mins,
+                                       const uint16_t* scale_units, const uint16_t* min_units, void* out,
+                                       int out_dtype, int64_t N, int64_t K, int nthreads) {
     if (K % NK_INT4_GROUP) return -3;
     if (out_dtype != DT_F32 && out_dtype != DT_BF16) return -4;
     const int64_t groups = K / NK_INT4_GROUP;
     const __m128i low4 = _mm_set1_epi8(0x0f);
 #pragma omp parallel for schedule(static) num_threads(nthreads > 0 ? nthreads : 1) if (N * K >= 65536)
     for (int64_t n = 0; n < N; n++) {
+        const uint8_t* sc = scales + n * groups;
+        const int8_t* mn = mins + n * groups;
+        const uint16_t *su = scale_units + (n / NK_INT4_TILE) * groups, *mu = min_units + (n / NK_INT4_TILE) * groups;
         int64_t g = 0;
 #ifdef __AVX512BF16__
         /* A group at a time in 512-bit vectors, rounded by vcvtne2ps2bf16 (round to nearest even, NaN made
@@ -677,9 +684,8 @@ NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, con
         if (out_dtype == DT_BF16) {
             const __m512i low = _mm512_set1_epi32(15);
             for (; g < groups; g++) {
-                const int64_t at = n * groups + g;
-                const __m512 scale = _mm512_set1_ps(load_scalar(scales, sm_dtype, at));
-                const __m512 min = _mm512_set1_ps(load_scalar(mins, sm_dtype, at));
+                const __m512 scale = _mm512_set1_ps((float)sc[g] * bf16_to_f32(su[g]));
+                const __m512 min = _mm512_set1_ps((float)mn[g] * bf16_to_f32(mu[g]));
                 __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(W + n * (K / 2) + g * (NK_INT4_GROUP / 2))));
                 __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), scale), min);
                 __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), scale), min);
@@ -689,9 +695,8 @@ NK_EXPORT int nekomata_dequantize_int4(const uint8_t* W, const void* scales, con
         }
 #endif
         for (; g < groups; g++) {
-            const int64_t at = n * groups + g;
-            const __m256 scale = _mm256_set1_ps(load_scalar(scales, sm_dtype, at));
-            const __m256 min = _mm256_set1_ps(load_scalar(mins, sm_dtype, at));
+            const __m256 scale = _mm256_set1_ps((float)sc[g] * bf16_to_f32(su[g]));
+            const __m256 min = _mm256_set1_ps((float)mn[g] * bf16_to_f32(mu[g]));
             const __m128i bytes = _mm_loadu_si128((const __m128i*)(W + n * (K / 2) + g * (NK_INT4_GROUP / 2)));
             const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
             /* byte j holds code j (low nibble) and code j + 16 (high nibble) */

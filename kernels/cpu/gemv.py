@@ -9,8 +9,9 @@ that on AVX2 machines without bf16 instructions (bf16 ``F.linear`` for one row i
 - `linear_bf16(x, weight, bias)`: ``x @ weight.T + bias`` with a bf16 weight [N, K];
 - `linear_int8(x, qweight, scales, bias)`: ``(x @ qweight.T) * scales + bias`` with an int8 weight and
   one scale per output row (the layout of `nekomata_core.quantize.Int8Linear`);
-- `linear_int4(x, qweight, scales, mins, bias)`: ``x @ W.T + bias`` with W the int4 weight of
-  `nekomata_core.quantize.Int4Linear` (uint8 [N, K/2], two codes a byte; scales and mins [N, K/32]);
+- `linear_int4(x, qweight, scales, mins, scale_units, min_units, bias)`: ``x @ W.T + bias`` with W the
+  int4 weight of `nekomata_core.quantize.Int4Linear` (uint8 [N, K/2], two codes a byte; 8-bit scale and
+  min codes [N, K/32] and their bf16 units per tile of 8 rows);
 - `linear_bf16_op`, `linear_int8_op`, `linear_int4_op`: the same as torch custom ops, for compiled graphs.
 
 Each takes x [..., K] of M = x.numel() / K rows (M = 1: a batch-1 decode step; a few rows: a batched
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import build
-from .abi import DTYPE_CODES, INT4_GROUP_SIZE
+from .abi import DTYPE_CODES, INT4_GROUP_SIZE, INT4_TILE_ROWS
 from .build import available, library_path, unavailable_reason
 
 __all__ = [
@@ -198,19 +199,46 @@ def _int4_shape(qweight: torch.Tensor, name: str) -> tuple[int, int]:
     return n, k
 
 
+def _int4_scales(
+    n: int, k: int, scales: torch.Tensor, mins: torch.Tensor, scale_units: torch.Tensor,
+    min_units: torch.Tensor, name: str,
+) -> tuple[int, int, int, int]:
+    """The data pointers of an int4 weight's scale and min codes and their units, after checking them:
+    uint8 and int8 [N, K/G], bf16 [ceil(N/T), K/G] (T = abi.INT4_TILE_ROWS), contiguous, on the CPU."""
+    groups, tiles = k // INT4_GROUP_SIZE, -(-n // INT4_TILE_ROWS)
+    wanted = (
+        ("scales", scales, torch.uint8, (n, groups)),
+        ("mins", mins, torch.int8, (n, groups)),
+        ("scale_units", scale_units, torch.bfloat16, (tiles, groups)),
+        ("min_units", min_units, torch.bfloat16, (tiles, groups)),
+    )
+    for what, t, dtype, shape in wanted:
+        if not (isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == shape
+                and t.is_cpu and t.is_contiguous()):  # fmt: skip
+            raise ValueError(
+                f"{name}: {what} must be a contiguous CPU {dtype} tensor of shape {shape} "
+                f"(see nekomata_core.quantize.Int4Linear), got {_describe(t)}"
+            )
+    return scales.data_ptr(), mins.data_ptr(), scale_units.data_ptr(), min_units.data_ptr()
+
+
 def linear_int4(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     mins: torch.Tensor,
+    scale_units: torch.Tensor,
+    min_units: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias``, W[n, k] = code[n, k] * scales[n, k // G] + mins[n, k // G] (G =
-    abi.INT4_GROUP_SIZE): x [..., K] (fp32/bf16/fp16, 1 to MAX_ROWS rows, K a multiple of G), qweight a
-    contiguous uint8 [N, K/2] packed as `nekomata_core.quantize.pack_int4` does, scales and mins
-    [N, K/G] of one dtype (fp32/bf16/fp16), bias [N] or None. Returns [..., N] in x.dtype: per group,
-    scale * (codes . qx) * dx with x quantized to int8 (see the module docstring) plus min * sum(x) with
-    x as given, accumulated in fp32 and rounded once. Uses torch.get_num_threads() threads.
+    """``x @ W.T + bias``, W[n, k] = code[n, k] * scale[n, k // G] + min[n, k // G] (G =
+    abi.INT4_GROUP_SIZE), the scale and min of a group its uint8 / int8 code times its tile's bf16 unit
+    (`nekomata_core.quantize.int4_group_scales`): x [..., K] (fp32/bf16/fp16, 1 to MAX_ROWS rows, K a
+    multiple of G), qweight a contiguous uint8 [N, K/2] packed as `nekomata_core.quantize.pack_int4`
+    does, scales uint8 and mins int8 [N, K/G], scale_units and min_units bf16 [ceil(N/8), K/G], bias [N]
+    or None. Returns [..., N] in x.dtype: per group, scale * (codes . qx) * dx with x quantized to int8
+    (see the module docstring) plus min * sum(x) with x as given, accumulated in fp32 and rounded once.
+    Uses torch.get_num_threads() threads.
 
     Raises ValueError for other shapes, dtypes or layouts (and for inputs requiring grad while grad mode
     is on), RuntimeError when `available()` is False.
@@ -218,17 +246,14 @@ def linear_int4(
     fn = _library().nekomata_gemv_int4
     n, k = _int4_shape(qweight, "linear_int4")
     x, m = _check_x(x, k, "linear_int4")
-    shape = (n, k // INT4_GROUP_SIZE)
-    scales_code = _group_vector(scales, shape, "scales", "linear_int4")
-    if _group_vector(mins, shape, "mins", "linear_int4") != scales_code:
-        raise ValueError(f"linear_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
+    pointers = _int4_scales(n, k, scales, mins, scale_units, min_units, "linear_int4")
     bias_code = _vector_code(bias, n, "bias", "linear_int4")
-    _check_grad("linear_int4", x, scales, mins, bias)
+    _check_grad("linear_int4", x, bias)
     y = _output(x, n)
     code = DTYPE_CODES[x.dtype]
-    flags = code | bias_code << 4 | code << 8 | scales_code << 12 | torch.get_num_threads() << 16
+    flags = code | bias_code << 4 | code << 8 | torch.get_num_threads() << 16
     bias_ptr = None if bias is None else bias.data_ptr()
-    if fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), x.data_ptr(), bias_ptr, y.data_ptr(), n, k, m, flags):
+    if fn(qweight.data_ptr(), *pointers, x.data_ptr(), bias_ptr, y.data_ptr(), n, k, m, flags):
         raise MemoryError(f"linear_int4: cannot allocate the {k}-element activation buffer")
     return y
 
@@ -248,23 +273,22 @@ def dequantize_int4(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     mins: torch.Tensor,
+    scale_units: torch.Tensor,
+    min_units: torch.Tensor,
     dtype: torch.dtype = torch.bfloat16,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The weight [N, K] in `dtype` (fp32 or bf16) that int4 (qweight, scales, mins) stands for: each value
-    code * scale + min computed in fp32 and rounded once, i.e. exactly
+    """The weight [N, K] in `dtype` (fp32 or bf16) that int4 (qweight, scales, mins, units) stands for:
+    each value code * scale + min computed in fp32 and rounded once, i.e. exactly
     `nekomata_core.quantize.dequantize_int4(...).to(dtype)`, in one pass (for prefills, which multiply the
-    weight by many rows). Same layouts as `linear_int4`; uses torch.get_num_threads() threads. `out`: a
-    contiguous [N, K] tensor of `dtype` to write into (a reused buffer: no allocation per call)."""
+    weight by many rows). Same layouts as `linear_int4` (row 0 starts a tile); uses
+    torch.get_num_threads() threads. `out`: a contiguous [N, K] tensor of `dtype` to write into (a reused
+    buffer: no allocation per call)."""
     fn = _library().nekomata_dequantize_int4
     n, k = _int4_shape(qweight, "dequantize_int4")
     out = _expanded_output(out, n, k, dtype, "dequantize_int4")
-    shape = (n, k // INT4_GROUP_SIZE)
-    code = _group_vector(scales, shape, "scales", "dequantize_int4")
-    if _group_vector(mins, shape, "mins", "dequantize_int4") != code:
-        raise ValueError(f"dequantize_int4: scales and mins must have one dtype, got {scales.dtype} and {mins.dtype}")
-    status = fn(qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), code, out.data_ptr(),
-                DTYPE_CODES[dtype], n, k, torch.get_num_threads())  # fmt: skip
+    pointers = _int4_scales(n, k, scales, mins, scale_units, min_units, "dequantize_int4")
+    status = fn(qweight.data_ptr(), *pointers, out.data_ptr(), DTYPE_CODES[dtype], n, k, torch.get_num_threads())
     if status:
         raise ValueError(f"dequantize_int4: the library refused the call (status {status})")
     return out
@@ -313,14 +337,26 @@ def _(
 
 @torch.library.custom_op("nekomata::linear_int4", mutates_args=())
 def linear_int4_op(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    scale_units: torch.Tensor,
+    min_units: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """`linear_int4` as a torch custom op (for compiled graphs)."""
-    return linear_int4(x, qweight, scales, mins, bias)
+    return linear_int4(x, qweight, scales, mins, scale_units, min_units, bias)
 
 
 @linear_int4_op.register_fake
 def _(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    scale_units: torch.Tensor,
+    min_units: torch.Tensor,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], qweight.shape[0])

@@ -125,20 +125,30 @@ void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout)
 /* int4 scales and mins                                                                                 */
 
 /* The scales and mins of one row's groups [from, from + SCALE_BLOCK) as fp32 into sf and mf (fewer at the
- * row's end, zero-filled to a multiple of 4): the kernels take them four at a time from there. Converting
- * a block ahead of the loop that uses it lets their loads overlap the code bytes' work. */
+ * row's end, zero-filled to a multiple of 4): code times its tile's unit, an exact product (an 8-bit integer
+ * times a bf16). The kernels take them four at a time from there. Converting a block ahead of the loop that
+ * uses it lets their loads overlap the code bytes' work. */
 #define SCALE_BLOCK 128
 
-static inline void scales_to_f32(const void* sc, const void* mn, int dtype, int64_t from, int64_t groups, float* sf,
-                                 float* mf) {
+typedef struct {
+    const uint8_t* sc;  /* the row's scale codes */
+    const int8_t* mn;   /* the row's min codes */
+    const uint16_t* su; /* its tile's scale units (bf16) */
+    const uint16_t* mu; /* its tile's min units (bf16) */
+} int4_row_scales;
+
+static inline void scales_to_f32(const int4_row_scales* r, int64_t from, int64_t groups, float* sf, float* mf) {
     int64_t n = groups - from < SCALE_BLOCK ? groups - from : SCALE_BLOCK, i = 0;
     for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(sf + i, load8_f32(sc, dtype, from + i));
-        _mm256_storeu_ps(mf + i, load8_f32(mn, dtype, from + i));
+        const int64_t at = from + i;
+        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r->sc + at))));
+        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r->mn + at))));
+        _mm256_storeu_ps(sf + i, _mm256_mul_ps(sc, load8_f32(r->su, DT_BF16, at)));
+        _mm256_storeu_ps(mf + i, _mm256_mul_ps(mn, load8_f32(r->mu, DT_BF16, at)));
     }
     for (; i < n; i++) {
-        sf[i] = load_scalar(sc, dtype, from + i);
-        mf[i] = load_scalar(mn, dtype, from + i);
+        sf[i] = (float)r->sc[from + i] * bf16_to_f32(r->su[from + i]);
+        mf[i] = (float)r->mn[from + i] * bf16_to_f32(r->mu[from + i]);
     }
     for (; i % 4; i++) sf[i] = mf[i] = 0.0f;
 }
@@ -156,13 +166,15 @@ static inline void scales_to_f32(const void* sc, const void* mn, int dtype, int6
  * memcpy there would make the compiler keep the accumulators in memory across it (every vector register
  * is caller-saved). */
 
-/* The int4 scales and mins are separate streams from the codes, 1/8 of their bytes: one prefetch of each
- * per 32 groups (a 64-byte line of bf16 scales), PF_Q8 / 2 bytes ahead (four times the codes' distance
- * in rows: their loads' latency showed in profiles at the shorter one). */
-static inline void prefetch_scales(const void* sc, const void* mn, int sdt, int64_t g) {
-    const int64_t at = g * (sdt == DT_F32 ? 4 : 2) + PF_Q8 / 2;
-    _mm_prefetch((const char*)sc + at, _MM_HINT_T0);
-    _mm_prefetch((const char*)mn + at, _MM_HINT_T0);
+/* The int4 scale and min codes are separate streams from the codes, 1/16 of their bytes (the units, bf16,
+ * are shared by a tile of rows and mostly in cache): one prefetch of each per 32 groups, PF_Q8 / 2 groups
+ * ahead (a longer distance than the codes': their loads' latency showed in profiles at the shorter one). */
+static inline void prefetch_scales(const int4_row_scales* r, int64_t g) {
+    const int64_t at = g + PF_Q8 / 2;
+    _mm_prefetch((const char*)(r->sc + at), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r->mn + at), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r->su + at), _MM_HINT_T0);
+    _mm_prefetch((const char*)(r->mu + at), _MM_HINT_T0);
 }
 
 #if defined(__AVX512VNNI__)
@@ -306,10 +318,9 @@ Q8_KERNEL void int8_kernel(const int8_t* const w[], int64_t K, const float* cons
     for (int i = 0; i < R * V; i++) out[i] = reduce16(acc[i]);
 }
 
-/* int4 rows (codes w, scales sc, mins mn) times vectors xp[0..V): out[r * V + v], the mins' term included. */
-Q8_KERNEL void int4_kernel(const uint8_t* const w[], const void* const sc[], const void* const mn[], int sdt,
-                           int64_t K, const float* const xp[], float* out, const int R, const int V,
-                           const int prefetch) {
+/* int4 rows (codes w, scales and mins rs) times vectors xp[0..V): out[r * V + v], the mins' term included. */
+Q8_KERNEL void int4_kernel(const uint8_t* const w[], const int4_row_scales rs[], int64_t K, const float* const xp[],
+                           float* out, const int R, const int V, const int prefetch) {
     const int64_t groups = K / NK_INT4_GROUP, padded = nk_q8_int4_groups(K), whole = groups - groups % 4;
     acc_t acc[MAX_ACC];
     __m128 macc[MAX_ACC];
@@ -322,14 +333,14 @@ Q8_KERNEL void int4_kernel(const uint8_t* const w[], const void* const sc[], con
     }
     for (int64_t g = 0; g < whole; g += 4) { /* 4 groups = 64 bytes of each row */
         if (g % SCALE_BLOCK == 0)
-            for (int r = 0; r < R; r++) scales_to_f32(sc[r], mn[r], sdt, g, groups, sf[r], mf[r]);
+            for (int r = 0; r < R; r++) scales_to_f32(&rs[r], g, groups, sf[r], mf[r]);
         for (int r = 0; r < R; r++) {
             wb[r] = w[r] + g * (NK_INT4_GROUP / 2);
             s4[r] = sf[r] + g % SCALE_BLOCK;
             m4[r] = mf[r] + g % SCALE_BLOCK;
             if (PF_Q8 && prefetch) {
                 _mm_prefetch((const char*)wb[r] + PF_Q8, _MM_HINT_T0);
-                if (g % 32 == 0) prefetch_scales(sc[r], mn[r], sdt, g);
+                if (g % 32 == 0) prefetch_scales(&rs[r], g);
             }
         }
         int4_block(wb, s4, m4, g, padded, xp, acc, macc, R, V);
@@ -337,7 +348,7 @@ Q8_KERNEL void int4_kernel(const uint8_t* const w[], const void* const sc[], con
     if (whole < groups) {
         uint8_t tail[NK_ROWS][64] __attribute__((aligned(64)));
         if (whole % SCALE_BLOCK == 0)
-            for (int r = 0; r < R; r++) scales_to_f32(sc[r], mn[r], sdt, whole, groups, sf[r], mf[r]);
+            for (int r = 0; r < R; r++) scales_to_f32(&rs[r], whole, groups, sf[r], mf[r]);
         for (int r = 0; r < R; r++) {
             memset(tail[r], 0, 64);
             memcpy(tail[r], w[r] + whole * (NK_INT4_GROUP / 2), (size_t)((groups - whole) * (NK_INT4_GROUP / 2)));
@@ -356,25 +367,22 @@ Q8_KERNEL void int4_kernel(const uint8_t* const w[], const void* const sc[], con
 /* ---------------------------------------------------------------------------------------------------- */
 /* Entry points for gemv.c's drivers.                                                                   */
 
-/* Row n's weights, scales and mins. */
-static inline void row_pointers(const gemv_args* a, int64_t n, const void** w, const void** sc, const void** mn) {
-    if (a->kind == KIND_INT4) {
-        const int64_t groups = a->K / NK_INT4_GROUP, ssize = a->scales_dtype == DT_F32 ? 4 : 2;
-        *w = (const uint8_t*)a->W + n * (a->K / 2);
-        *sc = (const char*)a->scales + n * groups * ssize;
-        *mn = (const char*)a->mins + n * groups * ssize;
-    } else {
-        *w = (const int8_t*)a->W + n * a->K;
-        *sc = *mn = NULL;
-    }
+/* Row n's weights, and for int4 its scale and min codes and its tile's units. */
+static inline const void* row_pointers(const gemv_args* a, int64_t n, int4_row_scales* rs) {
+    if (a->kind != KIND_INT4) return (const int8_t*)a->W + n * a->K;
+    const int64_t groups = a->K / NK_INT4_GROUP, tile = (n / NK_INT4_TILE) * groups;
+    *rs = (int4_row_scales){(const uint8_t*)a->scales + n * groups, (const int8_t*)a->mins + n * groups,
+                            a->scale_units + tile, a->min_units + tile};
+    return (const uint8_t*)a->W + n * (a->K / 2);
 }
 
 Q8_KERNEL void tile(const gemv_args* a, const int64_t* n, const float* const xp[], float* out, const int R,
                     const int V, const int prefetch) {
-    const void *w[NK_ROWS], *sc[NK_ROWS], *mn[NK_ROWS];
-    for (int r = 0; r < R; r++) row_pointers(a, n[r], &w[r], &sc[r], &mn[r]);
+    const void* w[NK_ROWS];
+    int4_row_scales rs[NK_ROWS];
+    for (int r = 0; r < R; r++) w[r] = row_pointers(a, n[r], &rs[r]);
     if (a->kind == KIND_INT4)
-        int4_kernel((const uint8_t* const*)w, sc, mn, a->scales_dtype, a->K, xp, out, R, V, prefetch);
+        int4_kernel((const uint8_t* const*)w, rs, a->K, xp, out, R, V, prefetch);
     else
         int8_kernel((const int8_t* const*)w, a->K, xp, out, R, V, prefetch);
 }

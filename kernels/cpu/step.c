@@ -42,8 +42,10 @@ batched GEMV rows sum in the batch-1 order, and everything else is the same code
 typedef struct {
     int kind;           /* KIND_F32 (weights in fp32), KIND_BF16, KIND_INT8 or KIND_INT4 */
     const void* W;      /* [N, K] row-major (int4: uint8 [N, K/2], two codes a byte) */
-    const void* scales; /* int8: [N]; int4: [N, K / NK_INT4_GROUP]; act dtype */
-    const void* mins;   /* int4 only: [N, K / NK_INT4_GROUP] act dtype */
+    const void* scales; /* int8: [N] act dtype; int4: uint8 codes [N, K / NK_INT4_GROUP] */
+    const void* mins;   /* int4 only: int8 codes [N, K / NK_INT4_GROUP] */
+    const uint16_t* scale_units; /* int4 only: bf16 [ceil(N / NK_INT4_TILE), K / NK_INT4_GROUP] */
+    const uint16_t* min_units;   /* int4 only: the same shape */
     const void* bias;   /* [N] act dtype, or NULL */
     int64_t N, K;
 } nk_linear;
@@ -150,7 +152,8 @@ static void rms_norm(const float* x, const void* w, int act, int64_t H, float ep
  * one per batch row, nk_x_stride apart), y [batch, N]. One row goes to the batch-1 kernels. */
 static void linear_rows(const nk_linear* l, const float* xp, void* y, int act, int64_t batch, int64_t begin,
                         int64_t end) {
-    gemv_args a = {l->kind, l->W, xp, l->scales, l->mins, act, l->bias, act, y, act, l->N, l->K};
+    gemv_args a = {l->kind, l->W, xp, l->scales, l->mins, act, l->bias, act, y, act, l->N, l->K,
+                   l->scale_units, l->min_units};
     if (end > begin) nk_gemv_rows_batch(&a, batch, begin, end);
 }
 

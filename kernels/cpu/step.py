@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import build
-from .abi import DTYPE_CODES, INT4_GROUP_SIZE, MAX_HEAD_DIM, WEIGHT_KINDS
+from .abi import DTYPE_CODES, INT4_GROUP_SIZE, INT4_TILE_ROWS, MAX_HEAD_DIM, WEIGHT_KINDS
 from .build import available, unavailable_reason  # the fused step ships in the GEMVs' library
 from .gemv import _describe
 
@@ -51,13 +51,15 @@ __all__ = [
 @dataclass(frozen=True)
 class LinearWeights:
     """One linear layer: weight [N, K] (fp32, bf16, or int8 with `scales` [N]), or an int4 weight (uint8
-    [N, K/2] with `scales` and `mins` [N, K/32], see `nekomata_core.quantize.Int4Linear`); optional
-    bias [N]."""
+    [N, K/2] with uint8 `scales` and int8 `mins` [N, K/32] and bf16 `scale_units` and `min_units`
+    [ceil(N/8), K/32], see `nekomata_core.quantize.Int4Linear`); optional bias [N]."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     mins: torch.Tensor | None = None
+    scale_units: torch.Tensor | None = None
+    min_units: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class _Linear(ctypes.Structure):
         ("W", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
         ("mins", ctypes.c_void_p),
+        ("scale_units", ctypes.c_void_p),
+        ("min_units", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
         ("N", ctypes.c_int64),
         ("K", ctypes.c_int64),
@@ -255,21 +259,25 @@ class FusedStep:
         if not isinstance(w, torch.Tensor):
             raise ValueError(f"{name}.weight: expected a tensor, got {_describe(w)}")
         kind = WEIGHT_KINDS.get(w.dtype)
-        mins = None
+        mins = scale_units = min_units = None
+        int4_parts = (lin.mins, lin.scale_units, lin.min_units)
         if w.dtype == torch.int8:
             if lin.scales is None:
                 raise ValueError(f"{name}: an int8 weight needs its per-row scales")
             scales = self._vector(lin.scales, f"{name}.scales", n)
         elif w.dtype == torch.uint8:  # int4, two codes a byte
-            if lin.scales is None or lin.mins is None:
-                raise ValueError(f"{name}: an int4 weight needs its group scales and mins")
+            if lin.scales is None or any(t is None for t in int4_parts):
+                raise ValueError(f"{name}: an int4 weight needs its scales, mins, scale_units and min_units")
             if k % INT4_GROUP_SIZE:
                 raise ValueError(f"{name}: int4 needs K divisible by {INT4_GROUP_SIZE}, got {k}")
-            groups = (n, k // INT4_GROUP_SIZE)
-            scales = self._tensor(lin.scales, f"{name}.scales", self.act_dtype, groups).data_ptr()
-            mins = self._tensor(lin.mins, f"{name}.mins", self.act_dtype, groups).data_ptr()
+            groups, tiles = k // INT4_GROUP_SIZE, -(-n // INT4_TILE_ROWS)
+            scales = self._tensor(lin.scales, f"{name}.scales", torch.uint8, (n, groups)).data_ptr()
+            mins = self._tensor(lin.mins, f"{name}.mins", torch.int8, (n, groups)).data_ptr()
+            scale_units = self._tensor(lin.scale_units, f"{name}.scale_units", torch.bfloat16, (tiles, groups))
+            min_units = self._tensor(lin.min_units, f"{name}.min_units", torch.bfloat16, (tiles, groups))
+            scale_units, min_units = scale_units.data_ptr(), min_units.data_ptr()
         elif kind is not None:
-            if lin.scales is not None or lin.mins is not None:
+            if lin.scales is not None or any(t is not None for t in int4_parts):
                 raise ValueError(f"{name}: scales are only for int8/int4 weights, this one is {w.dtype}")
             scales = None
         else:
@@ -278,7 +286,8 @@ class FusedStep:
             )
         self._tensor(w, f"{name}.weight", w.dtype, (n, k // 2) if w.dtype == torch.uint8 else (n, k))
         bias = None if lin.bias is None else self._vector(lin.bias, f"{name}.bias", n)
-        return _Linear(kind=kind, W=w.data_ptr(), scales=scales, mins=mins, bias=bias, N=n, K=k)
+        return _Linear(kind=kind, W=w.data_ptr(), scales=scales, mins=mins, scale_units=scale_units,
+                       min_units=min_units, bias=bias, N=n, K=k)
 
     def _check_cache(self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor) -> None:
         ident = (keys.data_ptr(), values.data_ptr(), key_mask.data_ptr(), tuple(keys.shape))

@@ -7,7 +7,7 @@ was chosen (`nekomata_core.kernels.dispatch.resolve_backend`); this package itse
 - `rope.apply_rope(q, k, cos, sin, ...)`: rotate-half RoPE of q and k in one launch, optionally into the cache
 - `attention.flash_attention(q, k, v, ...)`: causal prefill attention with left padding and logn scaling
 - `step_attention.step_attention(q, k_cache, v_cache, ...)`: split-K flash-decoding, one token per row
-- `int4_gemv.int4_gemv(x, qweight, scales, mins, bias)`: one-row int4 weight-only linear
+- `int4_gemv.int4_gemv(x, qweight, scales, mins, scale_units, min_units, bias)`: one-row int4 weight-only linear
 - `helpers`: small @triton.jit helpers shared by the kernels (rounding, dot, exp)
 
 triton picks interpreter or compiler when a function is decorated, i.e. when these modules are imported:

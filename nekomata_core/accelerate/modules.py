@@ -142,17 +142,17 @@ class CpuInt4Linear(Int4Linear):
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
-                return gemv.linear_int4_op(x, self.weight, self.scales, self.mins, self.bias)
-            return gemv.linear_int4(x, self.weight, self.scales, self.mins, self.bias)
+                return gemv.linear_int4_op(x, *self.int4_tensors(), self.bias)
+            return gemv.linear_int4(x, *self.int4_tensors(), self.bias)
         if self.prefill_dtype is None:
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
 
         dtype = self.prefill_dtype
 
-        def expand(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+        def expand(packed: torch.Tensor, *scales_and_mins: torch.Tensor) -> torch.Tensor:
             out = _expansion_buffer(packed.shape[0], self.in_features, dtype)
-            return gemv.dequantize_int4(packed, scales, mins, dtype, out=out)
+            return gemv.dequantize_int4(packed, *scales_and_mins, dtype, out=out)
 
         return self.blocked_matmul(x, dtype, expand, block_rows=_block_rows(self.in_features, dtype))
 
@@ -165,7 +165,7 @@ class TritonInt4Linear(Int4Linear):
             return super().forward(x)
         from nekomata_core.kernels.gpu.int4_gemv import int4_gemv
 
-        return int4_gemv(x, self.weight, self.scales, self.mins, self.bias)
+        return int4_gemv(x, *self.int4_tensors(), bias=self.bias)
 
 
 class TritonRMSNorm(RMSNorm):

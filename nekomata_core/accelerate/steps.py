@@ -173,7 +173,11 @@ class NativeStep:
 def _linear_weights(module):
     from nekomata_core.kernels.cpu.step import LinearWeights
 
-    return LinearWeights(module.weight, module.bias, getattr(module, "scales", None), getattr(module, "mins", None))
+    def part(name: str):  # the int8 / int4 tensors a layer has (None for a float one)
+        return getattr(module, name, None)
+
+    return LinearWeights(module.weight, module.bias, part("scales"), part("mins"), part("scale_units"),
+                         part("min_units"))
 
 
 _LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear, Int4Linear, CpuInt4Linear)

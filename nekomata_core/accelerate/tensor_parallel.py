@@ -33,12 +33,14 @@ of an already loaded model can also be cut from it in memory (`shard_model`). in
 their weights do: scales go with the rows of column-parallel layers and stay whole in row-parallel
 ones, whose per-row absmax is agreed by an all-reduce when quantizing on load.
 
-int4 layers (groups of 32 inputs, a scale and a min per group) shard by rows when column-parallel
-(w1, w2: packed weight, scales and mins alike) and by input columns in whole groups when row-parallel
+int4 layers (groups of 32 inputs, an 8-bit scale and min code per group, and their units per tile of
+8 rows) shard by rows when column-parallel (w1, w2, lm_head: packed weight, codes and the tiles' units
+alike, so each rank's rows must be whole tiles) and by input columns in whole groups when row-parallel
 (the c_proj layers: rank r keeps groups r·K/32N … of every row, i.e. bytes r·K/2N … of the packed
-weight), so each rank's K/N must be a multiple of 32 (`check_int4_divisible`). Quantizing on load
-needs no communication for int4: a group's scale, min and codes depend on its own 32 weights only, so
-a rank quantizing its slice gets exactly the codes, scales and mins of those groups in one process.
+weight, and the same columns of the units), so each rank's share of a layer's inputs must be a multiple
+of 32 and its share of rows a multiple of 8 (`check_int4_divisible`). Quantizing on load needs no communication for int4: a group's
+codes, and a tile's units, depend on its own weights only (a tile spans rows, never columns), so a rank
+quantizing its slice gets exactly those of the same groups and tiles in one process.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from torch import nn
 from ..config import QwenConfig
 from ..errors import NekomataError
 from ..loader import Selection, select
-from ..quantize import INT4_GROUP_SIZE, Int4Linear
+from ..quantize import INT4_GROUP_SIZE, INT4_TILE_ROWS, Int4Linear
 from . import local_collectives
 
 
@@ -115,8 +117,9 @@ class Collectives:
 # The pattern of every sharded parameter → how it is split (Int8Linear and Int4Linear tensors alike).
 _COLUMN_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|scales|mins)")
 _ROW = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight")
-_ROW_GROUPS = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.(scales|mins)")  # int4: [out, in/32]
-_COLUMN = re.compile(r"(transformer\.h\.\d+\.mlp\.(w1|w2)|lm_head)\.(weight|bias|scales|mins)")
+# int4: [out, in/32] codes and [out/8, in/32] units
+_ROW_GROUPS = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.(scales|mins|scale_units|min_units)")
+_COLUMN = re.compile(r"(transformer\.h\.\d+\.mlp\.(w1|w2)|lm_head)\.(weight|bias|scales|mins|scale_units|min_units)")
 _EMBEDDING = "transformer.wte.weight"
 
 
@@ -164,19 +167,26 @@ def check_divisible(config: QwenConfig, world_size: int) -> None:
 
 def check_int4_divisible(config: QwenConfig, world_size: int) -> None:
     """int4 row-parallel layers are split in whole groups: each rank's share of their inputs (the
-    attention width for attn.c_proj, the MLP width for mlp.c_proj) must be a multiple of the group."""
-    sizes = {"attn.c_proj": config.hidden_size, "mlp.c_proj": config.mlp_width}
+    attention width for attn.c_proj, the MLP width for mlp.c_proj) must be a multiple of the group; and
+    column-parallel ones in whole tiles: each rank's share of their rows (the MLP width for w1 and w2,
+    the vocabulary for lm_head) must be a multiple of the tile."""
+    inputs = {"attn.c_proj": config.hidden_size, "mlp.c_proj": config.mlp_width}
+    rows = {"mlp.w1 and mlp.w2": config.mlp_width, "lm_head": config.vocab_size}
     bad = [
-        f"{name} has {size} inputs, {size // world_size} per rank"
-        for name, size in sizes.items()
+        f"{name} has {size} inputs, {size // world_size} per rank, not a multiple of {INT4_GROUP_SIZE}"
+        for name, size in inputs.items()
         if (size // world_size) % INT4_GROUP_SIZE
+    ] + [
+        f"{name} has {size} rows, {size // world_size} per rank, not a multiple of {INT4_TILE_ROWS}"
+        for name, size in rows.items()
+        if (size // world_size) % INT4_TILE_ROWS
     ]
     if bad:
         raise TensorParallelError(
             f"cannot split this int4 model over {world_size} processes: int4 groups {INT4_GROUP_SIZE} inputs "
-            f"and a rank must hold whole groups, but {'; '.join(bad)}, which is not a multiple of "
-            f"{INT4_GROUP_SIZE}; use quantize='int8' (or no quantization) with {world_size} processes, or a "
-            f"number of processes that leaves each rank a multiple of {INT4_GROUP_SIZE} inputs"
+            f"and shares scale units among tiles of {INT4_TILE_ROWS} rows, and a rank must hold whole groups "
+            f"and tiles, but {'; '.join(bad)}; use quantize='int8' (or no quantization) with {world_size} "
+            "processes, or a number of processes that leaves each rank whole groups and tiles"
         )
 
 
@@ -202,12 +212,14 @@ def shard_selection(
         row_weight = _ROW.fullmatch(name)
         if row_weight or (stored == "int4" and _ROW_GROUPS.fullmatch(name)):
             size = share if ".attn." in name else width // n  # the inputs of its heads, or of its width
-            if stored == "int4":  # packed: 2 inputs a byte; scales and mins: 1 column a group
+            if stored == "int4":  # packed: 2 inputs a byte; codes and units: 1 column a group
                 size //= 2 if row_weight else INT4_GROUP_SIZE
             return 1, [(r * size, (r + 1) * size)]
         if _COLUMN.fullmatch(name) or name == _EMBEDDING:
-            size = width if ".mlp." in name else config.vocab_size
-            return 0, [(r * size // n, (r + 1) * size // n)]
+            size = (width if ".mlp." in name else config.vocab_size) // n
+            if name.endswith("_units"):  # int4: one row per tile of rows
+                size //= INT4_TILE_ROWS
+            return 0, [(r * size, (r + 1) * size)]
         return None  # the norms, the row-parallel biases and int8 scales: whole
 
     return selection
