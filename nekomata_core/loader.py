@@ -702,7 +702,8 @@ def load_weights(
     """Replace every parameter of `model` (normally on the meta device) with the checkpoint's tensor.
 
     Each parameter becomes `nn.Parameter(tensor, requires_grad=False)` of `dtype` (non-floating
-    parameters, and those whose module fixes their dtype in `FORMAT_DTYPES`, keep their own) on `device`. All headers are checked against the model first:
+    parameters, and those whose module fixes their dtype in `FORMAT_DTYPES`, keep their own) on
+    `device`. All headers are checked against the model first:
     missing, unexpected (other than `*.inv_freq` buffers) and mis-shaped tensors are reported together
     in one `CheckpointError` before any weight is read. Then the files are streamed one tensor at a
     time, so peak memory is the final weights plus at most one tensor. `after_tensor(name)`, if given,

@@ -134,8 +134,9 @@ _PROTOTYPES: dict[str, tuple[type, list[type]]] = {
     "nekomata_gemv_bf16": (_I32, [_P, _P, _P, _P, _I64, _I64, _I64, _I32]),
     # W, scales, x, bias, y, N, K, M, flags
     "nekomata_gemv_int8": (_I32, [_P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
-    # W, scales, mins, x, bias, y, N, K, M, flags
+    # W, scales, mins, scale_units, min_units, x, bias, y, N, K, M, flags
     "nekomata_gemv_int4": (_I32, [_P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I32]),
+    # W, scales, mins, scale_units, min_units, out, out dtype, N, K, threads
     "nekomata_dequantize_int4": (_I32, [_P, _P, _P, _P, _P, _P, _I32, _I64, _I64, _I32]),
     # W, out, out dtype, N, K, threads
     "nekomata_expand_int8": (_I32, [_P, _P, _I32, _I64, _I64, _I32]),

@@ -180,16 +180,6 @@ def linear_int8(
     return y
 
 
-def _group_vector(t: torch.Tensor, shape: tuple[int, int], what: str, name: str) -> int:
-    code = DTYPE_CODES.get(t.dtype) if isinstance(t, torch.Tensor) else None
-    if code is None or tuple(t.shape) != shape or not t.is_cpu or not t.is_contiguous():
-        raise ValueError(
-            f"{name}: {what} must be a contiguous CPU float32/bfloat16/float16 tensor of shape {shape}, "
-            f"got {_describe(t)}"
-        )
-    return code
-
-
 def _int4_shape(qweight: torch.Tensor, name: str) -> tuple[int, int]:
     """(N, K) of a packed int4 weight (uint8 [N, K/2], K a multiple of the group size), else ValueError."""
     _check_weight(qweight, torch.uint8, name)
@@ -248,7 +238,7 @@ def linear_int4(
     x, m = _check_x(x, k, "linear_int4")
     pointers = _int4_scales(n, k, scales, mins, scale_units, min_units, "linear_int4")
     bias_code = _vector_code(bias, n, "bias", "linear_int4")
-    _check_grad("linear_int4", x, bias)
+    _check_grad("linear_int4", x, scale_units, min_units, bias)
     y = _output(x, n)
     code = DTYPE_CODES[x.dtype]
     flags = code | bias_code << 4 | code << 8 | torch.get_num_threads() << 16

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from . import build
-from .abi import DTYPE_CODES, INT4_GROUP_SIZE, INT4_TILE_ROWS, MAX_HEAD_DIM, WEIGHT_KINDS
+from .abi import DTYPE_CODES, INT4_GROUP_SIZE, MAX_HEAD_DIM, WEIGHT_KINDS
 from .build import available, unavailable_reason  # the fused step ships in the GEMVs' library
-from .gemv import _describe
+from .gemv import _describe, _int4_scales
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -270,12 +270,9 @@ class FusedStep:
                 raise ValueError(f"{name}: an int4 weight needs its scales, mins, scale_units and min_units")
             if k % INT4_GROUP_SIZE:
                 raise ValueError(f"{name}: int4 needs K divisible by {INT4_GROUP_SIZE}, got {k}")
-            groups, tiles = k // INT4_GROUP_SIZE, -(-n // INT4_TILE_ROWS)
-            scales = self._tensor(lin.scales, f"{name}.scales", torch.uint8, (n, groups)).data_ptr()
-            mins = self._tensor(lin.mins, f"{name}.mins", torch.int8, (n, groups)).data_ptr()
-            scale_units = self._tensor(lin.scale_units, f"{name}.scale_units", torch.bfloat16, (tiles, groups))
-            min_units = self._tensor(lin.min_units, f"{name}.min_units", torch.bfloat16, (tiles, groups))
-            scale_units, min_units = scale_units.data_ptr(), min_units.data_ptr()
+            parts = (lin.scales, *int4_parts)
+            scales, mins, scale_units, min_units = _int4_scales(n, k, *parts, name)  # checked as linear_int4 does
+            self._keep.extend(parts)
         elif kind is not None:
             if lin.scales is not None or any(t is not None for t in int4_parts):
                 raise ValueError(f"{name}: scales are only for int8/int4 weights, this one is {w.dtype}")

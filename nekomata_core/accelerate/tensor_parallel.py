@@ -38,9 +38,10 @@ int4 layers (groups of 32 inputs, an 8-bit scale and min code per group, and the
 alike, so each rank's rows must be whole tiles) and by input columns in whole groups when row-parallel
 (the c_proj layers: rank r keeps groups r·K/32N … of every row, i.e. bytes r·K/2N … of the packed
 weight, and the same columns of the units), so each rank's share of a layer's inputs must be a multiple
-of 32 and its share of rows a multiple of 8 (`check_int4_divisible`). Quantizing on load needs no communication for int4: a group's
-codes, and a tile's units, depend on its own weights only (a tile spans rows, never columns), so a rank
-quantizing its slice gets exactly those of the same groups and tiles in one process.
+of 32 and its share of rows a multiple of 8 (`check_int4_divisible`). Quantizing on load needs no
+communication for int4: a group's codes, and a tile's units, depend on its own weights only (a tile
+spans rows, never columns), so a rank quantizing its slice gets exactly those of the same groups and
+tiles in one process.
 """
 
 from __future__ import annotations
