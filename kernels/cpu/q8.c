@@ -124,12 +124,7 @@ void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout)
 /* ---------------------------------------------------------------------------------------------------- */
 /* int4 scales and mins                                                                                 */
 
-/* The scales and mins of one row's groups [from, from + SCALE_BLOCK) as fp32 into sf and mf (fewer at the
- * row's end, zero-filled to a multiple of 4): code times its tile's unit, an exact product (an 8-bit integer
- * times a bf16). The kernels take them four at a time from there. Converting a block ahead of the loop that
- * uses it lets their loads overlap the code bytes' work. */
-#define SCALE_BLOCK 128
-
+/* Where a row's int4 scale and min codes and its tile's units are. */
 typedef struct {
     const uint8_t* sc;  /* the row's scale codes */
     const int8_t* mn;   /* the row's min codes */
@@ -137,20 +132,33 @@ typedef struct {
     const uint16_t* mu; /* its tile's min units (bf16) */
 } int4_row_scales;
 
-static inline void scales_to_f32(const int4_row_scales* r, int64_t from, int64_t groups, float* sf, float* mf) {
-    int64_t n = groups - from < SCALE_BLOCK ? groups - from : SCALE_BLOCK, i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const int64_t at = from + i;
-        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(r->sc + at))));
-        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(r->mn + at))));
-        _mm256_storeu_ps(sf + i, _mm256_mul_ps(sc, load8_f32(r->su, DT_BF16, at)));
-        _mm256_storeu_ps(mf + i, _mm256_mul_ps(mn, load8_f32(r->mu, DT_BF16, at)));
+/* 4 consecutive bf16 values as fp32. */
+static inline __m128 bf16x4_to_f32(const uint16_t* p) {
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)p)), 16));
+}
+
+/* The scales and mins of groups g .. g+3 of a row as fp32: code times its tile's unit, an exact product (an
+ * 8-bit integer times a bf16). Read where they are used, four at a time, rather than converted ahead
+ * in a separate pass: the loads then overlap the code bytes' work like any other. */
+static inline void scales4(const int4_row_scales* r, int64_t g, __m128* s, __m128* m) {
+    int32_t sc, mn;
+    memcpy(&sc, r->sc + g, 4);
+    memcpy(&mn, r->mn + g, 4);
+    const __m128 scf = _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(sc)));
+    const __m128 mnf = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(mn)));
+    *s = _mm_mul_ps(scf, bf16x4_to_f32(r->su + g));
+    *m = _mm_mul_ps(mnf, bf16x4_to_f32(r->mu + g));
+}
+
+/* The same for a row's last groups g .. groups - 1 (fewer than 4), zeros after them. */
+static inline void scales_tail(const int4_row_scales* r, int64_t g, int64_t groups, __m128* s, __m128* m) {
+    float sf[4] = {0.0f, 0.0f, 0.0f, 0.0f}, mf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t i = 0; g + i < groups; i++) {
+        sf[i] = (float)r->sc[g + i] * bf16_to_f32(r->su[g + i]);
+        mf[i] = (float)r->mn[g + i] * bf16_to_f32(r->mu[g + i]);
     }
-    for (; i < n; i++) {
-        sf[i] = (float)r->sc[from + i] * bf16_to_f32(r->su[from + i]);
-        mf[i] = (float)r->mn[from + i] * bf16_to_f32(r->mu[from + i]);
-    }
-    for (; i % 4; i++) sf[i] = mf[i] = 0.0f;
+    *s = _mm_loadu_ps(sf);
+    *m = _mm_loadu_ps(mf);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -165,17 +173,6 @@ static inline void scales_to_f32(const int4_row_scales* r, int64_t from, int64_t
  * copied into a zeroed buffer first (zeros add nothing). The copy is kept out of the main loop: a call to
  * memcpy there would make the compiler keep the accumulators in memory across it (every vector register
  * is caller-saved). */
-
-/* The int4 scale and min codes are separate streams from the codes, 1/16 of their bytes (the units, bf16,
- * are shared by a tile of rows and mostly in cache): one prefetch of each per 32 groups, PF_Q8 / 2 groups
- * ahead (a longer distance than the codes': their loads' latency showed in profiles at the shorter one). */
-static inline void prefetch_scales(const int4_row_scales* r, int64_t g) {
-    const int64_t at = g + PF_Q8 / 2;
-    _mm_prefetch((const char*)(r->sc + at), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r->mn + at), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r->su + at), _MM_HINT_T0);
-    _mm_prefetch((const char*)(r->mu + at), _MM_HINT_T0);
-}
 
 #if defined(__AVX512VNNI__)
 /* 512-bit lanes, vpdpbusd: unsigned bytes times signed bytes, four products per lane into int32. */
@@ -211,14 +208,14 @@ Q8_KERNEL void int8_block(const uint8_t* const wb[], int64_t k, int64_t padded, 
 
 /* Groups g .. g+3 of int4 rows: wb[r] their 64 code bytes, s4[r] and m4[r] their scales and mins as fp32;
  * macc[r * V + b] gathers the mins' term min_g * xsum_g, four groups to a vector. */
-Q8_KERNEL void int4_block(const uint8_t* const wb[], const float* const s4[], const float* const m4[], int64_t g,
+Q8_KERNEL void int4_block(const uint8_t* const wb[], const __m128 s4[], const __m128 m4[], int64_t g,
                           int64_t padded, const float* const xp[], acc_t* acc, __m128* macc, const int R, const int V) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     for (int r = 0; r < R; r++) {
         __m512i v = _mm512_loadu_si512(wb[r]);
         __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        __m128 sr = _mm_loadu_ps(s4[r]), mr = _mm_loadu_ps(m4[r]);
+        __m128 sr = s4[r], mr = m4[r];
         for (int b = 0; b < V; b++) {
             const float* xsum = xp[b] + padded * (NK_INT4_GROUP / 4) + padded;
             macc[r * V + b] = _mm_fmadd_ps(mr, _mm_load_ps(xsum + g), macc[r * V + b]);
@@ -265,11 +262,11 @@ Q8_KERNEL void int8_block(const uint8_t* const wb[], int64_t k, int64_t padded, 
     }
 }
 
-Q8_KERNEL void int4_block(const uint8_t* const wb[], const float* const s4[], const float* const m4[], int64_t g,
+Q8_KERNEL void int4_block(const uint8_t* const wb[], const __m128 s4[], const __m128 m4[], int64_t g,
                           int64_t padded, const float* const xp[], acc_t* acc, __m128* macc, const int R, const int V) {
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int r = 0; r < R; r++) {
-        __m128 sr = _mm_loadu_ps(s4[r]), mr = _mm_loadu_ps(m4[r]);
+        __m128 sr = s4[r], mr = m4[r];
         for (int b = 0; b < V; b++) {
             const float* xsum = xp[b] + padded * (NK_INT4_GROUP / 4) + padded;
             macc[r * V + b] = _mm_fmadd_ps(mr, _mm_load_ps(xsum + g), macc[r * V + b]);
@@ -324,37 +321,27 @@ Q8_KERNEL void int4_kernel(const uint8_t* const w[], const int4_row_scales rs[],
     const int64_t groups = K / NK_INT4_GROUP, padded = nk_q8_int4_groups(K), whole = groups - groups % 4;
     acc_t acc[MAX_ACC];
     __m128 macc[MAX_ACC];
-    float sf[NK_ROWS][SCALE_BLOCK], mf[NK_ROWS][SCALE_BLOCK];
     const uint8_t* wb[NK_ROWS];
-    const float *s4[NK_ROWS], *m4[NK_ROWS];
+    __m128 s4[NK_ROWS], m4[NK_ROWS];
     for (int i = 0; i < R * V; i++) {
         acc[i] = acc_zero();
         macc[i] = _mm_setzero_ps();
     }
     for (int64_t g = 0; g < whole; g += 4) { /* 4 groups = 64 bytes of each row */
-        if (g % SCALE_BLOCK == 0)
-            for (int r = 0; r < R; r++) scales_to_f32(&rs[r], g, groups, sf[r], mf[r]);
         for (int r = 0; r < R; r++) {
             wb[r] = w[r] + g * (NK_INT4_GROUP / 2);
-            s4[r] = sf[r] + g % SCALE_BLOCK;
-            m4[r] = mf[r] + g % SCALE_BLOCK;
-            if (PF_Q8 && prefetch) {
-                _mm_prefetch((const char*)wb[r] + PF_Q8, _MM_HINT_T0);
-                if (g % 32 == 0) prefetch_scales(&rs[r], g);
-            }
+            scales4(&rs[r], g, &s4[r], &m4[r]);
+            if (PF_Q8 && prefetch) _mm_prefetch((const char*)wb[r] + PF_Q8, _MM_HINT_T0);
         }
         int4_block(wb, s4, m4, g, padded, xp, acc, macc, R, V);
     }
     if (whole < groups) {
         uint8_t tail[NK_ROWS][64] __attribute__((aligned(64)));
-        if (whole % SCALE_BLOCK == 0)
-            for (int r = 0; r < R; r++) scales_to_f32(&rs[r], whole, groups, sf[r], mf[r]);
         for (int r = 0; r < R; r++) {
             memset(tail[r], 0, 64);
             memcpy(tail[r], w[r] + whole * (NK_INT4_GROUP / 2), (size_t)((groups - whole) * (NK_INT4_GROUP / 2)));
             wb[r] = tail[r];
-            s4[r] = sf[r] + whole % SCALE_BLOCK;
-            m4[r] = mf[r] + whole % SCALE_BLOCK;
+            scales_tail(&rs[r], whole, groups, &s4[r], &m4[r]);
         }
         int4_block(wb, s4, m4, whole, padded, xp, acc, macc, R, V);
     }
