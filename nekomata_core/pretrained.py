@@ -161,7 +161,7 @@ class QwenForCausalLM(Architecture):
         """Load a checkpoint from a local directory or a Hub repo id (see `load_pretrained`).
 
         quantize="int8" stores every linear layer as int8 with per-channel scales, quantize="int4" as 4-bit
-        groups with 8-bit scale and min codes (c_attn int8), quantized while loading (nekomata_core.quantize);
+        groups with 8-bit scale and min codes (c_attn's v rows int8), quantized while loading (nekomata_core.quantize);
         the backends are `nekomata_core.accelerate` choices. tensor_parallel=True: in each process that
         torchrun starts, load and run this rank's shard (nekomata_core.accelerate.tensor_parallel).
         """

@@ -30,8 +30,11 @@ over 2 ranks), but never a tile of rows, since column-parallel layers split whol
 8 rows; so a rank's int4 weights are always exactly those of the same rows and groups in one process.
 Two weights per byte: in each group's 16 bytes, byte j holds code j (low nibble) and code j + 16
 (high), so a kernel unpacks a 16-byte load into two runs of 16 codes in x's natural order.
-The fused q/k/v projection `c_attn` stays int8 (`int4_keeps_int8`), as llama.cpp's Q4_K_M keeps
-attn_qkv at 5 bits; the output head is int4 like the rest (Q4_K_M: 6 bits).
+The fused q/k/v projection `c_attn` is split by rows (`Int4QkvLinear`): its q and k rows are int4
+like the rest, its v rows stay int8 per output channel. Why v: an error in a value row reaches the
+block's output directly, while q and k errors only nudge the attention scores before the softmax,
+and the table below shows it (llama.cpp's Q4_K_M, likewise, spends its extra bits on attn_v and
+attn_qkv). The output head is int4 like the rest (Q4_K_M: 6 bits).
 
 How the format was chosen (bench-620m random weights, init as tools/make_tiny_checkpoint.py, one
 48-token input, mean |Δlogit| vs the fp32 model of a prefill; llama.cpp Q4_K_M: 0.160, Q4_0: 0.208).
@@ -41,10 +44,20 @@ Relative RMS weight error on a N(0, 0.02) [1024, 4096] matrix, min/max rule → 
     all int4, bf16 scale and min per 32            0.177   (5.00)
     all int4, 8-bit codes in tiles of 8 rows       0.172   (4.625)
     c_attn int8, rest bf16 scale and min per 32    0.144   (5.00)
-    c_attn int8, rest 8-bit codes, tiles of rows   0.142   (4.625)   ← chosen: ≤ Q4_K_M's 0.160
+    c_attn int8, rest 8-bit codes, tiles of rows   0.142   (4.625)   (format version 2)
     c_attn int8, rest 8-bit codes, runs of 8 groups 0.142  (4.625)
     c_attn and lm_head int8, rest 8-bit codes      0.138
     all int8                                       0.019   (8.01)
+
+and, the rest 8-bit codes in tiles of rows, which rows of c_attn need int8 (same input, 620M):
+
+    q, k and v int8 (version 2)                    0.1424
+    q and k int8, v int4                           0.1714
+    q int4, k and v int8                           0.1431
+    q and k int4, v int8                           0.1437    ← chosen (version 3): ≤ Q4_K_M's 0.160
+
+so v alone carries what int8 bought; with q and k in int4, a nekomata-7b decode step reads 4.25 GB
+instead of 4.70 (c_attn 36 MB a block instead of 50).
 
 Group 64 (4.5 bits with bf16 scales) loses 18 % in weight rmse against group 32; 8-bit codes of the
 scales and mins cost nothing measurable against bf16 ones.
@@ -87,9 +100,10 @@ INT4_MAX = 15
 INT4_TILE_ROWS = 8
 INT4_SCALE_CODES, INT4_MIN_CODES = 255, 127
 INT4_UNIT_DTYPE = torch.bfloat16
-# The format of save_quantized's int4 folders (config.json's quantization.version): 2 = 8-bit codes and
-# tile units; version 1 (bf16 scales and mins per group, c_attn and lm_head int8) is not read any more.
-INT4_FORMAT_VERSION = 2
+# The format of save_quantized's int4 folders (config.json's quantization.version): 3 = 8-bit codes and
+# tile units, c_attn's q and k rows int4 and its v rows int8. Not read any more: version 2 (the same
+# codes, all of c_attn int8) and version 1 (bf16 scales and mins per group, c_attn and lm_head int8).
+INT4_FORMAT_VERSION = 3
 # The scale search of llama.cpp's make_qkx2_quants (as Q4_K calls it): trial inverse scales
 # (15 + INT4_SEARCH_RMIN + INT4_SEARCH_DELTA * i) / (max - min) for i = 0..INT4_SEARCH_STEPS.
 INT4_SEARCH_RMIN, INT4_SEARCH_DELTA, INT4_SEARCH_STEPS = -1.0, 0.1, 20
@@ -437,16 +451,57 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def int4_keeps_int8(name: str) -> bool:
-    """Whether the linear `name` of an int4 model is stored as int8 (per output channel) instead: the
-    fused q/k/v projection c_attn, whose errors pass through the softmax (Q4_K_M gives it 5 bits). See
-    the module docstring for the measurements."""
-    return name.rpartition(".")[2] == "c_attn"
+class Int4QkvLinear(nn.Module):
+    """The fused q/k/v projection (c_attn) of an int4 model: y = cat(qk(x), v(x)), the q and k rows
+    [2·out/3, in] in int4 (`qk`, an Int4Linear) and the v rows [out/3, in] in int8 per output channel
+    (`v`, an Int8Linear), each with its part of the bias. The output is the same [q; k; v] layout an
+    nn.Linear c_attn gives. Why v stays int8 and q and k do not: see "int4" in the module docstring.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        if out_features % 3:
+            raise QuantizeError(f"c_attn has {out_features} rows, not q, k and v of one size each (a multiple of 3)")
+        self.in_features, self.out_features = in_features, out_features
+        third = out_features // 3
+        self.qk = Int4Linear(in_features, 2 * third, bias, dtype)
+        self.v = Int8Linear(in_features, third, bias, dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4QkvLinear:
+        """The int4/int8 form of a c_attn (or of a tensor-parallel shard of one, whose rows are the q, k
+        and v rows of its heads: the same split applies, and every int4 tile and int8 row is fitted from
+        its own weights only, so a shard gets exactly those rows of the whole layer's form)."""
+        weight, bias = linear.weight.detach(), linear.bias
+        out_features, in_features = weight.shape
+        third = out_features // 3
+        module = cls(in_features, out_features, bias is not None, weight.dtype)
+
+        def rows(begin: int, end: int) -> nn.Linear:  # a view of those rows, shaped like a linear
+            part = nn.Linear(in_features, end - begin, bias=bias is not None, device="meta")
+            part.weight = nn.Parameter(weight[begin:end], requires_grad=False)
+            if bias is not None:
+                part.bias = nn.Parameter(bias.detach()[begin:end], requires_grad=False)
+            return part
+
+        module.qk = Int4Linear.from_linear(rows(0, 2 * third))
+        module.v = Int8Linear.from_linear(rows(2 * third, out_features))
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight [out, in] this layer computes with ([q; k] rows, then v rows)."""
+        return torch.cat((self.qk.dequantized_weight(), self.v.dequantized_weight().float()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.qk(x), self.v(x)), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, q and k int4, v int8"
 
 
 def _quantized_class(method: str, name: str) -> type[nn.Module]:
-    if method == "int4" and not int4_keeps_int8(name):
-        return Int4Linear
+    if method == "int4":
+        return Int4QkvLinear if name.rpartition(".")[2] == "c_attn" else Int4Linear
     return Int8Linear
 
 
@@ -458,8 +513,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def quantize_int4(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of a loaded model by an Int4Linear (c_attn: Int8Linear), in place, one
-    layer at a time."""
+    """Replace every nn.Linear of a loaded model by an Int4Linear (c_attn: an Int4QkvLinear), in place,
+    one layer at a time."""
     for name in _linear_names(model):
         quantize_linear(model, name, "int4")
     return model
@@ -503,7 +558,7 @@ class QuantizeOnLoad:
         if method == "int4":  # refuse before any tensor is read, not halfway through the load
             for name in self.linears:
                 linear = model.get_submodule(name)
-                if not int4_keeps_int8(name) and linear.in_features % INT4_GROUP_SIZE:
+                if linear.in_features % INT4_GROUP_SIZE:
                     raise QuantizeError(
                         f"int4 quantization groups {INT4_GROUP_SIZE} inputs, but {name} has "
                         f"{linear.in_features}; load this model with quantize='int8' instead"
@@ -632,7 +687,7 @@ def save_quantized(
             "group_size": INT4_GROUP_SIZE,
             "granularity": "per_group_scale_and_min",
             "scale_codes": {"bits": 8, "unit_dtype": "bfloat16", "tile_rows": INT4_TILE_ROWS},
-            "int8_per_output_channel": ["c_attn"],
+            "int8_per_output_channel": ["c_attn.v"],  # the v rows of c_attn (Int4QkvLinear)
         }
     else:
         config["quantization"] = {"method": QUANT_METHOD, "bits": 8, "granularity": "per_output_channel"}

@@ -14,6 +14,7 @@ from nekomata_core.quantize import (
     INT4_GROUP_SIZE,
     INT4_TILE_ROWS,
     Int4Linear,
+    Int4QkvLinear,
     Int8Linear,
     QuantizeError,
     quantize_int4,
@@ -310,6 +311,30 @@ def test_int4_linear_is_exact_with_respect_to_its_dequantized_weight():
             assert (out.float() - expected.float()).abs().max() <= 2 ** -8 * expected.float().abs().max()
 
 
+def test_int4_c_attn_keeps_its_q_and_k_rows_in_int4_and_its_v_rows_in_int8():
+    """Int4QkvLinear: the first two thirds of c_attn's rows (q, k) are exactly the Int4Linear of those rows
+    alone, the last third (v) int8 per output channel as written out here, and the forward is the
+    fused [q; k; v] projection of those dequantized weights."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 3 * 64, bias=True)
+    q = Int4QkvLinear.from_linear(linear)
+    w, b = linear.weight.detach(), linear.bias.detach()
+    alone = Int4Linear.from_linear(torch.nn.Linear(64, 128, bias=True))
+    alone.weight.data, alone.bias.data = w[:128].clone(), b[:128].clone()
+    qk = Int4Linear.from_linear(alone)
+    for name in Int4Linear.INT4_TENSORS + ("bias",):
+        assert torch.equal(getattr(q.qk, name), getattr(qk, name)), name
+    scale = w[128:].abs().amax(dim=1) / 127
+    codes = torch.round(w[128:] / scale[:, None]).clamp(-127, 127)
+    assert q.v.weight.dtype == torch.int8 and torch.equal(q.v.weight, codes.to(torch.int8))
+    assert torch.equal(q.v.scales, scale) and torch.equal(q.v.bias, b[128:])
+    x = torch.randn(3, 5, 64)
+    expected = F.linear(x, torch.cat((qk.dequantized_weight(), codes * scale[:, None])), b)
+    out = q(x)
+    assert out.shape == (3, 5, 192) and (out - expected).abs().max() <= 1e-6 * expected.abs().max()
+    assert torch.equal(q.dequantized_weight(), torch.cat((qk.dequantized_weight(), codes * scale[:, None])))
+
+
 def test_int4_refuses_inputs_that_do_not_fill_groups():
     with pytest.raises(QuantizeError, match="multiple of 32"):
         quantize_int4_weight(torch.randn(4, 48))
@@ -320,12 +345,15 @@ def test_int4_refuses_inputs_that_do_not_fill_groups():
 def test_int4_quantize_save_load_gives_the_same_logits(folder, tmp_path):
     model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
     blocks = model.config.num_hidden_layers
-    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 4 * blocks + 1  # c_attn: int8
-    assert isinstance(model.lm_head, Int4Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+    # 4 a block (c_attn's q and k rows, attn.c_proj, w1, w2, mlp.c_proj) + lm_head; c_attn's v rows int8
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 5 * blocks + 1
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(model.lm_head, Int4Linear) and isinstance(c_attn, Int4QkvLinear)
+    assert isinstance(c_attn.qk, Int4Linear) and isinstance(c_attn.v, Int8Linear)
     saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
     config = json.loads((saved / "config.json").read_text())
     info = config["quantization"]
-    assert info["method"] == "int4_weight_only" and info["group_size"] == 32 and info["version"] == 2
+    assert info["method"] == "int4_weight_only" and info["group_size"] == 32 and info["version"] == 3
     assert config["bf16"] and not config["fp32"]
     reloaded = QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
     assert reloaded.dtype == torch.bfloat16 and reloaded.transformer.h[0].mlp.w1.weight.dtype == torch.uint8
@@ -341,29 +369,38 @@ def test_int4_quantize_save_load_gives_the_same_logits(folder, tmp_path):
 
 
 def test_an_int4_folder_of_the_earlier_format_is_refused_by_name(folder, tmp_path):
-    """Version 1 int4 folders (bf16 scales and mins per group) hold tensors this version cannot read:
-    refused before loading with what to do, not a shape error from deep in the loader."""
+    """Version 1 and 2 int4 folders (bf16 scales and mins per group; all of c_attn int8) hold tensors this
+    version cannot read: refused before loading with what to do, not a shape error from deep in the
+    loader."""
     from nekomata_core.config import ConfigError
 
     model = QwenForCausalLM.from_pretrained(folder, dtype="bfloat16", device="cpu", progress=False, quantize="int4")
     saved = save_quantized(model, tmp_path / "int4", source_dir=folder)
     config = json.loads((saved / "config.json").read_text())
-    del config["quantization"]["version"]
-    (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"version=1.*quantize the float checkpoint again"):
-        QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
+    for version in (None, 2):  # version 1 wrote none; version 2 kept all of c_attn int8
+        if version is None:
+            del config["quantization"]["version"]
+        else:
+            config["quantization"]["version"] = version
+        (saved / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ConfigError, match=rf"version={version or 1}.*quantize the float checkpoint again"):
+            QwenForCausalLM.from_pretrained(saved, device="cpu", progress=False)
 
 
 def test_int4_model_is_no_less_accurate_than_the_plain_rule(folder):
     """Logits of the int4 model vs the fp32 model, against the same model with every int4 layer
-    quantized by `plain_int4` instead (c_attn int8 in both)."""
+    quantized by `plain_int4` instead (c_attn's v rows int8 in both)."""
     fp32 = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
     ours = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
     plain = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
     float_weights = dict(fp32.named_parameters())
     for name, module in plain.named_modules():
         if isinstance(module, Int4Linear):
-            codes, *stored = plain_int4(float_weights[name + ".weight"].detach())
+            if name.endswith(".c_attn.qk"):  # the q and k rows of c_attn
+                weight = float_weights[name.removesuffix(".qk") + ".weight"][: module.out_features]
+            else:
+                weight = float_weights[name + ".weight"]
+            codes, *stored = plain_int4(weight.detach())
             for tensor_name, tensor in zip(module.INT4_TENSORS, (pack_by_hand(codes), *stored), strict=True):
                 getattr(module, tensor_name).data = tensor
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))

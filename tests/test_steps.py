@@ -308,11 +308,13 @@ def test_stream_read_reads_every_line(tmp_path):
 
 @needs_native
 def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
-    """int4 weights (c_attn int8): the C step against the same model's PyTorch step, fp32
-    to fp32 noise (1e-5 of the logit scale) on most steps and within 1e-2 on all (both quantize x to int8
-    in their GEMVs: an element whose fp32 input differs in the last bit can land on the neighbouring
-    level, see tests/test_native_batched_step.py); bf16 within bf16 noise; bit-identical across 1, 2
-    and 3 threads."""
+    """int4 weights (c_attn's q and k int4, its v int8): the C step against the same model's PyTorch
+    step, fp32 to fp32 noise (1e-5 of the logit scale) on most steps and within 1e-2 on all (both
+    quantize x to int8 in their GEMVs: an element whose fp32 input differs in the last bit can land on
+    the neighbouring level, see tests/test_native_batched_step.py); bf16 within bf16 noise (3e-2 of the
+    logit scale: the two round the same values at the same points but sum in other orders, and a flipped
+    last bit of a bf16 activation moves x's int8 levels in the next GEMV; the largest of these 8 steps
+    measured 0.022); bit-identical across 1, 2 and 3 threads."""
     import copy
 
     from nekomata_core.accelerate import accelerate
@@ -324,7 +326,7 @@ def test_native_int4_step_equals_the_pytorch_int4_step(checkpoint_factory):
     # the same int4 weights with fp32 activations (scales and mins widened exactly)
     full = accelerate(copy.deepcopy(half).float())
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(5))
-    for model, tol in ((full, 1e-5), (half, 2e-2)):
+    for model, tol in ((full, 1e-5), (half, 3e-2)):
         within = []
         plain = prefilled(model, ids, 30)
         fast = [prefilled(model, ids, 30) for _ in range(3)]

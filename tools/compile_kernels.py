@@ -177,9 +177,9 @@ def record_launches(arch: int, reduced: bool) -> dict[tuple, Launch]:
                     a, b = (torch.empty(1, tokens, width, dtype=dtype) for _ in range(2))
                     case(dtype_name, f"{model} T={tokens}", lambda a=a, b=b: swiglu(a, b))
                 # int4 linears of a decode step (one row): attn c_proj, w1/w2, mlp c_proj, lm_head; and a
-                # biased one (no Qwen int4 layer has a bias, c_attn stays int8; the kernel takes one)
+                # biased one (c_attn's q and k rows: [2H, H], with their bias)
                 for n, k, bias in ((hidden, hidden, False), (width, hidden, False), (hidden, width, False),
-                                   (config.vocab_size, hidden, False), (3 * hidden, hidden, True)):
+                                   (config.vocab_size, hidden, False), (2 * hidden, hidden, True)):
                     x = torch.empty(1, 1, k, dtype=dtype)
                     w = torch.empty(n, k // 2, dtype=torch.uint8)
                     scales, mins = torch.empty(n, k // 32, dtype=torch.uint8), torch.empty(n, k // 32, dtype=torch.int8)

@@ -52,7 +52,9 @@ typedef struct {
 
 typedef struct {
     const void* ln_1; /* [H] act dtype */
-    nk_linear c_attn; /* [3H, H], with bias */
+    nk_linear c_attn;   /* [3H, H], with bias: the q, k and v rows; or only the q and k rows [2H, H]
+                         * when c_attn_v is given */
+    nk_linear c_attn_v; /* the v rows [H, H] (an int4 model's c_attn: q and k int4, v int8), or W = NULL */
     nk_linear attn_proj;
     const void* ln_2;
     nk_linear w1, w2; /* [F, H] each: w1(x) * silu(w2(x)) */
@@ -97,20 +99,21 @@ static inline float round_act(float v, int act) {
 static inline size_t act_size(int act) { return act == DT_F32 ? 4 : 2; }
 
 /* Shared buffers, all in the act dtype (what PyTorch would hold in tensors), one row per batch row:
- * qkv [B, 3H], attn, o and m [B, H], h1, h2 and g [B, F]. */
+ * qkv [B, 3H] (or [B, 2H] of q and k, and v [B, H], when c_attn is split), attn, o and m [B, H], h1,
+ * h2 and g [B, F]. */
 typedef struct {
-    void *qkv, *attn, *o, *h1, *h2, *g, *m;
+    void *qkv, *v, *attn, *o, *h1, *h2, *g, *m;
 } nk_buffers;
 
 /* Lays the buffers out in `scratch` (each on a 64-byte boundary) and returns the bytes they take; the
  * one place that knows the layout, so that nekomata_step_scratch_bytes cannot disagree with it. */
 static size_t carve(const nk_model* m, int64_t batch, char* scratch, nk_buffers* b) {
     const size_t e = act_size(m->act) * (size_t)batch;
-    const int64_t sizes[7] = {3 * m->hidden, m->hidden, m->hidden, m->mlp_width, m->mlp_width,
-                              m->mlp_width, m->hidden};
-    void** slots[7] = {&b->qkv, &b->attn, &b->o, &b->h1, &b->h2, &b->g, &b->m};
+    const int64_t sizes[8] = {3 * m->hidden, m->hidden, m->hidden, m->hidden, m->mlp_width,
+                              m->mlp_width, m->mlp_width, m->hidden};
+    void** slots[8] = {&b->qkv, &b->v, &b->attn, &b->o, &b->h1, &b->h2, &b->g, &b->m};
     size_t offset = 0;
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         *slots[i] = scratch ? scratch + offset : NULL;
         offset += ((size_t)sizes[i] * e + 63) & ~(size_t)63;
     }
@@ -228,11 +231,14 @@ static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffer
     const int64_t H = m->hidden, D = m->head_dim, T = s->max_length, pos = s->position, R = m->rotary_dim;
     const int64_t N = m->n_heads, B = s->batch;
     const float scale = 1.0f / sqrtf((float)D);
+    const int split = m->layers[layer].c_attn_v.W != NULL; /* q and k in qkv [B, 2H], v in b->v [B, H] */
+    const int64_t qk_row = split ? 2 * H : 3 * H;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t item = 0; item < B * N; item++) {
         const int64_t row = item / N, h = item % N;
         float q[NK_MAX_HEAD_DIM], k[NK_MAX_HEAD_DIM], acc[NK_MAX_HEAD_DIM];
-        const char* qkv = (const char*)b->qkv + (size_t)(row * 3 * H) * e; /* [3H]: q, k, v */
+        const char* qkv = (const char*)b->qkv + (size_t)(row * qk_row) * e; /* q, k (and v unless split) */
+        const char* v_row = split ? (const char*)b->v + (size_t)(row * H) * e : qkv + (size_t)(2 * H) * e;
         const int64_t table = s->rotary_rows == 1 ? 0 : row;               /* Qwen quirk 3, per row */
         const float* cos = s->cos + table * R;
         const float* sin = s->sin + table * R;
@@ -245,7 +251,7 @@ static void attention_heads(const nk_model* m, const nk_step* s, const nk_buffer
         size_t head_off = (size_t)((((layer * B) + row) * N + h) * T) * (size_t)D; /* [L, B, N, T, D] */
         char* kc = (char*)s->keys + head_off * e;
         char* vc = (char*)s->values + head_off * e;
-        const char* vsrc = qkv + (size_t)(2 * H + h * D) * e;
+        const char* vsrc = v_row + (size_t)(h * D) * e;
         for (int64_t i = 0; i < D; i++) store_scalar(kc + (size_t)(pos * D) * e, act, i, k[i]);
         memcpy(vc + (size_t)(pos * D) * e, vsrc, (size_t)D * e);
 
@@ -309,6 +315,10 @@ static void step_thread(const nk_model* m, const nk_step* s, const nk_buffers* b
         rms_norm_rows(x, L->ln_1, m, B, a);
         load_rows(xp, a, DT_F32, &L->c_attn, B);
         linear_team(&L->c_attn, xp, b->qkv, act, B, team);
+        if (L->c_attn_v.W) { /* the v rows: another weight kind, so x prepared again (xp is the thread's) */
+            load_rows(xp, a, DT_F32, &L->c_attn_v, B);
+            linear_team(&L->c_attn_v, xp, b->v, act, B, team);
+        }
 #pragma omp barrier
         attention_heads(m, s, b, l, scores);
 #pragma omp barrier

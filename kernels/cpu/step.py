@@ -64,7 +64,9 @@ class LinearWeights:
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """The tensors of one transformer block, named as in the original Qwen checkpoint."""
+    """The tensors of one transformer block, named as in the original Qwen checkpoint. `c_attn_v`: when
+    given, c_attn holds only the q and k rows [2H, H] and c_attn_v the v rows [H, H] (an int4 model's
+    c_attn: q and k int4, v int8), each with its part of the bias."""
 
     ln_1: torch.Tensor
     c_attn: LinearWeights
@@ -73,6 +75,7 @@ class BlockWeights:
     w1: LinearWeights
     w2: LinearWeights
     mlp_c_proj: LinearWeights
+    c_attn_v: LinearWeights | None = None
 
 
 # The structs of step.c (nk_linear, nk_layer, nk_model, nk_step), field for field.
@@ -94,6 +97,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("ln_1", ctypes.c_void_p),
         ("c_attn", _Linear),
+        ("c_attn_v", _Linear),
         ("attn_proj", _Linear),
         ("ln_2", ctypes.c_void_p),
         ("w1", _Linear),
@@ -202,7 +206,11 @@ class FusedStep:
         for i, b in enumerate(blocks):
             name = f"blocks[{i}]"
             layers[i].ln_1 = self._vector(b.ln_1, f"{name}.ln_1", hidden)
-            layers[i].c_attn = self._linear(b.c_attn, f"{name}.c_attn", 3 * hidden, hidden)
+            if b.c_attn_v is None:
+                layers[i].c_attn = self._linear(b.c_attn, f"{name}.c_attn", 3 * hidden, hidden)
+            else:  # q and k rows, then v rows (c_attn_v.W != NULL tells the C step)
+                layers[i].c_attn = self._linear(b.c_attn, f"{name}.c_attn", 2 * hidden, hidden)
+                layers[i].c_attn_v = self._linear(b.c_attn_v, f"{name}.c_attn_v", hidden, hidden)
             layers[i].attn_proj = self._linear(b.attn_c_proj, f"{name}.attn_c_proj", hidden, hidden)
             layers[i].ln_2 = self._vector(b.ln_2, f"{name}.ln_2", hidden)
             layers[i].w1 = self._linear(b.w1, f"{name}.w1", mlp_width, hidden)

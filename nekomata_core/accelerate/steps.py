@@ -32,7 +32,7 @@ from ..model import (
     logn_scale,
     rotary_cos_sin,
 )
-from ..quantize import Int4Linear, Int8Linear
+from ..quantize import Int4Linear, Int4QkvLinear, Int8Linear
 from .modules import (
     CpuInt4Linear,
     CpuInt8Linear,
@@ -116,7 +116,7 @@ class NativeStep:
         blocks = [
             BlockWeights(
                 ln_1=block.ln_1.weight,
-                c_attn=_linear_weights(block.attn.c_attn),
+                **_c_attn_weights(block.attn.c_attn),
                 attn_c_proj=_linear_weights(block.attn.c_proj),
                 ln_2=block.ln_2.weight,
                 w1=_linear_weights(block.mlp.w1),
@@ -180,6 +180,14 @@ def _linear_weights(module):
                          part("min_units"))
 
 
+def _c_attn_weights(module) -> dict:
+    """c_attn's tensors for BlockWeights: one linear, or (an int4 model's Int4QkvLinear) its int4 q and k
+    rows as c_attn and its int8 v rows as c_attn_v."""
+    if isinstance(module, Int4QkvLinear):
+        return {"c_attn": _linear_weights(module.qk), "c_attn_v": _linear_weights(module.v)}
+    return {"c_attn": _linear_weights(module)}
+
+
 _LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear, Int4Linear, CpuInt4Linear)
 _NORMS = (RMSNorm, TritonRMSNorm)
 # The classes the C step may stand in for (it reads their weights and runs their maths itself), by the
@@ -190,7 +198,9 @@ _NATIVE_STANDS_IN_FOR: dict[str, tuple[type, ...]] = {
     "ln_1": _NORMS,
     "ln_2": _NORMS,
     "lm_head": _LINEARS,
-    "c_attn": _LINEARS,
+    "c_attn": (*_LINEARS, Int4QkvLinear),
+    "qk": _LINEARS,  # an Int4QkvLinear's parts
+    "v": _LINEARS,
     "c_proj": _LINEARS,
     "w1": _LINEARS,
     "w2": _LINEARS,

@@ -34,8 +34,9 @@ their weights do: scales go with the rows of column-parallel layers and stay who
 ones, whose per-row absmax is agreed by an all-reduce when quantizing on load.
 
 int4 layers (groups of 32 inputs, an 8-bit scale and min code per group, and their units per tile of
-8 rows) shard by rows when column-parallel (w1, w2, lm_head: packed weight, codes and the tiles' units
-alike, so each rank's rows must be whole tiles) and by input columns in whole groups when row-parallel
+8 rows) shard by rows when column-parallel (c_attn's q and k rows by heads, its int8 v rows likewise;
+w1, w2, lm_head: packed weight, codes and the tiles' units alike, so each rank's rows must be whole
+tiles) and by input columns in whole groups when row-parallel
 (the c_proj layers: rank r keeps groups r·K/32N … of every row, i.e. bytes r·K/2N … of the packed
 weight, and the same columns of the units), so each rank's share of a layer's inputs must be a multiple
 of 32 and its share of rows a multiple of 8 (`check_int4_divisible`). Quantizing on load needs no
@@ -59,7 +60,7 @@ from torch import nn
 from ..config import QwenConfig
 from ..errors import NekomataError
 from ..loader import Selection, select
-from ..quantize import INT4_GROUP_SIZE, INT4_TILE_ROWS, Int4Linear
+from ..quantize import INT4_GROUP_SIZE, INT4_TILE_ROWS, Int4Linear, Int4QkvLinear
 from . import local_collectives
 
 
@@ -117,6 +118,9 @@ class Collectives:
 
 # The pattern of every sharded parameter → how it is split (Int8Linear and Int4Linear tensors alike).
 _COLUMN_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.(weight|bias|scales|mins)")
+# an int4 model's c_attn (Int4QkvLinear): its int4 q and k rows, its int8 v rows
+_QK_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.qk\.(weight|bias|scales|mins|scale_units|min_units)")
+_V_BY_HEADS = re.compile(r"transformer\.h\.\d+\.attn\.c_attn\.v\.(weight|bias|scales)")
 _ROW = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.weight")
 # int4: [out, in/32] codes and [out/8, in/32] units
 _ROW_GROUPS = re.compile(r"transformer\.h\.\d+\.(attn|mlp)\.c_proj\.(scales|mins|scale_units|min_units)")
@@ -172,7 +176,8 @@ def check_int4_divisible(config: QwenConfig, world_size: int) -> None:
     column-parallel ones in whole tiles: each rank's share of their rows (the MLP width for w1 and w2,
     the vocabulary for lm_head) must be a multiple of the tile."""
     inputs = {"attn.c_proj": config.hidden_size, "mlp.c_proj": config.mlp_width}
-    rows = {"mlp.w1 and mlp.w2": config.mlp_width, "lm_head": config.vocab_size}
+    rows = {"attn.c_attn's q and k": config.hidden_size, "mlp.w1 and mlp.w2": config.mlp_width,
+            "lm_head": config.vocab_size}  # fmt: skip
     bad = [
         f"{name} has {size} inputs, {size // world_size} per rank, not a multiple of {INT4_GROUP_SIZE}"
         for name, size in inputs.items()
@@ -210,6 +215,12 @@ def shard_selection(
         if _COLUMN_BY_HEADS.fullmatch(name):
             # Rows are [q; k; v], each `hidden` tall: the same heads' rows from each of the three.
             return 0, [(part * hidden + r * share, part * hidden + (r + 1) * share) for part in range(3)]
+        if _QK_BY_HEADS.fullmatch(name) or _V_BY_HEADS.fullmatch(name):
+            # int4's c_attn: [q; k] and [v], the same heads' rows of each (units: one row per tile)
+            tall, part_share = (hidden, share) if not name.endswith("_units") else (hidden // INT4_TILE_ROWS,
+                                                                                    share // INT4_TILE_ROWS)
+            parts = 2 if ".c_attn.qk." in name else 1
+            return 0, [(part * tall + r * part_share, part * tall + (r + 1) * part_share) for part in range(parts)]
         row_weight = _ROW.fullmatch(name)
         if row_weight or (stored == "int4" and _ROW_GROUPS.fullmatch(name)):
             size = share if ".attn." in name else width // n  # the inputs of its heads, or of its width
@@ -263,8 +274,11 @@ def apply(model: nn.Module, tp: TensorParallel) -> nn.Module:
     heads = model.config.num_attention_heads // tp.world_size
     for block in model.transformer.h:
         block.attn.num_heads = heads  # each rank attends with its own heads (and its own cache)
-        for linear in (block.attn.c_attn, block.mlp.w1, block.mlp.w2):
+        c_attn = block.attn.c_attn
+        column = (c_attn.qk, c_attn.v) if isinstance(c_attn, Int4QkvLinear) else (c_attn,)
+        for linear in (*column, block.mlp.w1, block.mlp.w2):
             linear.out_features = linear.weight.shape[0]
+        c_attn.out_features = sum(linear.out_features for linear in column)
         for linear in (block.attn.c_proj, block.mlp.c_proj):
             # An Int4Linear's packed weight holds two inputs a byte.
             linear.in_features = linear.weight.shape[1] * (2 if isinstance(linear, Int4Linear) else 1)
