@@ -33,6 +33,7 @@ from ..model import (
     rotary_cos_sin,
 )
 from ..quantize import Int4Linear, Int4QkvLinear, Int8Linear
+from .huge_pages import move_to_huge_pages
 from .modules import (
     CpuInt4Linear,
     CpuInt8Linear,
@@ -100,7 +101,8 @@ class NativeStep:
     own key masks and NTK alphas; larger batches go to a StaticStep.
 
     The C step is bound to the model's weight tensors when it is made: make a new one after replacing
-    parameters (in-place updates are seen).
+    parameters (in-place updates are seen). Making one moves the large weights onto huge pages
+    (`huge_pages.move_to_huge_pages`: same parameters and values, other memory).
     """
 
     def __init__(self, model: QwenForCausalLM) -> None:
@@ -112,6 +114,9 @@ class NativeStep:
         from nekomata_core.kernels.cpu.step import BlockWeights, FusedStep
 
         self.model = model
+        # Every step streams all the weights: on 2 MiB pages that costs far fewer TLB misses (1.13× the
+        # decode speed of nekomata-7b int4 here; see huge_pages). The values and parameters stay the same.
+        move_to_huge_pages(model)
         config = model.config
         blocks = [
             BlockWeights(
