@@ -99,3 +99,16 @@ def test_the_native_step_leaves_the_parameters_and_their_values_alone(folder):
         pytest.skip(str(exc))
     for name, p in model.named_parameters():
         assert p is before[name][0] and torch.equal(p, before[name][1])
+
+
+@needs_huge_pages
+def test_when_no_mapping_can_be_made_the_parameters_stay_where_they_are(folder, monkeypatch):
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False)
+    addresses = [p.data_ptr() for p in model.parameters()]
+
+    def no_memory(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr("nekomata_core.accelerate.huge_pages.mmap.mmap", no_memory)
+    assert move_to_huge_pages(model, min_bytes=0) == 0
+    assert [p.data_ptr() for p in model.parameters()] == addresses

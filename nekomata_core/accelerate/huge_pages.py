@@ -81,7 +81,8 @@ def _release_freed_heap() -> None:
 def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> int:
     """Move every contiguous CPU parameter of at least `min_bytes` onto huge pages (see the module
     docstring); returns the bytes moved (0 where huge pages are unavailable). Parameters already moved
-    stay where they are, and parameters sharing one tensor keep sharing it."""
+    stay where they are, and parameters sharing one tensor keep sharing it. Where no mapping can be
+    made (memory exhausted), the parameters not yet moved stay where they are: only speed is lost."""
     if not huge_pages_available():
         return 0
     moved_by_address: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
@@ -96,11 +97,18 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> in
                 continue
             key = (data.data_ptr(), data.dtype, tuple(data.shape))
             if key not in moved_by_address:
-                moved = _on_huge_mapping(data)
+                try:
+                    moved = _on_huge_mapping(data)
+                except (OSError, ValueError):  # no address space or memory for a mapping: leave the rest
+                    return _finish(total)
                 _MOVED.add(moved.data_ptr())
                 moved_by_address[key] = moved
                 total += nbytes
             param.data = moved_by_address[key]
+    return _finish(total)
+
+
+def _finish(total: int) -> int:
     if total:
         _release_freed_heap()
     return total
