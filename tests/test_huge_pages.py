@@ -49,9 +49,12 @@ def test_only_parameters_of_at_least_min_bytes_move_and_shared_ones_stay_shared(
     big, small = nn.Linear(1024, 1024, bias=True), nn.Linear(4, 4)  # 4 MiB of fp32 weight; tiny ones
     pair = nn.ModuleList([big, small, nn.Linear(1024, 1024, bias=False)])
     pair[2].weight = big.weight  # one parameter in two modules
+    pair.append(nn.Linear(1024, 1024, bias=False))
+    pair[3].weight = nn.Parameter(big.weight.data, requires_grad=False)  # another parameter over the same tensor
     small_address = small.weight.data_ptr()
     assert move_to_huge_pages(pair) == 1024 * 1024 * 4  # the shared weight once; biases are small
     assert big.weight.data_ptr() % HUGE_PAGE_BYTES == 0 and pair[2].weight is big.weight
+    assert pair[3].weight.data_ptr() == big.weight.data_ptr()
     assert small.weight.data_ptr() == small_address
 
 

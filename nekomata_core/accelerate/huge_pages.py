@@ -87,24 +87,25 @@ def move_to_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE_BYTES) -> in
         return 0
     moved_by_address: dict[tuple[int, torch.dtype, tuple[int, ...]], torch.Tensor] = {}
     total = 0
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is None or param.device.type != "cpu" or not param.is_contiguous():
-                continue
-            data = param.data
-            nbytes = data.numel() * data.element_size()
-            if nbytes < max(min_bytes, 1) or data.data_ptr() in _MOVED:
-                continue
-            key = (data.data_ptr(), data.dtype, tuple(data.shape))
-            if key not in moved_by_address:
-                try:
-                    moved = _on_huge_mapping(data)
-                except (OSError, ValueError):  # no address space or memory for a mapping: leave the rest
-                    return _finish(total)
-                _MOVED.add(moved.data_ptr())
-                moved_by_address[key] = moved
-                total += nbytes
-            param.data = moved_by_address[key]
+    # parameters() yields a Parameter held by several modules once; moved_by_address catches distinct
+    # Parameters over one tensor.
+    for param in model.parameters():
+        if param.device.type != "cpu" or not param.is_contiguous():
+            continue
+        data = param.data
+        nbytes = data.numel() * data.element_size()
+        if nbytes < max(min_bytes, 1) or data.data_ptr() in _MOVED:
+            continue
+        key = (data.data_ptr(), data.dtype, tuple(data.shape))
+        if key not in moved_by_address:
+            try:
+                moved = _on_huge_mapping(data)
+            except (OSError, ValueError):  # no address space or memory for a mapping: leave the rest
+                return _finish(total)
+            _MOVED.add(moved.data_ptr())
+            moved_by_address[key] = moved
+            total += nbytes
+        param.data = moved_by_address[key]
     return _finish(total)
 
 
