@@ -137,16 +137,18 @@ def test_the_gemv_and_native_step_tests_pass_under_every_other_variant(variant):
 def test_int8_and_int4_gemvs_are_bit_identical_in_every_variant(monkeypatch, fresh_state):
     """int8 and int4 weights multiply an int8-quantized x (kernels/cpu/q8.c): exact integer sums, then the
     same fp32 operations lane by lane in every build (VNNI, AVX-512 and AVX2), so each variant this CPU
-    has gives the avx2 variant's results bit for bit (their accuracy is tests/test_cpu_gemv.py's)."""
+    has gives the avx2 variant's results bit for bit, for one row and for many (the VNNI builds' register
+    tiles); their accuracy is tests/test_cpu_gemv.py's."""
     from nekomata_core.quantize import quantize_int4_weight
 
     g = torch.Generator().manual_seed(3)
     cases = []
-    for n, k in ((37, 32), (5, 96), (64, 1024), (9, 2816), (3, 160)):
-        x = torch.randn(k, generator=g).to(torch.bfloat16)
+    # one row (the batch-1 kernels) and 13 rows (the batched ones: the VNNI builds' register tiles)
+    for n, k, rows in ((37, 32, 1), (5, 96, 1), (64, 1024, 1), (9, 2816, 1), (3, 160, 1), (37, 256, 13), (9, 2816, 13)):
+        x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         cases.append(("int4", x, quantize_int4_weight(torch.randn(n, k, generator=g))))
-    for n, k in ((7, 33), (64, 1024), (3, 4097), (1000, 64)):
-        x = torch.randn(k, generator=g)
+    for n, k, rows in ((7, 33, 1), (64, 1024, 1), (3, 4097, 1), (1000, 64, 1), (7, 33, 13), (66, 1024, 13)):
+        x = torch.randn(rows, k, generator=g)
         q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
         cases.append(("int8", x, (q, (torch.rand(n, generator=g) / 127).bfloat16())))
     results = {}

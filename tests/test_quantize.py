@@ -98,6 +98,9 @@ def test_int4_decode_with_quantized_activations_is_about_as_accurate(folder):
     ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = fp32(ids)[0]
+        for module in int4.modules():  # the reference: wide calls with unquantized x, whatever this CPU is
+            if hasattr(module, "wide_gemv"):
+                module.wide_gemv = False
         wide = int4(ids)[0]  # 40 rows: expanded weights, unquantized x
         cache = int4.allocate_cache(1, 48)
         step = [int4(ids[:, t : t + 1], cache=cache)[0, -1] for t in range(40)]  # one row: the C GEMVs
@@ -435,6 +438,58 @@ def test_wide_quantized_calls_on_cpu_compute_the_reference_layers_function(metho
         got, expected = fast(x).float(), reference(x).float()
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_wide_calls_through_the_gemv_tiles_are_decode_rows(method):
+    """With `wide_gemv`, a prefill's rows go through the C GEMVs (their register tiles where the build has
+    them, more than gemv.MAX_ROWS rows in several calls): every output row bit-identical to a one-row call,
+    i.e. to what decoding computes (x quantized per block of 32; that product's own reference is in
+    tests/test_cpu_gemv.py), and int8 within 1e-5 of the float64 q8 reference (tests/q8_reference.py)."""
+    from nekomata_core.kernels.cpu import gemv
+
+    from nekomata_core.accelerate.modules import CpuInt4Linear, CpuInt8Linear
+    from tests.q8_reference import dequantized_activation
+
+    if not gemv.available():
+        pytest.skip(gemv.unavailable_reason())
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 98, bias=True)  # 98 rows: whole tiles and a remainder
+    fast = (Int8Linear if method == "int8" else Int4Linear).from_linear(linear)
+    fast.__class__ = CpuInt8Linear if method == "int8" else CpuInt4Linear
+    fast.wide_gemv = True
+    x = torch.randn(3, gemv.MAX_ROWS // 2 + 7, 256)  # 3 * 135 = 405 rows: two calls
+    with torch.no_grad():
+        got = fast(x)
+        rows = x.reshape(-1, 256)
+        alone = torch.stack([fast(rows[i : i + 1])[0] for i in range(rows.shape[0])])
+    assert got.shape == (3, x.shape[1], 98)
+    assert torch.equal(got.reshape(-1, 98), alone)
+    if method == "int8":
+        q, s = fast.weight.double(), fast.scales.double()
+        xq = torch.stack([dequantized_activation(r) for r in rows])
+        ref = (xq @ q.T) * s + fast.bias.double()
+        bound = (xq.abs() @ q.abs().T) * s + fast.bias.double().abs()
+        assert torch.all((got.reshape(-1, 98).double() - ref).abs() <= 1e-5 * bound)
+
+
+@pytest.mark.parametrize("native_half, tiles, expected", [(False, True, True), (True, True, False), (False, False, False)])
+def test_accelerate_sends_quantized_prefills_to_the_gemv_tiles_only_where_they_win(
+    folder, monkeypatch, native_half, tiles, expected
+):
+    """accelerate sets `wide_gemv` on the CPU quantized layers when the GEMVs have register tiles and the CPU
+    has no bf16 arithmetic (there they beat the fp32 expansion); otherwise prefills keep the expansion."""
+    from nekomata_core.kernels.cpu import gemv
+
+    import nekomata_core.accelerate as acc
+
+    if not gemv.available():
+        pytest.skip(gemv.unavailable_reason())
+    monkeypatch.setattr(acc, "cpu_has_native_half_matmul", lambda: native_half)
+    monkeypatch.setattr(acc, "_cpu_batch_tiles_available", lambda: tiles)
+    model = QwenForCausalLM.from_pretrained(folder, dtype="float32", device="cpu", progress=False, quantize="int4")
+    flags = {m.wide_gemv for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    assert flags == {expected}
 
 
 def test_a_saved_int4_model_smaller_than_one_byte_per_parameter_loads(checkpoint_factory, tmp_path):

@@ -67,6 +67,7 @@ __all__ = [
     "HEADERS",
     "ISA_ENV",
     "ISA_VARIANTS",
+    "TILED_VARIANTS",
     "SOURCES",
     "available",
     "cache_dir",
@@ -122,6 +123,9 @@ ISA_VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "avx2": ((), ()),
 }
 ISA_ENV = "NEKOMATA_CPU_ISA"
+# The variants whose int8 and int4 GEMVs have register tiles for many rows (q8.c, AVX512-VNNI): there a
+# prefill multiplies quantized weights faster in the GEMVs than expanded into PyTorch's matmul.
+TILED_VARIANTS = ("avx512bf16", "avx512vnni")
 _COMPILE_TIMEOUT_S = 120
 _LIBRARY_PREFIX = "nekomata_cpu"
 

@@ -227,6 +227,16 @@ NK_INTERNAL void nk_q8_rows(const gemv_args* a, const int64_t n[NK_ROWS], float*
 NK_INTERNAL void nk_q8_row_batch(const gemv_args* a, int64_t n, const float* xp, int64_t xs, float* out, int nb,
                                  int prefetch);
 
+/* q8.c's register tiles for batches (AVX512-VNNI builds): nk_q8_tile_shape returns how many consecutive
+ * weight rows one tile of GEMV `a` takes and sets *vectors to how many vectors at most (0 rows: no tile
+ * kernel for it in this build, or K does not fit one); nk_q8_tile computes rows n0 .. n0 + rows of `a`
+ * times nb (1..vectors) vectors at xp, xs floats apart, into out[r * vectors + v] (before the row scale
+ * and bias, like nk_q8_row_batch, and bit-identical to it). */
+#define NK_Q8_TILE_MAX 32 /* the most values one tile writes (rows x vectors) */
+NK_INTERNAL int nk_q8_tile_shape(const gemv_args* a, int* vectors);
+NK_INTERNAL void nk_q8_tile(const gemv_args* a, int64_t n0, const float* xp, int64_t xs, int nb, float* out,
+                            int prefetch);
+
 /* The vectors a batched weight row is multiplied into per pass (gemv.c's nk_gemv_rows_batch dispatches
  * on 1..4; its accumulators, two per vector, and the converted weights fill the 16 AVX2 registers). */
 #define NK_BATCH_TILE 4

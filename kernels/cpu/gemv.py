@@ -37,6 +37,7 @@ from .build import available, library_path, unavailable_reason
 
 __all__ = [
     "available",
+    "batch_tiles_available",
     "dequantize_int4",
     "expand_int8",
     "library_path",
@@ -49,6 +50,14 @@ __all__ = [
     "MAX_ROWS",
     "unavailable_reason",
 ]
+
+
+def batch_tiles_available() -> bool:
+    """True when the int8 and int4 GEMVs of this build multiply many rows in register tiles (the AVX512-VNNI
+    variants, `build.TILED_VARIANTS`): then M rows (a prefill) cost less through `linear_int8` /
+    `linear_int4` than a float expansion of the weight handed to PyTorch's matmul, on CPUs without bf16
+    arithmetic (measured in tools/bench.py; see CpuInt8Linear)."""
+    return build.isa() in build.TILED_VARIANTS
 
 
 # ---------------------------------------------------------------------------------------------- calls

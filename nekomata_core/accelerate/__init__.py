@@ -116,13 +116,18 @@ def accelerate(
     gemv = ops == "auto" and cpu and (model.dtype == torch.bfloat16 or has_int8) and _cpu_gemv_available()
     attend = {"triton": lambda: TritonAttention(model.config.seq_length), "sdpa": ScaledDotProductAttention,
               "eager": EagerAttention}[attention]
+    # Prefills of quantized layers through the C GEMVs' register tiles where those beat an fp32 expansion
+    # (see CpuInt8Linear.wide_gemv); where the CPU multiplies bf16 in hardware the expansion stays.
+    wide_gemv = gemv and not cpu_has_native_half_matmul() and _cpu_batch_tiles_available()
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
             module.__class__ = CpuInt8Linear if gemv else Int8Linear
             module.prefill_dtype = prefill_dtype
+            module.wide_gemv = wide_gemv
         elif isinstance(module, Int4Linear):
             module.__class__ = CpuInt4Linear if gemv else TritonInt4Linear if triton_ops else Int4Linear
             module.prefill_dtype = prefill_dtype
+            module.wide_gemv = wide_gemv
         elif isinstance(module, nn.Linear):
             if (gemv and module.weight.dtype == torch.bfloat16) or upcast:
                 module.__class__ = CpuLinear
@@ -151,6 +156,13 @@ def _cpu_gemv_available() -> bool:
     from nekomata_core.kernels.cpu import gemv
 
     return gemv.available()
+
+
+def _cpu_batch_tiles_available() -> bool:
+    """Whether the C GEMVs in use multiply many rows of int8/int4 weights in register tiles (AVX512-VNNI)."""
+    from nekomata_core.kernels.cpu import gemv
+
+    return gemv.batch_tiles_available()
 
 
 def describe(model: QwenForCausalLM) -> dict[str, str]:

@@ -12,6 +12,7 @@ one-row int4 GEMV (`TritonInt4Linear`).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,18 @@ def _block_rows(in_features: int, dtype: torch.dtype) -> int:
     return max(1, _WORKSPACE_BYTES // (max(in_features, 1) * dtype.itemsize))
 
 
+def _gemv_rows(x: torch.Tensor, out_features: int, call: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`call` (a C GEMV) on x's rows, at most gemv.MAX_ROWS of them per call (a long prefill takes several)."""
+    from nekomata_core.kernels.cpu import gemv
+
+    rows = _rows(x)
+    if rows <= gemv.MAX_ROWS:
+        return call(x)
+    flat = x.reshape(rows, x.shape[-1])
+    out = torch.cat([call(chunk) for chunk in flat.split(gemv.MAX_ROWS)])
+    return out.reshape(*x.shape[:-1], out_features)
+
+
 class CpuInt8Linear(Int8Linear):
     """Int8Linear whose decode calls (fewer than QUANTIZED_WIDE_ROWS rows: batch 1 or a batched step) go to
     the C int8 GEMV, and whose wide calls (a prefill) expand the weight a block of rows at a time and
@@ -103,17 +116,24 @@ class CpuInt8Linear(Int8Linear):
     CPUs; converting the int8 weight costs far less than that (the values -127…127 are exact in bf16 and
     fp32, so nothing is rounded). `prefill_dtype` (set by `accelerate`): the activation dtype where the CPU
     multiplies it in hardware, else fp32; None keeps PyTorch's int8 matmul.
+
+    `wide_gemv` (set by `accelerate`): wide calls go to the C GEMV too. Where the kernels have register
+    tiles for many rows (AVX512-VNNI) and the CPU has no bf16 arithmetic, that is faster than expanding
+    into an fp32 matmul (620M int8 prefill 1.21x on an Ice Lake Xeon, tools/bench.py); a prefill then
+    computes exactly what decoding does, x quantized per block of 32, row by row bit-identical to a one-row
+    call.
     """
 
     prefill_dtype: torch.dtype | None = None
+    wide_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) < QUANTIZED_WIDE_ROWS:
+        if _rows(x) < QUANTIZED_WIDE_ROWS or self.wide_gemv:
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
                 return gemv.linear_int8_op(x, self.weight, self.scales, self.bias)
-            return gemv.linear_int8(x, self.weight, self.scales, self.bias)
+            return _gemv_rows(x, self.out_features, lambda v: gemv.linear_int8(v, self.weight, self.scales, self.bias))
         if self.prefill_dtype is None:
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
@@ -133,17 +153,19 @@ class CpuInt4Linear(Int4Linear):
     to int8 per block of 32, integer products of codes and x, the group scales and mins in fp32), and whose
     wide calls (a prefill) expand blocks of rows into `prefill_dtype` in C and hand them to PyTorch's
     matmul (the Int4Linear reference multiplies in fp32, about twice as slow where the CPU multiplies bf16
-    in hardware; a bf16 weight is rounded by 2⁻⁹ at most, far below the 4-bit step)."""
+    in hardware; a bf16 weight is rounded by 2⁻⁹ at most, far below the 4-bit step). `wide_gemv`: as in
+    CpuInt8Linear, wide calls through the C GEMV (its register tiles)."""
 
     prefill_dtype: torch.dtype | None = None
+    wide_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) < QUANTIZED_WIDE_ROWS:
+        if _rows(x) < QUANTIZED_WIDE_ROWS or self.wide_gemv:
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
                 return gemv.linear_int4_op(x, *self.int4_tensors(), self.bias)
-            return gemv.linear_int4(x, *self.int4_tensors(), self.bias)
+            return _gemv_rows(x, self.out_features, lambda v: gemv.linear_int4(v, *self.int4_tensors(), self.bias))
         if self.prefill_dtype is None:
             return super().forward(x)
         from nekomata_core.kernels.cpu import gemv
