@@ -148,8 +148,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 # is whole blocks, as int4's are; int8 slices need not be) and sums its partial products in its own order,
 # so the ranks' logits differ from one process's by what one activation level more or less in a block
 # costs after the layers that follow: bounded here by QUANTIZED_TP_TOL of the logit scale (the tiny
-# model's init_std 0.1 makes it chaotic; the float ranks stay within 1e-5).
-QUANTIZED_TP_TOL = 3e-2
+# model's init_std 0.1 makes it chaotic; the float ranks stay within 1e-5). Measured: int4 ranks 0.0311 on an
+# Ice Lake Xeon (avx512vnni kernels; also before the register tiles, which change no value), under 0.03 on
+# the AMD machines (avx512bf16) where the bound was first set.
+QUANTIZED_TP_TOL = 4e-2
 
 
 @pytest.mark.parametrize("world", [2, 3])
