@@ -26,7 +26,45 @@ without triton installed; asking for a launcher where triton cannot be imported 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
+
+
+def _hand_the_name_kernels_back() -> None:
+    """Make a top-level ``import kernels`` mean Hugging Face's package, not this folder.
+
+    This folder installs as ``nekomata_core.kernels``; it is importable as plain ``kernels`` only when a
+    checkout's root is on sys.path (pytest run from the checkout, the tools/ scripts, ``python`` started
+    there). ``kernels`` is also the name of Hugging Face's PyPI package, which transformers 5.25 and later
+    depend on and import (``from kernels import CUDAProperties, ...``): finding this folder first would
+    break them. So, imported under that name, this module puts the first other ``kernels`` on sys.path in
+    its place (what the import would have found without the checkout), or raises ModuleNotFoundError as if
+    there were none, as the import does without the checkout.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    for entry in list(sys.path):
+        try:
+            if Path(entry or ".").resolve() == checkout:
+                continue
+        except OSError:
+            continue
+        spec = importlib.machinery.PathFinder.find_spec("kernels", [entry])
+        if spec is not None and spec.loader is not None:
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
+            spec.loader.exec_module(module)
+            return
+    del sys.modules["kernels"]
+    raise ModuleNotFoundError(
+        "No module named 'kernels' (this checkout's kernels/ folder is nekomata_core.kernels: import it under "
+        "that name)", name="kernels")
+
+
+if __name__ == "kernels":
+    _hand_the_name_kernels_back()
 
 _EXPORTS = {
     "rms_norm": "gpu.rmsnorm",

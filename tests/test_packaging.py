@@ -118,3 +118,44 @@ def test_the_wheel_installs_no_top_level_name_but_ours(tmp_path):
         "nekomata_core/apps/cli.py",
     ):
         assert shipped in names, shipped
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_kernels_from_the_checkout(extra_path: Path | None) -> subprocess.CompletedProcess:
+    """`import kernels` in a fresh interpreter with this checkout's root first on sys.path (as under
+    pytest or the tools/ scripts), and `extra_path` (a folder holding another `kernels`) after it."""
+    code = (
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT)!r}] + ([{str(extra_path)!r}] if {extra_path is not None} else [])\n"
+        "try:\n"
+        "    import kernels\n"
+        "    print('found', kernels.__file__, getattr(kernels, 'MARK', None))\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print('missing', e.name, e)\n"
+        "import nekomata_core.kernels.dispatch\n"
+        "print('ours', nekomata_core.kernels.__name__)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_the_checkouts_kernels_folder_does_not_take_the_name_of_hugging_faces_package(tmp_path):
+    """transformers >= 5.25 depends on and imports Hugging Face's PyPI package `kernels`. With a checkout's
+    root on sys.path, `import kernels` must find that package (here a stand-in placed after the root), or
+    fail as if the checkout were not there, never this folder (nekomata_core.kernels under another name)."""
+    other = tmp_path / "site"
+    (other / "kernels").mkdir(parents=True)
+    (other / "kernels" / "__init__.py").write_text("MARK = 'hugging face'\n")
+    found = _import_kernels_from_the_checkout(other)
+    assert found.returncode == 0, found.stderr
+    assert f"found {other / 'kernels' / '__init__.py'} hugging face" in found.stdout
+    assert "ours nekomata_core.kernels" in found.stdout
+
+    site_kernels = [p for p in sys.path if p and (Path(p) / "kernels").is_dir() and Path(p).resolve() != ROOT]
+    if site_kernels:  # Hugging Face's own package is installed here: the stand-in test above covers it
+        return
+    missing = _import_kernels_from_the_checkout(None)
+    assert missing.returncode == 0, missing.stderr
+    assert "missing kernels" in missing.stdout and "nekomata_core.kernels" in missing.stdout
+    assert "ours nekomata_core.kernels" in missing.stdout
