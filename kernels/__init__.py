@@ -41,8 +41,9 @@ def _hand_the_name_kernels_back() -> None:
     there). ``kernels`` is also the name of Hugging Face's PyPI package, which transformers 5.25 and later
     depend on and import (``from kernels import CUDAProperties, ...``): finding this folder first would
     break them. So, imported under that name, this module puts the first other ``kernels`` on sys.path in
-    its place (what the import would have found without the checkout), or raises ModuleNotFoundError as if
-    there were none, as the import does without the checkout.
+    its place (what the import would have found without the checkout). Where there is none it stays, as it
+    always was: transformers before 5.25 probe ``kernels`` by importing it and take a module without a
+    version for "not installed", while a ModuleNotFoundError there would escape their probe.
     """
     checkout = Path(__file__).resolve().parent.parent
     for entry in list(sys.path):
@@ -57,10 +58,6 @@ def _hand_the_name_kernels_back() -> None:
             sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
             spec.loader.exec_module(module)
             return
-    del sys.modules["kernels"]
-    raise ModuleNotFoundError(
-        "No module named 'kernels' (this checkout's kernels/ folder is nekomata_core.kernels: import it under "
-        "that name)", name="kernels")
 
 
 if __name__ == "kernels":
