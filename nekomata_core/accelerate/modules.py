@@ -119,16 +119,17 @@ class CpuInt8Linear(Int8Linear):
 
     `wide_gemv` (set by `accelerate`): wide calls go to the C GEMV too. Where the kernels have register
     tiles for many rows (AVX512-VNNI) and the CPU has no bf16 arithmetic, that is faster than expanding
-    into an fp32 matmul (620M int8 prefill 1.21x on an Ice Lake Xeon, tools/bench.py); a prefill then
-    computes exactly what decoding does, x quantized per block of 32, row by row bit-identical to a one-row
-    call.
+    into an fp32 matmul (620M prefill int8 1.23x, int4 1.39x on an Ice Lake Xeon, the two alternated in
+    one process); a prefill then computes exactly what decoding does, x quantized per block of 32, row by
+    row bit-identical to a one-row call.
     """
 
     prefill_dtype: torch.dtype | None = None
     wide_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) < QUANTIZED_WIDE_ROWS or self.wide_gemv:
+        # (A compiled graph keeps wide calls on the expansion: its custom op takes at most gemv.MAX_ROWS rows.)
+        if _rows(x) < QUANTIZED_WIDE_ROWS or (self.wide_gemv and not torch.compiler.is_compiling()):
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
@@ -160,7 +161,8 @@ class CpuInt4Linear(Int4Linear):
     wide_gemv = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) < QUANTIZED_WIDE_ROWS or self.wide_gemv:
+        # (A compiled graph keeps wide calls on the expansion: its custom op takes at most gemv.MAX_ROWS rows.)
+        if _rows(x) < QUANTIZED_WIDE_ROWS or (self.wide_gemv and not torch.compiler.is_compiling()):
             from nekomata_core.kernels.cpu import gemv
 
             if torch.compiler.is_compiling():
