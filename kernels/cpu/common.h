@@ -235,7 +235,16 @@ NK_INTERNAL void nk_q8_row_batch(const gemv_args* a, int64_t n, const float* xp,
 #define NK_Q8_TILE_MAX 32 /* the most values one tile writes (rows x vectors) */
 NK_INTERNAL int nk_q8_tile_shape(const gemv_args* a, int* vectors);
 NK_INTERNAL void nk_q8_tile(const gemv_args* a, int64_t n0, const float* xp, int64_t xs, int nb, float* out,
-                            int prefetch);
+                            int prefetch, const float* prepared);
+
+/* What int4 tiles read in place of the rows' scale and min codes, prepared once for a block of rows that
+ * many tiles of vectors then sweep: nk_q8_tile_prepare writes, for `rows` rows from n_begin, each row's
+ * group scales as fp32 (each repeated in the 4 lanes of its group, as the tiles multiply it) and then
+ * its group mins as fp32, nk_q8_tile_prepared_floats(a, 1) floats per row (a multiple of 16), into
+ * `prepared` (64-byte aligned); nk_q8_tile takes the entry of row n0, or NULL (the tiles then convert the
+ * codes themselves: cheaper for a single sweep). int8 tiles need nothing (0 floats, `prepared` unused). */
+NK_INTERNAL int64_t nk_q8_tile_prepared_floats(const gemv_args* a, int64_t rows);
+NK_INTERNAL void nk_q8_tile_prepare(const gemv_args* a, int64_t n_begin, int64_t rows, float* prepared);
 
 /* The vectors a batched weight row is multiplied into per pass (gemv.c's nk_gemv_rows_batch dispatches
  * on 1..4; its accumulators, two per vector, and the converted weights fill the 16 AVX2 registers). */

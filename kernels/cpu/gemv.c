@@ -426,8 +426,25 @@ void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end) {
  * nk_gemv_rows_batch): well inside a core's L2 (1.25-2 MB on the CPUs we run on), with room for the
  * activations. Measured on an Ice Lake Xeon (2 cores, 128 rows of x, int8 and int4 at [2816, 1024],
  * [1024, 2816] and [11008, 4096]): 128 KB 210-290 GOP/s, 256 and 512 KB about the same or a little less,
- * no blocking (each row tile swept over every vector's activations) 110-220. */
+ * no blocking (each row tile swept over every vector's activations) 110-220. int4 blocks come with their
+ * prepared scales (q8.c's nk_q8_tile_prepare, 1.1 times the weights' bytes), also in L2. */
 #define TILE_BLOCK_BYTES (128 * 1024)
+
+/* The prepared scales of the block of int4 rows a thread's tiles sweep (nk_q8_tile_prepare): thread-local,
+ * grown as needed and never freed, like xbuf (at most TILE_BLOCK_BYTES * 10 / 9 per thread that ran a
+ * tile). NULL when it cannot be allocated: the rows then go one by one, to the same results. */
+static __thread float* tile_prepared = NULL;
+static __thread int64_t tile_prepared_len = 0;
+
+static float* tile_prepared_get(int64_t floats) {
+    if (floats > tile_prepared_len) {
+        free(tile_prepared);
+        const int64_t len = (floats + 63) & ~(int64_t)63;
+        tile_prepared = (float*)aligned_alloc(64, (size_t)len * sizeof(float));
+        tile_prepared_len = tile_prepared ? len : 0;
+    }
+    return tile_prepared;
+}
 
 /* bf16 weights, x split (see nk_load_x); nb vectors xp + b * xs. */
 static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t* w, int64_t K, const float* xp,
@@ -576,14 +593,19 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
         const int64_t row_bytes = a->kind == KIND_INT4 ? a->K / 2 + 2 * (a->K / NK_INT4_GROUP) : a->K;
         int64_t block = TILE_BLOCK_BYTES / (row_bytes > 0 ? row_bytes : 1) / tile_rows * tile_rows;
         if (block < tile_rows) block = tile_rows;
-        const int64_t tiled_end = begin + (end - begin) / tile_rows * tile_rows;
+        /* int4 scales prepared once per block when several tiles of vectors sweep it (a prefill). */
+        const int64_t row_floats = batch > tile_vectors ? nk_q8_tile_prepared_floats(a, 1) : 0;
+        float* prepared = row_floats ? tile_prepared_get(block * row_floats) : NULL;
+        const int64_t tiled_end = row_floats && !prepared ? begin : begin + (end - begin) / tile_rows * tile_rows;
         for (int64_t b_begin = begin; b_begin < tiled_end; b_begin += block) {
             const int64_t b_end = b_begin + block < tiled_end ? b_begin + block : tiled_end;
+            if (prepared) nk_q8_tile_prepare(a, b_begin, b_end - b_begin, prepared);
             for (int64_t b0 = 0; b0 < batch; b0 += tile_vectors) {
                 const int64_t left = batch - b0;
                 const int nb = left >= tile_vectors ? tile_vectors : (int)left;
                 for (int64_t t = b_begin; t < b_end; t += tile_rows) {
-                    nk_q8_tile(a, t, a->xp + b0 * xs, xs, nb, tile_acc, b0 == 0);
+                    nk_q8_tile(a, t, a->xp + b0 * xs, xs, nb, tile_acc, b0 == 0,
+                               prepared ? prepared + (t - b_begin) * row_floats : NULL);
                     for (int r = 0; r < tile_rows; r++)
                         for (int b = 0; b < nb; b++) {
                             row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
@@ -626,17 +648,30 @@ static int gemv_run(gemv_args* a, const void* x, int x_dtype, int nthreads, int6
     const int layout = nk_x_layout(a->kind);
     float* xp = nk_xbuf_get(a->K > 0 ? M * nk_x_stride(a->K, layout) : 1);
     if (!xp) return -1;
-    nk_load_rows(xp, x, x_dtype, a->K, layout, M);
+    const int team = team_size(a->N, a->K * M, nthreads);
     a->xp = xp;
-    int team = team_size(a->N, a->K * M, nthreads);
     if (team == 1) { /* skip the OpenMP runtime entirely: it costs more than a small GEMV */
+        nk_load_rows(xp, x, x_dtype, a->K, layout, M);
         nk_gemv_rows_batch(a, M, 0, a->N);
         return 0;
     }
-    /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
-     * and threads share no cache line of W and only the boundary line of y. */
-#pragma omp parallel for schedule(static) num_threads(team)
-    for (int t = 0; t < team; t++) nk_gemv_rows_batch(a, M, a->N * t / team, a->N * (t + 1) / team);
+    /* Many rows of x (a prefill) are prepared by the team, each row on its own (the same values whoever
+     * prepares it): serially, quantizing 128 rows took ~4% of an int4 prefill. */
+    const int team_loads = M >= 4 * team;
+    if (!team_loads) nk_load_rows(xp, x, x_dtype, a->K, layout, M);
+    const int64_t xs = nk_x_stride(a->K, layout);
+    const size_t row_bytes = (size_t)a->K * (x_dtype == DT_F32 ? 4 : 2);
+#pragma omp parallel num_threads(team)
+    {
+        if (team_loads) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) nk_load_x(xp + m * xs, (const char*)x + m * row_bytes, x_dtype, a->K, layout);
+        } /* (the loop's implicit barrier: every row is ready before any GEMV reads it) */
+        /* One contiguous slab of rows per thread (static schedule): rows cost the same, so this is balanced,
+         * and threads share no cache line of W and only the boundary line of y. */
+#pragma omp for schedule(static)
+        for (int t = 0; t < team; t++) nk_gemv_rows_batch(a, M, a->N * t / team, a->N * (t + 1) / team);
+    }
     return 0;
 }
 
