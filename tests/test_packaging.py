@@ -113,6 +113,7 @@ def test_the_wheel_installs_no_top_level_name_but_ours(tmp_path):
     for shipped in (
         "nekomata_core/kernels/cpu/common.h",
         "nekomata_core/kernels/cpu/step.c",
+        "nekomata_core/kernels/cpu/rows.c",
         "nekomata_core/kernels/gpu/attention.py",
         "nekomata_core/accelerate/__init__.py",
         "nekomata_core/apps/cli.py",

@@ -1,4 +1,4 @@
-"""The one build/cache module of the CPU kernels: compile ``gemv.c``, ``q8.c`` and ``step.c`` (three
+"""The one build/cache module of the CPU kernels: compile ``gemv.c``, ``q8.c``, ``step.c`` and ``rows.c`` (four
 translation units sharing ``common.h``) into one shared library, keep it in a per-user cache, and load it.
 
 `library()` returns the loaded ``ctypes.CDLL`` (or None, with `unavailable_reason()` saying why), with
@@ -90,14 +90,14 @@ __all__ = [
 
 _HERE = Path(__file__).resolve().parent
 # Compiled as separate translation units and linked into one library; the header is hashed with them.
-SOURCES: tuple[Path, ...] = (_HERE / "gemv.c", _HERE / "q8.c", _HERE / "step.c")
+SOURCES: tuple[Path, ...] = (_HERE / "gemv.c", _HERE / "q8.c", _HERE / "step.c", _HERE / "rows.c")
 HEADERS: tuple[Path, ...] = (_HERE / "common.h",)
 # Explicit ISA flags, not -march=native: the cached library may be loaded on another machine sharing the
 # home directory, and the CPU flags are checked at run time instead.
 # -ffp-contract=off: `a * b + c` stays two roundings, as in PyTorch's elementwise ops (fused multiply-adds
 # are written out as intrinsics where they are wanted).
 # -fvisibility=hidden: only the NK_EXPORT entry points leave the library (see common.h).
-# -flto: gemv.c, q8.c and step.c are three translation units; link-time optimisation lets the step inline
+# -flto: gemv.c, q8.c, step.c and rows.c are four translation units; link-time optimisation lets the step inline
 # the row kernels as it could if they were one file.
 CFLAGS = (
     "-O3", "-flto", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-fPIC",
@@ -129,7 +129,7 @@ TILED_VARIANTS = ("avx512bf16", "avx512vnni")
 _COMPILE_TIMEOUT_S = 120
 _LIBRARY_PREFIX = "nekomata_cpu"
 
-# The exported functions and their C signatures (common.h, gemv.c, step.c): declared once, on load. Struct
+# The exported functions and their C signatures (common.h, gemv.c, step.c, rows.c): declared once, on load. Struct
 # pointers (the step's model and step arguments, laid out in kernels/cpu/step.py) travel as void*.
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _PROTOTYPES: dict[str, tuple[type, list[type]]] = {
@@ -147,6 +147,12 @@ _PROTOTYPES: dict[str, tuple[type, list[type]]] = {
     "nekomata_step": (_I32, [_P, _P]),  # const nk_model*, const nk_step*
     "nekomata_step_scratch_bytes": (_I64, [_P, _I64]),  # const nk_model*, batch
     "nekomata_stream_read": (_I64, [_P, _I64, _I32]),  # data, nbytes, nthreads
+    # rows.c: x, w, out, rows, H, eps, act dtype, threads
+    "nekomata_rms_norm_rows": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float, _I32, _I32]),
+    # x, its strides (b, t, n), out, cos, sin, B, T, N, D, R, per-row tables, act dtype, threads
+    "nekomata_rotary_rows": (None, [_P, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I32, _I32, _I32]),
+    # h1, h2, out, n, act dtype, threads
+    "nekomata_swiglu_rows": (None, [_P, _P, _P, _I64, _I32, _I32]),
 }
 
 # ---------------------------------------------------------------------------------------------- where it lives

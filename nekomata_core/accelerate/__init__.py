@@ -7,7 +7,9 @@ same function faster where they can run (the Liger-Kernel `apply_…` / gpt-fast
                                                      else PyTorch's fused SDPA; "eager" is the formula
     ops       "auto" | "triton" | "eager"            Triton RMSNorm/RoPE/SwiGLU with the Triton choice;
                                                      on CPUs, "auto" also sends one-row linears to the C
-                                                     GEMVs and half-precision prefills to fp32 matmuls
+                                                     GEMVs, half-precision prefills to fp32 matmuls, and
+                                                     a half-precision model's RMSNorm/RoPE/SwiGLU to C
+                                                     (kernels/cpu/rows.c)
 
 `make_step(model, mode)` gives the function `generate` calls for each new token:
 
@@ -38,6 +40,9 @@ from .modules import (
     CpuInt4Linear,
     CpuInt8Linear,
     CpuLinear,
+    CpuMLP,
+    CpuRMSNorm,
+    CpuRotary,
     TritonAttention,
     TritonInt4Linear,
     TritonMLP,
@@ -119,6 +124,8 @@ def accelerate(
     # Prefills of quantized layers through the C GEMVs' register tiles where those beat an fp32 expansion
     # (see CpuInt8Linear.wide_gemv); where the CPU multiplies bf16 in hardware the expansion stays.
     wide_gemv = gemv and not cpu_has_native_half_matmul() and _cpu_batch_tiles_available()
+    # A half-precision model's norms, rotary and SwiGLU in C (kernels/cpu/rows.c) on CPUs with the library.
+    cpu_rows = ops == "auto" and cpu and model.dtype in (torch.bfloat16, torch.float16) and _cpu_gemv_available()
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8Linear):
             module.__class__ = CpuInt8Linear if gemv else Int8Linear
@@ -136,11 +143,11 @@ def accelerate(
             else:
                 module.__class__ = nn.Linear
         elif isinstance(module, RMSNorm):
-            module.__class__ = TritonRMSNorm if triton_ops else RMSNorm
+            module.__class__ = TritonRMSNorm if triton_ops else CpuRMSNorm if cpu_rows else RMSNorm
         elif isinstance(module, MLP):
-            module.__class__ = TritonMLP if triton_ops else MLP
+            module.__class__ = TritonMLP if triton_ops else CpuMLP if cpu_rows else MLP
         elif isinstance(module, Rotary):
-            _replace(model, name, TritonRotary() if triton_ops else Rotary())
+            _replace(model, name, TritonRotary() if triton_ops else CpuRotary() if cpu_rows else Rotary())
         elif isinstance(module, EagerAttention):  # ScaledDotProductAttention and TritonAttention too
             _replace(model, name, attend())
     return model
@@ -169,7 +176,8 @@ def describe(model: QwenForCausalLM) -> dict[str, str]:
     """Which implementations the model runs now: {"attention": …, "ops": …, "linears": …}."""
     attend = type(model.transformer.h[0].attn.attend) if len(model.transformer.h) else ScaledDotProductAttention
     attention = {TritonAttention: "triton", ScaledDotProductAttention: "sdpa", EagerAttention: "eager"}[attend]
-    ops = "triton" if isinstance(model.transformer.ln_f, TritonRMSNorm) else "eager"
+    norm = model.transformer.ln_f
+    ops = "triton" if isinstance(norm, TritonRMSNorm) else "cpu rows (C)" if isinstance(norm, CpuRMSNorm) else "eager"
     linear_kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))}
     return {"attention": attention, "ops": ops, "linears": ", ".join(sorted(linear_kinds))}
 

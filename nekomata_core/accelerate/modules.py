@@ -181,6 +181,50 @@ class CpuInt4Linear(Int4Linear):
         return self.blocked_matmul(x, dtype, expand, block_rows=_block_rows(self.in_features, dtype))
 
 
+# ---- CPU: a half-precision prefill's elementwise pieces in C (kernels/cpu/rows.c) --------------------
+# PyTorch runs each of them as several bf16/fp16 kernels (upcast, multiply, cast back, concatenate), each
+# a pass over memory; on 2 cores of an Ice Lake Xeon they took ~45 ms of a 460 ms int4 prefill of 128
+# tokens (bench-620m). The same rounding points as the model's modules (see kernels/cpu/rows.py).
+
+
+class CpuRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _rows_kernel_applies(x, self.weight):
+            return super().forward(x)
+        from nekomata_core.kernels.cpu import rows
+
+        return rows.rms_norm(x.contiguous(), self.weight, self.eps)
+
+
+class CpuRotary(Rotary):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if not (_rows_kernel_applies(q, k) and q.stride(-1) == 1 and k.stride(-1) == 1 and cos.dtype == torch.float32):
+            return super().forward(q, k, cos, sin)
+        from nekomata_core.kernels.cpu import rows
+
+        cos, sin = cos.contiguous(), sin.contiguous()
+        return rows.rotary(q, cos, sin), rows.rotary(k, cos, sin)
+
+
+class CpuMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1, h2 = self.w1(x), self.w2(x)
+        if not _rows_kernel_applies(h1, h2):
+            return self.c_proj(h1 * F.silu(h2))
+        from nekomata_core.kernels.cpu import rows
+
+        return self.c_proj(rows.swiglu(h1.contiguous(), h2.contiguous()))  # w1(x) * silu(w2(x))
+
+
+def _rows_kernel_applies(*tensors: torch.Tensor) -> bool:
+    """rows.c serves CPU tensors of one dtype, bf16 or fp16, outside autograd and torch.compile (compiled
+    graphs and fp32 keep PyTorch's ops, which are exact and fast there)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    dtype = tensors[0].dtype
+    return dtype in (torch.bfloat16, torch.float16) and all(t.is_cpu and t.dtype == dtype for t in tensors)
+
+
 class TritonInt4Linear(Int4Linear):
     """Int4Linear whose one-row calls go to the Triton int4 GEMV (kernels/gpu/int4_gemv.py)."""
 

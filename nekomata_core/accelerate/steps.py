@@ -38,6 +38,9 @@ from .modules import (
     CpuInt4Linear,
     CpuInt8Linear,
     CpuLinear,
+    CpuMLP,
+    CpuRMSNorm,
+    CpuRotary,
     TritonAttention,
     TritonMLP,
     TritonRMSNorm,
@@ -194,7 +197,7 @@ def _c_attn_weights(module) -> dict:
 
 
 _LINEARS = (nn.Linear, CpuLinear, Int8Linear, CpuInt8Linear, Int4Linear, CpuInt4Linear)
-_NORMS = (RMSNorm, TritonRMSNorm)
+_NORMS = (RMSNorm, TritonRMSNorm, CpuRMSNorm)
 # The classes the C step may stand in for (it reads their weights and runs their maths itself), by the
 # module's name in the model: the model's own and the `accelerate` versions computing the same function.
 _NATIVE_STANDS_IN_FOR: dict[str, tuple[type, ...]] = {
@@ -210,8 +213,8 @@ _NATIVE_STANDS_IN_FOR: dict[str, tuple[type, ...]] = {
     "w1": _LINEARS,
     "w2": _LINEARS,
     "attn": (Attention,),
-    "mlp": (MLP, TritonMLP),
-    "rotary": (Rotary, TritonRotary),
+    "mlp": (MLP, TritonMLP, CpuMLP),
+    "rotary": (Rotary, TritonRotary, CpuRotary),
     "attend": (ScaledDotProductAttention, EagerAttention, TritonAttention),
 }
 
