@@ -446,3 +446,20 @@ def test_compat_generate_honours_stop_strings_as_transformers_does(model, tokeni
         assert sequences.tolist() == expected.sequences.tolist()  # was: the stop string ignored
     with pytest.raises(NekomataError, match="stop_strings need the tokenizer"):
         compat.generate(ids(), max_new_tokens=12, stop_strings=[stop])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_the_finite_logits_check_finds_one_bad_value_in_any_row(dtype, bad):
+    """check_finite_logits looks at each step's smallest and largest logit only (see there): one NaN, inf
+    or -inf anywhere in a [3, 151936] batch is found and its row named; finite logits pass, huge ones too."""
+    from nekomata_core.generation import check_finite_logits
+
+    logits = torch.randn(3, 151936, generator=torch.Generator().manual_seed(0)).to(dtype)
+    logits[0, 5] = torch.finfo(dtype).max  # large but finite
+    check_finite_logits(logits, 3)
+    for row, col in ((0, 0), (1, 777), (2, 151935)):
+        broken = logits.clone()
+        broken[row, col] = bad
+        with pytest.raises(NonFiniteLogitsError, match=rf"at decode step 3, batch row\(s\) \[{row}\]"):
+            check_finite_logits(broken, 3)

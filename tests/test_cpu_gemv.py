@@ -313,7 +313,7 @@ def test_build_is_cached_and_keyed_by_every_source_and_the_header(tmp_path, monk
 
 def test_the_cache_key_covers_the_flags(monkeypatch):
     files = build.read_sources()
-    assert set(files) == {"gemv.c", "q8.c", "step.c", "common.h"}
+    assert set(files) == {"gemv.c", "q8.c", "step.c", "rows.c", "common.h"}
     name = build.library_name(files)
     monkeypatch.setattr(build, "CFLAGS", (*build.CFLAGS, "-DPF=512"))
     assert build.library_name(files) != name
@@ -383,7 +383,7 @@ def _int4_reference(x, packed, scales, mins, scale_units, min_units, bias):
     return y if bias is None else y + bias.double()
 
 
-@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (13, 224), (67, 1024), (9, 2816)])  # whole and short tiles
+@pytest.mark.parametrize("n, k", [(1, 32), (5, 96), (13, 224), (7, 608), (67, 1024), (9, 2816)])  # whole and short tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_int4_matches_the_dequantized_weight(n, k, dtype, with_bias):

@@ -143,8 +143,9 @@ def test_int8_and_int4_gemvs_are_bit_identical_in_every_variant(monkeypatch, fre
 
     g = torch.Generator().manual_seed(3)
     cases = []
-    # one row (the batch-1 kernels) and 13 rows (the batched ones: the VNNI builds' register tiles)
-    for n, k, rows in ((37, 32, 1), (5, 96, 1), (64, 1024, 1), (9, 2816, 1), (3, 160, 1), (37, 256, 13), (9, 2816, 13)):
+    # one row (the batch-1 kernels: in the AVX-512 builds 16 groups at a time, then 4 (2816: 88 groups), then a
+    # short tail (608: 19 groups, 1568: 49)) and 13 rows (the batched ones: the VNNI builds' register tiles)
+    for n, k, rows in ((37, 32, 1), (5, 96, 1), (64, 1024, 1), (9, 2816, 1), (3, 160, 1), (7, 608, 1), (3, 1568, 1), (37, 256, 13), (9, 2816, 13)):
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
         cases.append(("int4", x, quantize_int4_weight(torch.randn(n, k, generator=g))))
     for n, k, rows in ((7, 33, 1), (64, 1024, 1), (3, 4097, 1), (1000, 64, 1), (7, 33, 13), (66, 1024, 13)):

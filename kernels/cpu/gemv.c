@@ -31,7 +31,8 @@
 
 /* Software prefetch distance in bytes, per stream. Each thread reads ROWS streams; the hardware
  * prefetchers alone leave too few misses in flight, and a prefetch 1 KB ahead streams markedly faster
- * (tools/bench_cpu_gemv.py measures the GEMVs against the machine's read bandwidth). */
+ * (tools/bench_cpu_gemv.py measures the GEMVs against the machine's read bandwidth). Into L2, not L1
+ * (NK_PREFETCH_HINT in common.h: the 620M model's bf16 decode step 1.23x on a Zen 4, alternated in one process). */
 #ifndef PF
 #define PF 1024
 #endif
@@ -154,7 +155,7 @@ static inline void bf16_rows(const uint16_t* const w[ROWS], int64_t K, const flo
         __m256 xe0 = _mm256_load_ps(xp + k), xo0 = _mm256_load_ps(xp + k + 8);
         __m256 xe1 = _mm256_load_ps(xp + k + 16), xo1 = _mm256_load_ps(xp + k + 24);
         for (int r = 0; r < ROWS; r++) {
-            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, NK_PREFETCH_HINT);
             __m256i v0 = _mm256_loadu_si256((const __m256i*)(w[r] + k));
             __m256i v1 = _mm256_loadu_si256((const __m256i*)(w[r] + k + 16));
             ae[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), xe0, ae[r]);
@@ -199,7 +200,7 @@ static inline void f32_rows(const float* const w[ROWS], int64_t K, const float* 
     for (; k + 16 <= K; k += 16) { /* 16 floats = one 64-byte line per row */
         __m256 x0 = _mm256_load_ps(xp + k), x1 = _mm256_load_ps(xp + k + 8);
         for (int r = 0; r < ROWS; r++) {
-            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
+            if (PF) _mm_prefetch((const char*)(w[r] + k) + PF, NK_PREFETCH_HINT);
             a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k), x0, a0[r]);
             a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w[r] + k + 8), x1, a1[r]);
         }
@@ -243,8 +244,8 @@ ZROWS_KERNEL void f32_rows_z(const float* const w[ROWS], int64_t K, const float*
         __m512 x0 = _mm512_load_ps(xp + k), x1 = _mm512_load_ps(xp + k + 16);
         for (int r = 0; r < nrows; r++) {
             if (PF) {
-                _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w[r] + k + 16) + PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w[r] + k) + PF, NK_PREFETCH_HINT);
+                _mm_prefetch((const char*)(w[r] + k + 16) + PF, NK_PREFETCH_HINT);
             }
             a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k), x0, a0[r]);
             a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + k + 16), x1, a1[r]);
@@ -273,8 +274,8 @@ ZROWS_KERNEL void bf16_rows_dp(const uint16_t* const w[ROWS], int64_t K, const f
         __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k), x1 = (__m512bh)_mm512_loadu_si512(xb + k + 32);
         for (int r = 0; r < nrows; r++) {
             if (PF) {
-                _mm_prefetch((const char*)(w[r] + k) + PF, _MM_HINT_T0);
-                _mm_prefetch((const char*)(w[r] + k + 32) + PF, _MM_HINT_T0);
+                _mm_prefetch((const char*)(w[r] + k) + PF, NK_PREFETCH_HINT);
+                _mm_prefetch((const char*)(w[r] + k + 32) + PF, NK_PREFETCH_HINT);
             }
             a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512(w[r] + k), x0);
             a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)_mm512_loadu_si512(w[r] + k + 32), x1);
@@ -456,7 +457,7 @@ static inline __attribute__((always_inline)) void bf16_row_batch(const uint16_t*
     const int64_t full = K - K % 16;
     for (int64_t k = 0; k < full; k += 16) {
         /* one prefetch per 64-byte line (32 weights), for the first tile only: later tiles hit cache */
-        if (PF_BATCH && prefetch && (k & 16) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+        if (PF_BATCH && prefetch && (k & 16) == 0) _mm_prefetch((const char*)(w + k) + PF_BATCH, NK_PREFETCH_HINT);
         __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
         __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
@@ -481,7 +482,7 @@ static inline __attribute__((always_inline)) void f32_row_batch(const float* w, 
     for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm256_setzero_ps();
     const int64_t full = K - K % 16;
     for (int64_t k = 0; k < full; k += 16) { /* 16 floats = one 64-byte line */
-        if (PF_BATCH && prefetch) _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
+        if (PF_BATCH && prefetch) _mm_prefetch((const char*)(w + k) + PF_BATCH, NK_PREFETCH_HINT);
         __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
         for (int b = 0; b < nb; b++) {
             a0[b] = _mm256_fmadd_ps(w0, _mm256_load_ps(xp + b * xs + k), a0[b]);
@@ -509,8 +510,8 @@ static inline __attribute__((always_inline)) void bf16_row_batch_dp(const uint16
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         if (PF_BATCH && prefetch) {
-            _mm_prefetch((const char*)(w + k) + PF_BATCH, _MM_HINT_T0);
-            _mm_prefetch((const char*)(w + k + 32) + PF_BATCH, _MM_HINT_T0);
+            _mm_prefetch((const char*)(w + k) + PF_BATCH, NK_PREFETCH_HINT);
+            _mm_prefetch((const char*)(w + k + 32) + PF_BATCH, NK_PREFETCH_HINT);
         }
         __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
         for (int b = 0; b < nb; b++) {

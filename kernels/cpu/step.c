@@ -404,7 +404,7 @@ NK_EXPORT int64_t nekomata_stream_read(const void* data, int64_t nbytes, int nth
         for (int64_t i = 0; i < q; i++) {
             for (int w = 0; w < STREAM_WAYS; w++) {
                 const char* line = p + (begin + w * q + i) * 64;
-                _mm_prefetch(line + STREAM_PF, _MM_HINT_T0);
+                _mm_prefetch(line + STREAM_PF, NK_PREFETCH_HINT);
                 acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)line));
                 acc = _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i*)(line + 32)));
             }
