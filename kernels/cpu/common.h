@@ -227,7 +227,7 @@ NK_INTERNAL void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end);
 #define NK_PREFETCH_HINT _MM_HINT_T1
 
 /* q8.c: x quantized to int8 into dst in layout X_Q8_INT8 or X_Q8_INT4 (nk_load_x calls it); the dot
- * products of rows n[0 .. nrows) (nrows = NK_ROWS or 1) of an int8 or int4 GEMV with a->xp; and of
+ * products of rows n[0 .. nrows) (nrows = NK_ROWS, 2 or 1) of an int8 or int4 GEMV with a->xp; and of
  * row n with nb (1..NK_BATCH_TILE) vectors at xp, xs floats apart (the first pass over a row prefetches).
  * Without the int8 row scale (finish_row applies it) and without the bias. */
 NK_INTERNAL void nk_q8_load_x(float* dst, const void* x, int x_dtype, int64_t K, int layout);

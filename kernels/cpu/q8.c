@@ -734,6 +734,8 @@ void nk_q8_rows(const gemv_args* a, const int64_t n[NK_ROWS], float* acc, int nr
     const float* xp[1] = {a->xp};
     if (nrows == NK_ROWS)
         tile(a, n, xp, acc, NK_ROWS, 1, 1);
+    else if (nrows == 2) /* int4's batch-1 rows (gemv.c's INT4_STREAMS) */
+        tile(a, n, xp, acc, 2, 1, 1);
     else
         tile(a, n, xp, acc, 1, 1, 1);
 }
