@@ -647,33 +647,29 @@ static __attribute__((noinline)) void int8_tiles(const gemv_args* a, int64_t n0,
 
 _Static_assert(TILE_VECTORS_INT4 == 8, "int4 tiles are dispatched for 1..8 vectors");
 
+/* int4_tile with a constant count of vectors (1..8, nb), so that its loops over vectors unroll. */
+#define INT4_TILE_FOR(nb, PREPARED, USE) \
+    switch (nb) { \
+        case 1: int4_tile(a, n0, xp, xs, out, 1, prefetch, PREPARED, USE); break; \
+        case 2: int4_tile(a, n0, xp, xs, out, 2, prefetch, PREPARED, USE); break; \
+        case 3: int4_tile(a, n0, xp, xs, out, 3, prefetch, PREPARED, USE); break; \
+        case 4: int4_tile(a, n0, xp, xs, out, 4, prefetch, PREPARED, USE); break; \
+        case 5: int4_tile(a, n0, xp, xs, out, 5, prefetch, PREPARED, USE); break; \
+        case 6: int4_tile(a, n0, xp, xs, out, 6, prefetch, PREPARED, USE); break; \
+        case 7: int4_tile(a, n0, xp, xs, out, 7, prefetch, PREPARED, USE); break; \
+        default: int4_tile(a, n0, xp, xs, out, 8, prefetch, PREPARED, USE); break; \
+    }
+
 static __attribute__((noinline)) void int4_tiles_prepared(const gemv_args* a, int64_t n0, const float* xp,
                                                           int64_t xs, int nb, float* out, int prefetch,
                                                           const float* prepared) {
-    switch (nb) {
-        case 1: int4_tile(a, n0, xp, xs, out, 1, prefetch, prepared, 1); break;
-        case 2: int4_tile(a, n0, xp, xs, out, 2, prefetch, prepared, 1); break;
-        case 3: int4_tile(a, n0, xp, xs, out, 3, prefetch, prepared, 1); break;
-        case 4: int4_tile(a, n0, xp, xs, out, 4, prefetch, prepared, 1); break;
-        case 5: int4_tile(a, n0, xp, xs, out, 5, prefetch, prepared, 1); break;
-        case 6: int4_tile(a, n0, xp, xs, out, 6, prefetch, prepared, 1); break;
-        case 7: int4_tile(a, n0, xp, xs, out, 7, prefetch, prepared, 1); break;
-        default: int4_tile(a, n0, xp, xs, out, 8, prefetch, prepared, 1); break;
-    }
+    INT4_TILE_FOR(nb, prepared, 1)
 }
 
+/* One sweep over the rows (a batched step): the scales computed from their codes in the tile. */
 static __attribute__((noinline)) void int4_tiles(const gemv_args* a, int64_t n0, const float* xp, int64_t xs,
                                                  int nb, float* out, int prefetch) {
-    switch (nb) { /* one sweep over the rows (a batched step): the scales computed from their codes here */
-        case 1: int4_tile(a, n0, xp, xs, out, 1, prefetch, NULL, 0); break;
-        case 2: int4_tile(a, n0, xp, xs, out, 2, prefetch, NULL, 0); break;
-        case 3: int4_tile(a, n0, xp, xs, out, 3, prefetch, NULL, 0); break;
-        case 4: int4_tile(a, n0, xp, xs, out, 4, prefetch, NULL, 0); break;
-        case 5: int4_tile(a, n0, xp, xs, out, 5, prefetch, NULL, 0); break;
-        case 6: int4_tile(a, n0, xp, xs, out, 6, prefetch, NULL, 0); break;
-        case 7: int4_tile(a, n0, xp, xs, out, 7, prefetch, NULL, 0); break;
-        default: int4_tile(a, n0, xp, xs, out, 8, prefetch, NULL, 0); break;
-    }
+    INT4_TILE_FOR(nb, NULL, 0)
 }
 
 void nk_q8_tile(const gemv_args* a, int64_t n0, const float* xp, int64_t xs, int nb, float* out, int prefetch,
