@@ -221,9 +221,9 @@ NK_INTERNAL void nk_gemv_rows(const gemv_args* a, int64_t begin, int64_t end);
 /* The cache level the weight streams' software prefetches fill (every GEMV and the stream read of the
  * roofline): the second level. On a 2-core Zen 4 (AMD EPYC family 25 model 17), alternated in one process,
  * the 620M model's decode matrices streamed bf16 23.5 -> 28.5 GB/s and int8 24.4 -> 27.7 GB/s with T1
- * instead of T0 (int4 unchanged: its instructions bound it then, before int4_chunk16 in q8.c), and the whole bf16 decode step ran
- * 1.23x faster; presumably the prefetches of 4 rows x 2 threads into L1 competed with the demand loads for
- * its miss buffers. (The Intel CPUs measured before, Ice Lake, had been measured with T0 only.) */
+ * instead of T0 (int4 unchanged: its instructions bound it then, before int4_chunk16 in q8.c), and the
+ * whole bf16 decode step ran 1.23x faster; presumably the prefetches of 4 rows x 2 threads into L1
+ * competed with the demand loads for its miss buffers. (The Intel CPUs measured before, Ice Lake, had been measured with T0 only.) */
 #define NK_PREFETCH_HINT _MM_HINT_T1
 
 /* q8.c: x quantized to int8 into dst in layout X_Q8_INT8 or X_Q8_INT4 (nk_load_x calls it); the dot

@@ -243,9 +243,10 @@ Q8_KERNEL void int4_block(const uint8_t* const wb[], const __m128 s4[], const __
  * groups' scales from them with one permute: 14 instructions per row and block instead of 26. On CPUs that
  * split 512-bit operations in two that arithmetic bounds int4 (Zen 4, one core, a [8192, 1024] weight in
  * cache: 16 -> 26 GB/s of int4 weights, back to back); streamed from DRAM by the 620M model's decode step the
- * gain is smaller (+4%, alternated in one process), memory being nearer. The same fp32 values in the same order as int4_block: code times unit
- * (exact), times dx rounded once; each accumulator lane gets its blocks in order, each mins lane its groups
- * in order. So the results are bit-identical to the 4-group loop's, hence to the tiles' and the AVX2 build's. */
+ * gain is smaller (+4%, alternated in one process), memory being nearer. The same fp32 values in the same
+ * order as int4_block: code times unit (exact), times dx rounded once; each accumulator lane gets its blocks
+ * in order, each mins lane its groups in order. So the results are bit-identical to the 4-group loop's,
+ * hence to the tiles' and the AVX2 build's. */
 Q8_KERNEL void int4_chunk16(const uint8_t* const w[], const int4_row_scales rs[], int64_t g, int64_t padded,
                             const float* const xp[], acc_t* acc, __m128* macc, const int R, const int V,
                             const int prefetch) {
@@ -647,7 +648,8 @@ static __attribute__((noinline)) void int8_tiles(const gemv_args* a, int64_t n0,
 
 _Static_assert(TILE_VECTORS_INT4 == 8, "int4 tiles are dispatched for 1..8 vectors");
 
-/* int4_tile with a constant count of vectors (1..8, nb), so that its loops over vectors unroll. */
+/* int4_tile with a constant count of vectors (1..8, nb), so that its loops over vectors unroll; the other
+ * arguments are the calling dispatcher's own (a, n0, xp, xs, out, prefetch). */
 #define INT4_TILE_FOR(nb, PREPARED, USE) \
     switch (nb) { \
         case 1: int4_tile(a, n0, xp, xs, out, 1, prefetch, PREPARED, USE); break; \
