@@ -123,6 +123,136 @@ static inline __m256 load8_f32(const void* p, int dtype, int64_t i) {
     }
 }
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* Eight-lane elementwise helpers (rows.c and step.c): the scalar conversions above, 8 lanes at a time.  */
+
+/* The bf16 bits of 8 fp32 values, in the low halves of their lanes: f32_to_bf16 eight at a time (nearest-
+ * even, NaN kept quiet). */
+static inline __m256i bf16_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+/* 8 fp32 values stored as act (DT_BF16, DT_F16 or DT_F32) at p + i: store_scalar eight at a time. */
+static inline void store8_act(void* p, int act, int64_t i, __m256 v) {
+    switch (act) {
+        case DT_BF16: {
+            const __m256i bits = bf16_bits8(v);
+            const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+            _mm_storeu_si128((__m128i*)((uint16_t*)p + i), packed);
+            break;
+        }
+        case DT_F16: _mm_storeu_si128((__m128i*)((uint16_t*)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); break;
+        default: _mm256_storeu_ps((float*)p + i, v); break;
+    }
+}
+
+/* v rounded to act and back: round_act of 8 lanes. */
+static inline __m256 round8_act(__m256 v, int act) {
+    switch (act) {
+        case DT_BF16: return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16));
+        case DT_F16: return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        default: return v;
+    }
+}
+
+/* v rounded to act and back (what an act-dtype tensor holds). */
+static inline float round_act(float v, int act) {
+    switch (act) {
+        case DT_BF16: return bf16_to_f32(f32_to_bf16(v));
+        case DT_F16: return f16_to_f32(f32_to_f16(v));
+        default: return v;
+    }
+}
+
+/* exp of 8 lanes: e^x = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact
+ * to a few ulp), e^r by its degree-7 Taylor polynomial on |r| <= ln 2 / 2 (truncation 5e-9). Above
+ * 88.72 it is +inf, below -87.33 zero (expf's range of normal results), NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.72283935546875f), lo = _mm256_set1_ps(-87.33654022216797f);
+    const __m256 clamped = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* 2^n in two factors, so that n = 128 (x near 88.7) does not overflow the exponent field */
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i half_n = _mm256_srai_epi32(ni, 1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half_n, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half_n), _mm256_set1_epi32(127)), 23));
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN in, NaN out */
+}
+
+static inline float exp1(float x) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, exp8(_mm256_set1_ps(x)));
+    return lanes[0];
+}
+
+/* RMSNorm with Qwen quirk 1 of one row of H: out = round(round(x * rsqrt(mean(x^2) + eps)) * w), rounded to
+ * act at both points (x of x_dtype, w act, out of out_dtype: act, or fp32 holding act values). The mean of
+ * squares is accumulated in double (at least as accurate as PyTorch's fp32 reduction, so r is within ~1.5
+ * ulp of exact for any H), then the same fp32 operations as PyTorch's. */
+static inline void rms_norm_span(const void* x, int x_dtype, const void* w, void* out, int out_dtype, int act,
+                                 int64_t H, float eps) {
+    const int64_t full = H - H % 8;
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (int64_t i = 0; i < full; i += 8) {
+        const __m256 v = load8_f32(x, x_dtype, i);
+        const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        lo = _mm256_add_pd(lo, _mm256_mul_pd(a, a));
+        hi = _mm256_add_pd(hi, _mm256_mul_pd(b, b));
+    }
+    double lanes[4];
+    _mm256_storeu_pd(lanes, _mm256_add_pd(lo, hi));
+    double ss = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for (int64_t i = full; i < H; i++) {
+        const double v = load_scalar(x, x_dtype, i);
+        ss += v * v;
+    }
+    const float r = 1.0f / sqrtf((float)(ss / (double)H) + eps);
+    const __m256 r8 = _mm256_set1_ps(r);
+    for (int64_t i = 0; i < full; i += 8) {
+        const __m256 normed = round8_act(_mm256_mul_ps(load8_f32(x, x_dtype, i), r8), act);
+        store8_act(out, out_dtype, i, round8_act(_mm256_mul_ps(normed, load8_f32(w, act, i)), act));
+    }
+    for (int64_t i = full; i < H; i++)
+        store_scalar(out, out_dtype, i, round_act(round_act(load_scalar(x, x_dtype, i) * r, act) * load_scalar(w, act, i), act));
+}
+
+/* SwiGLU of elements [begin, end) (h1, h2 and out act, Qwen quirk 2): out = round(h1 * round(silu(h2))),
+ * silu(g) = g / (1 + exp(-g)) in fp32; 8 lanes at a time, the tail by the same exp one lane at a time. */
+static inline void swiglu_span(const void* h1, const void* h2, void* out, int act, int64_t begin, int64_t end) {
+    int64_t i = begin;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= end; i += 8) {
+        const __m256 gate = load8_f32(h2, act, i);
+        const __m256 silu = round8_act(_mm256_div_ps(gate, _mm256_add_ps(one, exp8(_mm256_xor_ps(gate, sign)))), act);
+        store8_act(out, act, i, _mm256_mul_ps(load8_f32(h1, act, i), silu));
+    }
+    for (; i < end; i++) {
+        const float gate = load_scalar(h2, act, i);
+        const float silu = round_act(gate / (1.0f + exp1(-gate)), act);
+        store_scalar(out, act, i, load_scalar(h1, act, i) * silu);
+    }
+}
+
 /* Horizontal sum in the order ((v0+v1)+(v2+v3)) + ((v4+v5)+(v6+v7)), the same as gemv.c's 4-row sum
  * (hsum8x4), so that a row gives bit-identical results whichever kernel (4 rows or 1) handles it, hence
  * whatever the thread count. */
