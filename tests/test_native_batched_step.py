@@ -66,8 +66,10 @@ def row_of(cache: KVCache, b: int) -> KVCache:
         dict(seq_length=64),  # every row below seq_length: one shared rotary table (Bα = 1), no logn
         dict(rotary_pct=0.5, no_bias=False),  # rotary on half of each head; biases on every linear
         dict(hidden_size=72, kv_channels=18, intermediate_size=272),  # H = 72, F = 136: K % 16 tails in every kernel
+        # D = 74: the attention's 64-element register block, then an 8-lane block, then 2 scalar elements
+        dict(hidden_size=148, num_attention_heads=2, kv_channels=74, intermediate_size=272),
     ],
-    ids=["per-row-ntk-logn", "shared-alpha", "partial-rotary-biases", "odd-widths"],
+    ids=["per-row-ntk-logn", "shared-alpha", "partial-rotary-biases", "odd-widths", "wide-heads"],
 )
 def test_batched_native_step_equals_the_static_step_fp32(checkpoint_factory, overrides):
     model = load(checkpoint_factory, **overrides)
