@@ -52,6 +52,8 @@ def test_bench_prints_a_table_with_transformers_and_writes_json(tmp_path, capsys
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["tiny", "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
+    assert main(["tiny", "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
 
 
 FAKE_LLAMA_BENCH = r"""#!/usr/bin/env python3
@@ -90,6 +92,38 @@ def test_bench_runs_a_llama_bench_peer_on_the_same_workload(tmp_path, capsys):
     assert [args[args.index(f) + 1] for f in ("-t", "-p", "-n", "-o")] == ["2", "8", "4", "json"]
     peer_row = next(r for r in json.loads(out.read_text())["results"] if r.get("peer"))
     assert peer_row["decode_tokens_per_second"] == 69.5 and peer_row["prefill_tokens_per_second"] == 366.0
+
+
+def test_bench_rounds_run_the_systems_in_turn_and_merge_their_runs(tmp_path, capsys):
+    peer = tmp_path / "llama-bench"
+    peer.write_text(FAKE_LLAMA_BENCH)
+    peer.chmod(0o755)
+    gguf = tmp_path / "tiny-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "bench.json"
+    code = main(_bench_args("--rounds", "3", "--peer-llama-bench", str(peer), "--peer-gguf", str(gguf),
+                            "--json", str(out)))  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "× 3 rounds" in printed and "round by round" in printed and "69.50, 69.50, 69.50" in printed
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 3
+    ours, peer_row = report["results"]
+    assert "error" not in ours, ours
+    # one run per round (--runs 1), each with the bandwidth measured after it; medians over all of them
+    assert len(ours["decode_runs"]) == len(ours["bandwidth_runs_gbps"]) == 3
+    assert len(ours["rounds_decode_tokens_per_second"]) == 3
+    assert ours["decode_tokens_per_second"] == sorted(ours["decode_runs"])[1]
+    assert peer_row["decode_runs"] == [69.0, 70.0] * 3 and peer_row["decode_tokens_per_second"] == 69.5
+
+
+def test_merge_rounds_reports_a_failing_system_by_its_first_error():
+    from nekomata_core.apps.bench import merge_rounds
+
+    good = {"system": "a", "decode_runs": [1.0], "decode_tokens_per_second": 1.0, "prefill_tokens_per_second": 2.0,
+            "peer": True}  # fmt: skip
+    merged = merge_rounds([[good, {"system": "b", "error": "first"}], [good, {"system": "b", "error": "second"}]])
+    assert merged[0]["rounds_decode_tokens_per_second"] == [1.0, 1.0] and merged[1]["error"] == "first"
 
 
 def test_bench_peer_arguments_are_checked(tmp_path, capsys):

@@ -14,7 +14,10 @@ same checkpoint, prompt and thread count. Decode speed is the median over `--run
 with the bandwidth measured in the same run (the faster of an fp32 sum and an fp32 GEMV over 1 GiB).
 A peer (llama.cpp's `llama-bench` and GGUF files of the same checkpoint) runs in the same session with
 the same thread count, prompt and generation lengths; llama-bench reports prompt processing ("pp") and
-generation ("tg") speed at batch 1, so peers are measured at batch 1 only.
+generation ("tg") speed at batch 1, so peers are measured at batch 1 only. `--rounds R` runs the whole
+sequence of systems R times in turn: a machine whose read bandwidth drifts (by up to 1.6× over minutes on
+some of ours) then slows every system alike instead of whichever ran during a slow spell; the report
+gives each system's decode speed round by round next to the medians over all rounds.
 Nothing here asserts a timing: the numbers are printed (and written as JSON) for people to read.
 """
 
@@ -313,6 +316,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=5, help="measured generations (median reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the systems in turn this many times (--runs generations each time), so that the machine's "
+        "bandwidth drift falls on every system alike; medians over all rounds, and decode tok/s per round",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--step", "--decode", dest="step", default="auto", choices=list(STEP_MODES))  # --decode: its old name
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZE_CHOICES))
@@ -403,10 +411,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return run_bench_tensor_parallel(args)
 
-    if args.runs < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.threads < 1 or args.batch < 1:
+    if (args.runs < 1 or args.rounds < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.threads < 1
+            or args.batch < 1):  # fmt: skip
         raise CLIError(
-            "--runs must be ≥ 1, --new-tokens ≥ 2, --prompt-tokens ≥ 1, --threads ≥ 1 and --batch ≥ 1 "
-            f"(got {args.runs}, {args.new_tokens}, {args.prompt_tokens}, {args.threads}, {args.batch})",
+            "--runs and --rounds must be ≥ 1, --new-tokens ≥ 2, --prompt-tokens ≥ 1, --threads ≥ 1 and --batch ≥ 1 "
+            f"(got {args.runs}, {args.rounds}, {args.new_tokens}, {args.prompt_tokens}, {args.threads}, "
+            f"{args.batch})",
             EXIT_USAGE,
         )
     if args.peer_gguf and args.peer_llama_bench is None:
@@ -445,10 +455,14 @@ def run_bench(args: argparse.Namespace) -> int:
         for extra in args.also:
             decode, _, quant = extra.partition(":")
             configs.append((decode, quant or None))
-        results = [_spawn(args, "ours", checkpoint, d, q) for d, q in configs]
-        if not args.no_transformers:
-            results.append(_spawn(args, "transformers", checkpoint, "eager", None))
-        results.extend(run_llama_bench(args, gguf) for gguf in args.peer_gguf)
+        rounds = []
+        for _ in range(args.rounds):  # every system once per round, in the same order
+            results = [_spawn(args, "ours", checkpoint, d, q) for d, q in configs]
+            if not args.no_transformers:
+                results.append(_spawn(args, "transformers", checkpoint, "eager", None))
+            results.extend(run_llama_bench(args, gguf) for gguf in args.peer_gguf)
+            rounds.append(results)
+        results = merge_rounds(rounds)
     finally:
         if workdir is not None:
             workdir.cleanup()
@@ -457,6 +471,30 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One result per system from its results of every round (the same systems in the same order each
+    round): the runs of all rounds together, medians over them (prefill and load time: the median of the
+    rounds'), the largest peak RSS, and `rounds_decode_tokens_per_second`, each round's own decode median. A
+    system that failed in any round is reported by its first error."""
+    merged = []
+    for per_system in zip(*rounds, strict=True):
+        failed = next((r for r in per_system if "error" in r), None)
+        if failed is not None:
+            merged.append(failed)
+            continue
+        result = dict(per_system[0])
+        result["decode_runs"] = [v for r in per_system for v in r["decode_runs"]]
+        result["decode_tokens_per_second"] = statistics.median(result["decode_runs"])
+        result["prefill_tokens_per_second"] = statistics.median(r["prefill_tokens_per_second"] for r in per_system)
+        result["rounds_decode_tokens_per_second"] = [r["decode_tokens_per_second"] for r in per_system]
+        if not result.get("peer"):
+            result["bandwidth_runs_gbps"] = [v for r in per_system for v in r["bandwidth_runs_gbps"]]
+            result["load_seconds"] = statistics.median(r["load_seconds"] for r in per_system)
+            result["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in per_system)
+        merged.append(result)
+    return merged
 
 
 def run_bench_tensor_parallel(args: argparse.Namespace) -> int:
@@ -527,6 +565,7 @@ def _report(args, source: str, bandwidth: dict[str, float], results: list[dict])
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "runs": args.runs,
+        "rounds": getattr(args, "rounds", 1),
         "bandwidth_gbps": bandwidth,
         "results": results,
     }
@@ -564,6 +603,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"model: {report['model']}   dtype: {report['dtype']}   prompt {report['prompt_tokens']} → "
         f"{report['new_tokens']} new tokens, batch {report.get('batch', 1)}, median of {report['runs']} runs"
+        + (f" × {report['rounds']} rounds (the systems in turn)" if report.get("rounds", 1) > 1 else "")
         + (" (decode: tokens/s of all rows together)" if report.get("batch", 1) > 1 else ""),
         f"machine: {report['machine']}   read bandwidth at start (GB/s): {kernels}",
         f"cpu: {report.get('cpu', '-')}",
@@ -592,6 +632,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['prefill_tokens_per_second']:>13.1f} {r['decode_tokens_per_second']:>12.2f} {ratio:>6} "
             f"{r['bandwidth_gbps']:>5.1f} {r['percent_of_roofline']:>9.0f}%"
         )
+    if report.get("rounds", 1) > 1:
+        lines.append("decode tok/s round by round:")
+        for r in report["results"]:
+            if "error" not in r:
+                per_round = ", ".join(f"{v:.2f}" for v in r["rounds_decode_tokens_per_second"])
+                lines.append(f"  {r['system']:<38} {per_round}")
     lines.append(
         "(GB/s: the best read bandwidth (torch sum, torch GEMV, C stream), measured after each decode run "
         "in the same process; % roofline: median over runs of decode tok/s × weight bytes read per token / "
