@@ -75,12 +75,18 @@ def _bench_args(*extra: str) -> list[str]:
             "--new-tokens", "4", "--bandwidth-gib", "0.05", "--no-transformers", *extra]  # fmt: skip
 
 
-def test_bench_runs_a_llama_bench_peer_on_the_same_workload(tmp_path, capsys):
+def _fake_peer(tmp_path):
+    """(the llama-bench stub, an empty GGUF stand-in) in tmp_path."""
     peer = tmp_path / "llama-bench"
     peer.write_text(FAKE_LLAMA_BENCH)
     peer.chmod(0o755)
     gguf = tmp_path / "tiny-Q4_K_M.gguf"
     gguf.write_bytes(b"GGUF")
+    return peer, gguf
+
+
+def test_bench_runs_a_llama_bench_peer_on_the_same_workload(tmp_path, capsys):
+    peer, gguf = _fake_peer(tmp_path)
     out = tmp_path / "bench.json"
     code = main(_bench_args("--threads", "2", "--peer-llama-bench", str(peer), "--peer-gguf", str(gguf),
                             "--json", str(out)))  # fmt: skip
@@ -95,11 +101,7 @@ def test_bench_runs_a_llama_bench_peer_on_the_same_workload(tmp_path, capsys):
 
 
 def test_bench_rounds_run_the_systems_in_turn_and_merge_their_runs(tmp_path, capsys):
-    peer = tmp_path / "llama-bench"
-    peer.write_text(FAKE_LLAMA_BENCH)
-    peer.chmod(0o755)
-    gguf = tmp_path / "tiny-Q4_K_M.gguf"
-    gguf.write_bytes(b"GGUF")
+    peer, gguf = _fake_peer(tmp_path)
     out = tmp_path / "bench.json"
     code = main(_bench_args("--rounds", "3", "--peer-llama-bench", str(peer), "--peer-gguf", str(gguf),
                             "--json", str(out)))  # fmt: skip
