@@ -550,6 +550,69 @@ static inline __attribute__((always_inline)) void bf16_row_batch_dp(const uint16
     }
 }
 
+/* BF16_TILE_ROWS consecutive weight rows against nb vectors prepared as in bf16_row_batch_dp, every
+ * (row, vector) sum in exactly its order: one row at a time, each vector chunk is loaded to feed one
+ * vdpbf16ps (10 loads per 8 of them, and Zen 4 takes one 512-bit load per cycle); two rows at a time it
+ * feeds two (12 loads per 16). 2 rows x 4 vectors x 2 accumulators + 4 weight chunks + 1 of x: 21 of the
+ * 32 registers. out[r * NK_BATCH_TILE + b] = row n0 + r against vector b. */
+#define BF16_TILE_ROWS 2
+/* Unrolled completely, so that every accumulator is a register of its own (as q8.c's TILE_UNROLL). */
+#define BF16_TILE_UNROLL _Pragma("GCC unroll 8")
+
+static inline __attribute__((always_inline)) void bf16_tile_dp(const uint16_t* w0, int64_t K, const float* xp,
+                                                               int64_t xs, float* out, const int nb,
+                                                               const int prefetch) {
+    const int64_t at = nk_x_bf16_at(K), pf = nk_tile_prefetch_distance(BF16_TILE_ROWS * K * 2);
+    const uint16_t* w[BF16_TILE_ROWS];
+    BF16_TILE_UNROLL
+    for (int r = 0; r < BF16_TILE_ROWS; r++) w[r] = w0 + r * K;
+    __m512 a0[BF16_TILE_ROWS][NK_BATCH_TILE], a1[BF16_TILE_ROWS][NK_BATCH_TILE];
+    BF16_TILE_UNROLL
+    for (int r = 0; r < BF16_TILE_ROWS; r++)
+        BF16_TILE_UNROLL
+        for (int b = 0; b < nb; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512bh c0[BF16_TILE_ROWS], c1[BF16_TILE_ROWS];
+        BF16_TILE_UNROLL
+        for (int r = 0; r < BF16_TILE_ROWS; r++) {
+            if (prefetch) {
+                _mm_prefetch((const char*)(w[r] + k) + pf, NK_PREFETCH_HINT);
+                _mm_prefetch((const char*)(w[r] + k + 32) + pf, NK_PREFETCH_HINT);
+            }
+            c0[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
+            c1[r] = (__m512bh)_mm512_loadu_si512(w[r] + k + 32);
+        }
+        BF16_TILE_UNROLL
+        for (int b = 0; b < nb; b++) {
+            const uint16_t* xb = (const uint16_t*)(xp + b * xs + at);
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k), x1 = (__m512bh)_mm512_loadu_si512(xb + k + 32);
+            BF16_TILE_UNROLL
+            for (int r = 0; r < BF16_TILE_ROWS; r++) {
+                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], c0[r], x0);
+                a1[r][b] = _mm512_dpbf16_ps(a1[r][b], c1[r], x1);
+            }
+        }
+    }
+    for (; k + 32 <= K; k += 32)
+        BF16_TILE_UNROLL
+        for (int b = 0; b < nb; b++) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const uint16_t*)(xp + b * xs + at) + k);
+            BF16_TILE_UNROLL
+            for (int r = 0; r < BF16_TILE_ROWS; r++)
+                a0[r][b] = _mm512_dpbf16_ps(a0[r][b], (__m512bh)_mm512_loadu_si512(w[r] + k), x0);
+        }
+    BF16_TILE_UNROLL
+    for (int r = 0; r < BF16_TILE_ROWS; r++)
+        BF16_TILE_UNROLL
+        for (int b = 0; b < nb; b++) {
+            const float* x = xp + b * xs;
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
+            for (int64_t j = k; j < K; j++) s = fmaf(bf16_to_f32(w[r][j]), x[j], s);
+            out[r * NK_BATCH_TILE + b] = s;
+        }
+}
+
 /* The same rows when some vector is not all bf16 values: each vector on its own through bf16_rows_f32
  * (the weight row is in cache after the first). */
 static inline void bf16_row_batch_f32(const uint16_t* w, int64_t K, const float* xp, int64_t xs, float* out, int nb) {
@@ -634,6 +697,34 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
         }
         n = tiled_end;
     }
+#ifdef __AVX512BF16__
+    if (a->kind == KIND_BF16) {
+        /* Pairs of rows through bf16_tile_dp, a tile of vectors at a time, while every vector of the tile
+         * has an exact bf16 copy (else, and for the odd row left, the rows go one by one below). */
+        const uint16_t* W = (const uint16_t*)a->W;
+        const int64_t pairs_end = begin + (end - begin) / BF16_TILE_ROWS * BF16_TILE_ROWS;
+        int exact = 1;
+        for (int64_t b = 0; b < batch; b++) exact &= a->xp[b * xs + nk_x_flag_at(a->K)] != 0.0f;
+        for (; exact && n < pairs_end; n += BF16_TILE_ROWS)
+            for (int64_t b0 = 0; b0 < batch; b0 += NK_BATCH_TILE) {
+                const float* xp = a->xp + b0 * xs;
+                const int64_t left = batch - b0;
+                const int first = b0 == 0, nb = left >= NK_BATCH_TILE ? NK_BATCH_TILE : (int)left;
+                float tile[BF16_TILE_ROWS * NK_BATCH_TILE];
+                switch (nb) { /* a constant count per call, so that the loops over vectors unroll */
+                    case 1: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 1, first); break;
+                    case 2: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 2, first); break;
+                    case 3: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 3, first); break;
+                    default: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 4, first); break;
+                }
+                for (int r = 0; r < BF16_TILE_ROWS; r++)
+                    for (int b = 0; b < nb; b++) {
+                        row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
+                        finish_row(&row, n + r, tile[r * NK_BATCH_TILE + b]);
+                    }
+            }
+    }
+#endif
     for (; n < end; n++) {
         for (int64_t b0 = 0; b0 < batch; b0 += NK_BATCH_TILE) {
             const float* xp = a->xp + b0 * xs;

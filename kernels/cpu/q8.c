@@ -478,7 +478,7 @@ _Static_assert(TILE_ROWS_INT4 * TILE_VECTORS_INT4 <= NK_Q8_TILE_MAX, "tile fits 
 /* 4 int8 rows from w0 (K apart, K a multiple of 64) times V vectors xp + v * xs. */
 Q8_KERNEL void int8_tile(const int8_t* w0, int64_t K, const float* xp, int64_t xs, float* out, const int V,
                          const int prefetch) {
-    const int64_t padded = nk_q8_int8_padded(K);
+    const int64_t padded = nk_q8_int8_padded(K), pf = nk_tile_prefetch_distance(TILE_ROWS_INT8 * K);
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     __m512 acc[TILE_ROWS_INT8][TILE_VECTORS_INT8];
     TILE_UNROLL
@@ -490,7 +490,7 @@ Q8_KERNEL void int8_tile(const int8_t* w0, int64_t K, const float* xp, int64_t x
         TILE_UNROLL
         for (int r = 0; r < TILE_ROWS_INT8; r++) {
             const int8_t* row = w0 + r * K + k;
-            if (PF_Q8 && prefetch) _mm_prefetch((const char*)row + PF_Q8, NK_PREFETCH_HINT);
+            if (prefetch) _mm_prefetch((const char*)row + pf, NK_PREFETCH_HINT);
             w[r] = _mm512_loadu_si512(row);
             corr[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w[r])); /* -128 * sum of 4 */
         }
@@ -520,6 +520,7 @@ Q8_KERNEL void int4_tile(const gemv_args* a, int64_t n0, const float* xp, int64_
                          const int prefetch, const float* prepared, const int use_prepared) {
     const int64_t groups = a->K / NK_INT4_GROUP, padded = nk_q8_int4_groups(a->K);
     const int64_t row_floats = nk_q8_tile_prepared_floats(a, 1);
+    const int64_t pf = nk_tile_prefetch_distance(TILE_ROWS_INT4 * a->K / 2);
     const __m512i low = _mm512_set1_epi8(0x0f);
     const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const uint8_t* w[TILE_ROWS_INT4];
@@ -552,7 +553,7 @@ Q8_KERNEL void int4_tile(const gemv_args* a, int64_t n0, const float* xp, int64_
         TILE_UNROLL
         for (int r = 0; r < TILE_ROWS_INT4; r++) {
             const uint8_t* block = w[r] + g * (NK_INT4_GROUP / 2);
-            if (PF_Q8 && prefetch) _mm_prefetch((const char*)block + PF_Q8, NK_PREFETCH_HINT);
+            if (prefetch) _mm_prefetch((const char*)block + pf, NK_PREFETCH_HINT);
             const __m512i bytes = _mm512_loadu_si512(block);
             lo[r] = _mm512_and_si512(bytes, low);
             hi[r] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
