@@ -649,8 +649,9 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
 /* Rows [begin, end) of the GEMVs of `batch` vectors (see common.h). Each weight row is taken once and
  * multiplied into every vector, NK_BATCH_TILE vectors per pass; the thread reads one sequential stream
  * (its rows are contiguous), prefetched ahead on the first pass over each row. int8 and int4 weights in
- * the AVX512-VNNI builds go a few rows at a time through q8.c's register tiles instead (the rows left over
- * one by one as above): the same values, bit for bit, in a fraction of the instructions. */
+ * the AVX512-VNNI builds go a few rows at a time through q8.c's register tiles instead, and bf16 weights in
+ * the avx512bf16 build two rows at a time through bf16_tile_dp (the rows left over one by one as above):
+ * the same values, bit for bit, in a fraction of the instructions. */
 _Static_assert(NK_BATCH_TILE == 4, "nk_gemv_rows_batch dispatches on 1..4 vectors per pass");
 
 void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_t end) {
