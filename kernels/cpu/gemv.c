@@ -646,6 +646,17 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
     }
 }
 
+/* The results acc[r * stride + b] of weight rows n0 .. n0 + rows - 1 against vectors b0 .. b0 + nb - 1,
+ * finished into each vector's output row (row: a copy of a whose y is moved there). */
+static inline void finish_tile(const gemv_args* a, gemv_args* row, size_t ysize, int64_t n0, int rows, int64_t b0,
+                               int nb, const float* acc, int stride) {
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < nb; b++) {
+            row->y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
+            finish_row(row, n0 + r, acc[r * stride + b]);
+        }
+}
+
 /* Rows [begin, end) of the GEMVs of `batch` vectors (see common.h). Each weight row is taken once and
  * multiplied into every vector, NK_BATCH_TILE vectors per pass; the thread reads one sequential stream
  * (its rows are contiguous), prefetched ahead on the first pass over each row. int8 and int4 weights in
@@ -688,11 +699,7 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
                 for (int64_t t = b_begin; t < b_end; t += tile_rows) {
                     nk_q8_tile(a, t, a->xp + b0 * xs, xs, nb, tile_acc, b0 == 0,
                                prepared ? prepared + (t - b_begin) * row_floats : NULL);
-                    for (int r = 0; r < tile_rows; r++)
-                        for (int b = 0; b < nb; b++) {
-                            row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
-                            finish_row(&row, t + r, tile_acc[r * tile_vectors + b]);
-                        }
+                    finish_tile(a, &row, ysize, t, tile_rows, b0, nb, tile_acc, tile_vectors);
                 }
             }
         }
@@ -718,11 +725,7 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
                     case 3: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 3, first); break;
                     default: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 4, first); break;
                 }
-                for (int r = 0; r < BF16_TILE_ROWS; r++)
-                    for (int b = 0; b < nb; b++) {
-                        row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
-                        finish_row(&row, n + r, tile[r * NK_BATCH_TILE + b]);
-                    }
+                finish_tile(a, &row, ysize, n, BF16_TILE_ROWS, b0, nb, tile, NK_BATCH_TILE);
             }
     }
 #endif
@@ -737,10 +740,7 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
                 case 3: row_batch(a, n, xp, xs, acc, 3, first); break;
                 default: row_batch(a, n, xp, xs, acc, 4, first); break;
             }
-            for (int b = 0; b < nb; b++) {
-                row.y = (char*)a->y + (size_t)((b0 + b) * a->N) * ysize;
-                finish_row(&row, n, acc[b]);
-            }
+            finish_tile(a, &row, ysize, n, 1, b0, nb, acc, 0);
         }
     }
 }

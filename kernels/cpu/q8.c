@@ -42,7 +42,8 @@
 #define NK_Q8_BLOCK 32 /* activations per quantization block = NK_INT4_GROUP */
 _Static_assert(NK_Q8_BLOCK == NK_INT4_GROUP, "an int4 group and an activation block coincide");
 
-/* Software prefetch distance in bytes per weight stream (gemv.c's PF): int8 rows and the register tiles. */
+/* Software prefetch distance in bytes per weight stream (gemv.c's PF): int8 rows. (The register tiles go
+ * by the tile's size instead: nk_tile_prefetch_distance in common.h.) */
 #ifndef PF_Q8
 #define PF_Q8 1024
 #endif
