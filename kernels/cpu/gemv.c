@@ -515,68 +515,43 @@ static inline __attribute__((always_inline)) void f32_row_batch(const float* w, 
 }
 
 #ifdef __AVX512BF16__
-/* bf16 weights against nb vectors prepared as X_BF16_PAIRS with exact bf16 copies (the avx512bf16 build):
- * each 64-byte chunk of the weight row is loaded once and goes through vdpbf16ps with every vector, in
- * exactly bf16_rows_dp's order (so a vector's result equals that build's batch-1 GEMV, bit for bit). */
-static inline __attribute__((always_inline)) void bf16_row_batch_dp(const uint16_t* w, int64_t K, const float* xp,
-                                                                    int64_t xs, float* out, const int nb,
-                                                                    const int prefetch) {
-    const int64_t at = nk_x_bf16_at(K);
-    __m512 a0[NK_BATCH_TILE], a1[NK_BATCH_TILE];
-    for (int b = 0; b < nb; b++) a0[b] = a1[b] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        if (PF_BATCH && prefetch) {
-            _mm_prefetch((const char*)(w + k) + PF_BATCH, NK_PREFETCH_HINT);
-            _mm_prefetch((const char*)(w + k + 32) + PF_BATCH, NK_PREFETCH_HINT);
-        }
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
-        for (int b = 0; b < nb; b++) {
-            const uint16_t* xb = (const uint16_t*)(xp + b * xs + at);
-            a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512(xb + k));
-            a1[b] = _mm512_dpbf16_ps(a1[b], w1, (__m512bh)_mm512_loadu_si512(xb + k + 32));
-        }
-    }
-    for (; k + 32 <= K; k += 32) {
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k);
-        for (int b = 0; b < nb; b++)
-            a0[b] = _mm512_dpbf16_ps(a0[b], w0, (__m512bh)_mm512_loadu_si512((const uint16_t*)(xp + b * xs + at) + k));
-    }
-    for (int b = 0; b < nb; b++) {
-        const float* x = xp + b * xs;
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
-        for (int64_t j = k; j < K; j++) s = fmaf(bf16_to_f32(w[j]), x[j], s);
-        out[b] = s;
-    }
+/* Whether vectors xp .. xp + (nb - 1) * xs (prepared as X_BF16_PAIRS) all carry exact bf16 copies. */
+static inline int bf16_copies_exact(const float* xp, int64_t xs, int64_t K, int64_t nb) {
+    int exact = 1;
+    for (int64_t b = 0; b < nb; b++) exact &= xp[b * xs + nk_x_flag_at(K)] != 0.0f;
+    return exact;
 }
 
-/* BF16_TILE_ROWS consecutive weight rows against nb vectors prepared as in bf16_row_batch_dp, every
- * (row, vector) sum in exactly its order: one row at a time, each vector chunk is loaded to feed one
- * vdpbf16ps (10 loads per 8 of them, and Zen 4 takes one 512-bit load per cycle); two rows at a time it
- * feeds two (12 loads per 16). 2 rows x 4 vectors x 2 accumulators + 4 weight chunks + 1 of x: 21 of the
- * 32 registers. out[r * NK_BATCH_TILE + b] = row n0 + r against vector b. */
+/* `rows` (1..BF16_TILE_ROWS) consecutive bf16 weight rows from w0 against nb vectors prepared as
+ * X_BF16_PAIRS with exact bf16 copies (the avx512bf16 build): each 64-byte chunk of a row goes through
+ * vdpbf16ps with every vector, in exactly bf16_rows_dp's order, so every (row, vector) sum equals that
+ * build's batch-1 GEMV, bit for bit. Why two rows: with one, each vector chunk loaded feeds one vdpbf16ps
+ * (10 loads per 8 of them, and Zen 4 takes one 512-bit load per cycle); with two it feeds two (12 loads
+ * per 16). 2 rows x 4 vectors x 2 accumulators + 4 weight chunks + 1 of x: 21 of the 32 registers.
+ * out[r * NK_BATCH_TILE + b] = row r against vector b. pf: the prefetch distance in bytes, 0 for none
+ * (only the first pass over a row prefetches). */
 #define BF16_TILE_ROWS 2
 /* Unrolled completely, so that every accumulator is a register of its own (as q8.c's TILE_UNROLL). */
 #define BF16_TILE_UNROLL _Pragma("GCC unroll 8")
 
 static inline __attribute__((always_inline)) void bf16_tile_dp(const uint16_t* w0, int64_t K, const float* xp,
-                                                               int64_t xs, float* out, const int nb,
-                                                               const int prefetch) {
-    const int64_t at = nk_x_bf16_at(K), pf = nk_tile_prefetch_distance(BF16_TILE_ROWS * K * 2);
+                                                               int64_t xs, float* out, const int rows,
+                                                               const int nb, const int64_t pf) {
+    const int64_t at = nk_x_bf16_at(K);
     const uint16_t* w[BF16_TILE_ROWS];
     BF16_TILE_UNROLL
-    for (int r = 0; r < BF16_TILE_ROWS; r++) w[r] = w0 + r * K;
+    for (int r = 0; r < rows; r++) w[r] = w0 + r * K;
     __m512 a0[BF16_TILE_ROWS][NK_BATCH_TILE], a1[BF16_TILE_ROWS][NK_BATCH_TILE];
     BF16_TILE_UNROLL
-    for (int r = 0; r < BF16_TILE_ROWS; r++)
+    for (int r = 0; r < rows; r++)
         BF16_TILE_UNROLL
         for (int b = 0; b < nb; b++) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
         __m512bh c0[BF16_TILE_ROWS], c1[BF16_TILE_ROWS];
         BF16_TILE_UNROLL
-        for (int r = 0; r < BF16_TILE_ROWS; r++) {
-            if (prefetch) {
+        for (int r = 0; r < rows; r++) {
+            if (pf) {
                 _mm_prefetch((const char*)(w[r] + k) + pf, NK_PREFETCH_HINT);
                 _mm_prefetch((const char*)(w[r] + k + 32) + pf, NK_PREFETCH_HINT);
             }
@@ -588,7 +563,7 @@ static inline __attribute__((always_inline)) void bf16_tile_dp(const uint16_t* w
             const uint16_t* xb = (const uint16_t*)(xp + b * xs + at);
             const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb + k), x1 = (__m512bh)_mm512_loadu_si512(xb + k + 32);
             BF16_TILE_UNROLL
-            for (int r = 0; r < BF16_TILE_ROWS; r++) {
+            for (int r = 0; r < rows; r++) {
                 a0[r][b] = _mm512_dpbf16_ps(a0[r][b], c0[r], x0);
                 a1[r][b] = _mm512_dpbf16_ps(a1[r][b], c1[r], x1);
             }
@@ -599,11 +574,11 @@ static inline __attribute__((always_inline)) void bf16_tile_dp(const uint16_t* w
         for (int b = 0; b < nb; b++) {
             const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const uint16_t*)(xp + b * xs + at) + k);
             BF16_TILE_UNROLL
-            for (int r = 0; r < BF16_TILE_ROWS; r++)
+            for (int r = 0; r < rows; r++)
                 a0[r][b] = _mm512_dpbf16_ps(a0[r][b], (__m512bh)_mm512_loadu_si512(w[r] + k), x0);
         }
     BF16_TILE_UNROLL
-    for (int r = 0; r < BF16_TILE_ROWS; r++)
+    for (int r = 0; r < rows; r++)
         BF16_TILE_UNROLL
         for (int b = 0; b < nb; b++) {
             const float* x = xp + b * xs;
@@ -631,10 +606,8 @@ static inline __attribute__((always_inline)) void row_batch(const gemv_args* a, 
         case KIND_INT8: nk_q8_row_batch(a, n, xp, xs, out, nb, prefetch); break;
         case KIND_BF16: {
 #ifdef __AVX512BF16__
-            int exact = 1;
-            for (int b = 0; b < nb; b++) exact &= xp[b * xs + nk_x_flag_at(K)] != 0.0f;
-            if (exact)
-                bf16_row_batch_dp((const uint16_t*)a->W + n * K, K, xp, xs, out, nb, prefetch);
+            if (bf16_copies_exact(xp, xs, K, nb))
+                bf16_tile_dp((const uint16_t*)a->W + n * K, K, xp, xs, out, 1, nb, prefetch ? PF_BATCH : 0);
             else
                 bf16_row_batch_f32((const uint16_t*)a->W + n * K, K, xp, xs, out, nb);
 #else
@@ -711,19 +684,20 @@ void nk_gemv_rows_batch(const gemv_args* a, int64_t batch, int64_t begin, int64_
          * has an exact bf16 copy (else, and for the odd row left, the rows go one by one below). */
         const uint16_t* W = (const uint16_t*)a->W;
         const int64_t pairs_end = begin + (end - begin) / BF16_TILE_ROWS * BF16_TILE_ROWS;
-        int exact = 1;
-        for (int64_t b = 0; b < batch; b++) exact &= a->xp[b * xs + nk_x_flag_at(a->K)] != 0.0f;
+        const int64_t pf = nk_tile_prefetch_distance(BF16_TILE_ROWS * a->K * 2);
+        const int exact = bf16_copies_exact(a->xp, xs, a->K, batch);
         for (; exact && n < pairs_end; n += BF16_TILE_ROWS)
             for (int64_t b0 = 0; b0 < batch; b0 += NK_BATCH_TILE) {
                 const float* xp = a->xp + b0 * xs;
                 const int64_t left = batch - b0;
-                const int first = b0 == 0, nb = left >= NK_BATCH_TILE ? NK_BATCH_TILE : (int)left;
+                const int nb = left >= NK_BATCH_TILE ? NK_BATCH_TILE : (int)left;
+                const int64_t pf_first = b0 == 0 ? pf : 0;
                 float tile[BF16_TILE_ROWS * NK_BATCH_TILE];
                 switch (nb) { /* a constant count per call, so that the loops over vectors unroll */
-                    case 1: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 1, first); break;
-                    case 2: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 2, first); break;
-                    case 3: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 3, first); break;
-                    default: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, 4, first); break;
+                    case 1: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, BF16_TILE_ROWS, 1, pf_first); break;
+                    case 2: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, BF16_TILE_ROWS, 2, pf_first); break;
+                    case 3: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, BF16_TILE_ROWS, 3, pf_first); break;
+                    default: bf16_tile_dp(W + n * a->K, a->K, xp, xs, tile, BF16_TILE_ROWS, 4, pf_first); break;
                 }
                 finish_tile(a, &row, ysize, n, BF16_TILE_ROWS, b0, nb, tile, NK_BATCH_TILE);
             }
